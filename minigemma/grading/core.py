@@ -1,0 +1,243 @@
+"""The machinery behind every graded exercise.
+
+An exercise is data plus a reference: a function that draws test cases (fresh random inputs
+and fixed edge cases) and the package's own implementation to compare against. The same
+`Exercise` runs in a notebook (`check`), on the command line (`python -m minigemma grade`)
+and in the tests, which also prove that each check catches plausible wrong answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+REPORT_ENV = "MINIGEMMA_GRADE_REPORT"  # the grader sets it; check() appends one JSON line per run
+
+
+@dataclass
+class Case:
+    """One call of the learner's function: positional args, keyword args, and a label."""
+
+    label: str
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Exercise:
+    """A graded exercise.
+
+    name:      "<chapter>.<short name>", e.g. "01.masked_attention".
+    cases:     (seed) -> list[Case]; random draws use a torch.Generator seeded with `seed`, so every
+               run sees fresh inputs but a failure can be reproduced.
+    reference: the package's implementation, called with the same arguments.
+    atol/rtol: tolerance for tensor outputs (float32 references; the tolerance covers
+               summation-order differences, not algorithmic ones).
+    """
+
+    name: str
+    cases: Callable[[int], list[Case]]
+    reference: Callable[..., Any]
+    atol: float = 1e-5
+    rtol: float = 1e-4
+    timeout_s: float = 30.0
+    description: str = ""
+
+
+@dataclass
+class Result:
+    name: str
+    passed: bool
+    n_cases: int
+    n_passed: int
+    failure: dict | None = None  # the first failing case: label, inputs, expected, got / error
+
+    def summary(self) -> str:
+        status = "PASS" if self.passed else "FAIL"
+        return f"{status} {self.name}: {self.n_passed}/{self.n_cases} cases"
+
+
+EXERCISES: dict[str, Exercise] = {}
+
+
+def register(ex: Exercise) -> Exercise:
+    if ex.name in EXERCISES:
+        raise ValueError(f"exercise {ex.name} registered twice")
+    EXERCISES[ex.name] = ex
+    return ex
+
+
+def exercises_for(chapter: str) -> list[Exercise]:
+    """Every registered exercise of chapter "NN", in registration order."""
+    from . import checks  # noqa: F401  (registers everything)
+
+    return [ex for name, ex in EXERCISES.items() if name.split(".")[0] == chapter]
+
+
+def get(name: str) -> Exercise:
+    from . import checks  # noqa: F401
+
+    if name not in EXERCISES:
+        raise KeyError(f"unknown exercise {name!r}; known: {', '.join(sorted(EXERCISES))}")
+    return EXERCISES[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Comparing outputs
+# --------------------------------------------------------------------------------------------
+def compare(expected: Any, got: Any, atol: float, rtol: float) -> str | None:
+    """None if `got` matches `expected`, else a short reason. Tensors compare with a tolerance."""
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(got, torch.Tensor):
+            return f"expected a tensor, got {type(got).__name__}"
+        if tuple(got.shape) != tuple(expected.shape):
+            return f"shape {tuple(got.shape)} != expected {tuple(expected.shape)}"
+        if expected.dtype == torch.bool and got.dtype != torch.bool:
+            return f"expected a boolean tensor, got dtype {got.dtype}"
+        if expected.dtype == torch.bool or not expected.is_floating_point():
+            return None if torch.equal(got.to(expected.dtype), expected) else "values differ"
+        g, e = got.detach().double(), expected.detach().double()
+        finite = torch.isfinite(e)
+        if not torch.equal(finite, torch.isfinite(g)):
+            return "non-finite values (inf/nan) in different places"
+        if not torch.allclose(g[finite], e[finite], atol=atol, rtol=rtol):
+            diff = torch.where(finite, (g - e).abs(), torch.zeros_like(g))
+            idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+            return (f"values differ: max abs error {diff[idx].item():.3g} at index {idx}: expected "
+                    f"{e[idx].item():.5g}, got {g[idx].item():.5g} (atol {atol:g}, rtol {rtol:g})")
+        return None
+    if isinstance(expected, (tuple, list)):
+        if not isinstance(got, (tuple, list)) or len(got) != len(expected):
+            return f"expected a sequence of {len(expected)}, got {type(got).__name__}"
+        for i, (e, g) in enumerate(zip(expected, got)):
+            why = compare(e, g, atol, rtol)
+            if why:
+                return f"item {i}: {why}"
+        return None
+    if isinstance(expected, float):
+        if not isinstance(got, (int, float)) and not (isinstance(got, torch.Tensor) and got.numel() == 1):
+            return f"expected a number, got {type(got).__name__}"
+        g = float(got)
+        return None if abs(g - expected) <= atol + rtol * abs(expected) else f"{g!r} != {expected!r}"
+    if isinstance(got, torch.Tensor) and got.numel() == 1:
+        got = got.item()
+    return None if got == expected else f"{got!r} != {expected!r}"
+
+
+def _describe(x: Any, limit: int = 6) -> str:
+    if isinstance(x, torch.Tensor):
+        head = x.flatten()[:limit].tolist()
+        head = [round(v, 4) if isinstance(v, float) else v for v in head]
+        more = ", ..." if x.numel() > limit else ""
+        return f"tensor{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} {head}{more}"
+    if isinstance(x, (tuple, list)):
+        return "(" + ", ".join(_describe(v, limit) for v in x) + ")"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k}={_describe(v, limit)}" for k, v in x.items()) + "}"
+    return repr(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Running a check
+# --------------------------------------------------------------------------------------------
+class ExerciseTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise ExerciseTimeout in the learner's code after `seconds` (main thread, Unix only)."""
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise ExerciseTimeout(f"took longer than {seconds:g} s (an endless loop?)")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _clone(x: Any) -> Any:
+    """Deep-copy tensors so a learner's in-place edit cannot change the reference's inputs."""
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, tuple):
+        return tuple(_clone(v) for v in x)
+    if isinstance(x, list):
+        return [_clone(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    return x
+
+
+def run_check(name: str, fn: Callable[..., Any], seed: int | None = None) -> Result:
+    """Run every case of exercise `name` on `fn`; stop at the first failure. Never raises."""
+    ex = get(name)
+    seed = int(time.time_ns() % 2**31) if seed is None else seed
+    cases = ex.cases(seed)
+    n_passed = 0
+    try:
+        with _time_limit(ex.timeout_s):
+            for case in cases:
+                expected = ex.reference(*_clone(case.args), **_clone(case.kwargs))
+                try:
+                    got = fn(*_clone(case.args), **_clone(case.kwargs))
+                except ExerciseTimeout:
+                    raise
+                except BaseException as e:  # noqa: BLE001 - the learner's error is a failed case
+                    if isinstance(e, KeyboardInterrupt):
+                        raise
+                    tb = traceback.format_exception_only(type(e), e)[-1].strip()
+                    return Result(name, False, len(cases), n_passed, {
+                        "case": case.label, "inputs": _describe((case.args, case.kwargs)),
+                        "expected": _describe(expected), "error": tb, "seed": seed})
+                why = compare(expected, got, ex.atol, ex.rtol)
+                if why:
+                    return Result(name, False, len(cases), n_passed, {
+                        "case": case.label, "inputs": _describe((case.args, case.kwargs)),
+                        "expected": _describe(expected), "got": _describe(got), "why": why, "seed": seed})
+                n_passed += 1
+    except ExerciseTimeout as e:
+        return Result(name, False, len(cases), n_passed, {"case": "(time limit)", "error": str(e), "seed": seed})
+    return Result(name, True, len(cases), n_passed)
+
+
+def _report(result: Result) -> None:
+    path = os.environ.get(REPORT_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"name": result.name, "passed": result.passed, "n_cases": result.n_cases,
+                                "n_passed": result.n_passed, "failure": result.failure}) + "\n")
+
+
+def format_result(result: Result) -> str:
+    lines = [("✅ " if result.passed else "❌ ") + result.summary()]
+    if result.failure:
+        for key in ("case", "inputs", "expected", "got", "why", "error", "seed"):
+            if key in result.failure:
+                lines.append(f"   {key:>8}: {result.failure[key]}")
+    return "\n".join(lines)
+
+
+def check(name: str, fn: Callable[..., Any], seed: int | None = None) -> Result:
+    """Check the learner's `fn` for exercise `name` and print pass/fail with the first failing case."""
+    result = run_check(name, fn, seed)
+    _report(result)
+    print(format_result(result))
+    return result

@@ -1,0 +1,60 @@
+"""Packaging: environment.yml matches pyproject.toml, and the import names cannot clash."""
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~\[; ]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_environment_yml_names_the_same_packages_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {_name(r): r for r in project["dependencies"] + project["optional-dependencies"]["test"]}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    got = {_name(r): r for r in pip_section if not r.startswith("-e")}
+    assert set(got) == set(wanted), {"only in environment.yml": set(got) - set(wanted),
+                                     "only in pyproject.toml": set(wanted) - set(got)}
+    for name, req in wanted.items():  # the same version constraints, not just the same names
+        assert got[name].replace(" ", "") == req.replace(" ", ""), (name, got[name], req)
+
+
+def test_torch_is_pinned_to_the_cpu_build_version():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "torch==2.13.0" in project["dependencies"]
+
+
+def test_kernels_import_name_cannot_clash_with_pypi_kernels(tmp_path):
+    """PyPI has a package named `kernels`; ours is only importable as `minigemma.kernels`."""
+    import minigemma.kernels
+
+    assert Path(minigemma.kernels.__file__).resolve().parent == ROOT / "kernels"
+    # A decoy top-level `kernels` (as a learner with PyPI's package would have) must not shadow
+    # ours, and ours must not shadow it.
+    decoy = tmp_path / "kernels"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("WHO = 'pypi'\n")
+    code = ("import sys; sys.path.insert(0, %r); import kernels, minigemma.kernels as mk; "
+            "print(kernels.WHO, mk.__file__)" % str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    who, path = out.stdout.split()
+    assert who == "pypi" and Path(path).resolve().parent == ROOT / "kernels"
+
+
+def test_core_install_does_not_hold_numpy_back():
+    """recurrentgemma pins numpy<2.4; it is installed --no-deps so the core env keeps a current numpy."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    all_reqs = project["dependencies"] + sum(project["optional-dependencies"].values(), [])
+    assert not any(_name(r) == "recurrentgemma" for r in all_reqs)
+    import numpy
+
+    assert tuple(int(x) for x in numpy.__version__.split(".")[:2]) >= (2, 4)
