@@ -35,7 +35,7 @@ weights: $(STAMP)
 	$(PY) -m minigemma fetch all
 
 lab: weights
-	$(VENV)/bin/jupyter lab --allow-root --no-browser --port=$(PORT) --notebook-dir=. chapters/
+	$(VENV)/bin/jupyter lab --allow-root --no-browser --port=$(PORT) --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/chapters
 
 test: weights
 	bash .ci/pytest.sh $(PYTEST_ARGS)
