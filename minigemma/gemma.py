@@ -1,0 +1,365 @@
+"""Gemma 2 and Gemma 3 (text): one decoder-only model, built from a config.
+
+The two generations share one block (chapter 03):
+
+    h   = x + post_attention_norm(attention(input_norm(x)))
+    out = h + post_feedforward_norm(mlp(pre_feedforward_norm(h)))
+
+and differ only in config values (chapter 04):
+
+    Gemma 2: local and global layers alternate 1:1 (window 4096); attention logits soft-capped
+             at 50 and final logits at 30; RoPE base 10k everywhere.
+    Gemma 3: 5 local layers to 1 global (window 512 or 1024); QK-norm instead of soft-capping;
+             RoPE base 10k on local layers, 1M on global ones, linearly scaled (x8) on 4B and up.
+
+Each layer reads its type ("sliding_attention" or "full_attention") from `config.layer_types`;
+nothing else depends on the family. Parameter names follow HF's (minus the "model." prefix):
+`embed_tokens.weight`, `layers.{i}.self_attn.q_proj.weight`, `layers.{i}.input_layernorm.weight`,
+`norm.weight`, ... The LM head is the embedding matrix (tied).
+
+Shapes: B batch, T new tokens, S keys, C hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .attention import GroupedQueryAttention, KVCache, SlidingKVCache
+from .layers import GeGLU, RMSNorm, embedding_scale, soft_cap
+from .weights.hf import CheckpointError, load_state_strict, read_safetensors
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def layer_pattern(num_layers: int, every: int) -> list[str]:
+    """Layer types where every `every`-th layer is global: layer i is global iff (i + 1) % every == 0.
+
+    every=2 is Gemma 2 (local, global, local, ...); every=6 is Gemma 3 (5 local : 1 global);
+    every=1 makes every layer global.
+    """
+    return [FULL if (i + 1) % every == 0 else SLIDING for i in range(num_layers)]
+
+
+@dataclass
+class GemmaConfig:
+    """Everything that defines a Gemma 2 / Gemma 3 text model. Field names follow HF's configs."""
+
+    vocab_size: int
+    hidden_size: int  # C
+    intermediate_size: int  # MLP width
+    num_hidden_layers: int
+    num_attention_heads: int  # H
+    num_key_value_heads: int  # K (H = K: multi-head, K = 1: multi-query)
+    head_dim: int  # D
+    layer_types: list[str]  # per layer: "sliding_attention" (local) or "full_attention" (global)
+    sliding_window: int  # W: a local query sees its last W keys, itself included
+    query_pre_attn_scalar: float  # attention scale = query_pre_attn_scalar ** -0.5
+    family: str = "gemma3"  # "gemma2" or "gemma3": a label only, behaviour comes from the fields
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10_000.0  # RoPE base of global layers
+    rope_local_base_freq: float = 10_000.0  # RoPE base of local layers
+    rope_scaling_factor: float = 1.0  # linear RoPE scaling of global layers (1.0 = none)
+    attn_logit_softcapping: float | None = None  # Gemma 2: 50
+    final_logit_softcapping: float | None = None  # Gemma 2: 30
+    use_qk_norm: bool = False  # Gemma 3
+    max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                             f"{self.num_hidden_layers} layers")
+        bad = sorted(set(self.layer_types) - {SLIDING, FULL})
+        if bad:
+            raise ValueError(f"unknown layer types {bad}; expected {SLIDING!r} or {FULL!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.family not in ("gemma2", "gemma3"):
+            raise ValueError(f"family must be 'gemma2' or 'gemma3', got {self.family!r}")
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "GemmaConfig":
+        """Translate an HF config.json dict (model_type gemma2 or gemma3_text), old or new style."""
+        model_type = cfg.get("model_type")
+        if model_type not in ("gemma2", "gemma3_text"):
+            hint = " (a multimodal checkpoint: only its text model is supported)" if model_type == "gemma3" else ""
+            raise CheckpointError(f"config.json: model_type {model_type!r} is not gemma2 or gemma3_text{hint}")
+        gemma3 = model_type == "gemma3_text"
+
+        def need(key):
+            if key not in cfg:
+                raise CheckpointError(f"config.json ({model_type}) lacks {key!r}")
+            return cfg[key]
+
+        if cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+            raise CheckpointError(f"config.json: hidden_activation {cfg['hidden_activation']!r} is not supported")
+        for key, ok in (("tie_word_embeddings", True), ("attention_bias", False),
+                        ("use_bidirectional_attention", False)):
+            if bool(cfg.get(key, ok)) != ok:
+                raise CheckpointError(f"config.json: {key}={cfg[key]!r} is not supported (Gemma uses {ok})")
+
+        n_layers = need("num_hidden_layers")
+        layer_types = cfg.get("layer_types") or layer_pattern(n_layers, cfg.get("sliding_window_pattern",
+                                                                                 6 if gemma3 else 2))
+        global_theta, local_theta, factor = _rope_from_hf(cfg, gemma3)
+        return cls(
+            family="gemma3" if gemma3 else "gemma2",
+            vocab_size=need("vocab_size"),
+            hidden_size=need("hidden_size"),
+            intermediate_size=need("intermediate_size"),
+            num_hidden_layers=n_layers,
+            num_attention_heads=need("num_attention_heads"),
+            num_key_value_heads=need("num_key_value_heads"),
+            head_dim=cfg.get("head_dim") or need("hidden_size") // need("num_attention_heads"),
+            layer_types=layer_types,
+            sliding_window=need("sliding_window"),
+            query_pre_attn_scalar=need("query_pre_attn_scalar"),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=global_theta,
+            rope_local_base_freq=local_theta,
+            rope_scaling_factor=factor,
+            # Gemma 3 replaced attention soft-capping by QK-norm; HF's Gemma 3 ignores this field.
+            attn_logit_softcapping=None if gemma3 else cfg.get("attn_logit_softcapping"),
+            final_logit_softcapping=cfg.get("final_logit_softcapping"),
+            use_qk_norm=gemma3,
+            max_position_embeddings=cfg.get("max_position_embeddings", 8192),
+        )
+
+
+def _rope_from_hf(cfg: dict, gemma3: bool) -> tuple[float, float, float]:
+    """(global base, local base, global linear factor) from either HF config style.
+
+    Old style: rope_theta, rope_local_base_freq, rope_scaling={"rope_type": "linear", "factor": 8}.
+    New style (transformers 5): rope_parameters, per layer type for Gemma 3, one dict for Gemma 2.
+    """
+    params = cfg.get("rope_parameters")
+    if params and gemma3:
+        glob, loc = params.get(FULL) or {}, params.get(SLIDING) or {}
+    elif params:
+        glob = loc = params
+    else:
+        glob = dict(cfg.get("rope_scaling") or {})
+        glob["rope_theta"] = cfg.get("rope_theta", 1_000_000.0 if gemma3 else 10_000.0)
+        loc = {"rope_theta": cfg.get("rope_local_base_freq", 10_000.0) if gemma3 else glob["rope_theta"]}
+    for which, p in (("global", glob), ("local", loc)):
+        kind = p.get("rope_type", p.get("type", "default"))
+        if kind not in ("default", "linear"):
+            raise CheckpointError(f"config.json: {which} RoPE type {kind!r} is not supported (default or linear)")
+    if loc.get("rope_type", loc.get("type", "default")) == "linear" and loc.get("factor", 1.0) != 1.0:
+        raise CheckpointError("config.json: RoPE scaling on local layers is not supported")
+    factor = glob.get("factor", 1.0) if glob.get("rope_type", glob.get("type")) == "linear" else 1.0
+    default_global = 1_000_000.0 if gemma3 else 10_000.0
+    return float(glob.get("rope_theta", default_global)), float(loc.get("rope_theta", 10_000.0)), float(factor)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets: the published configs (HF config.json / text_config of each checkpoint)
+# --------------------------------------------------------------------------------------------
+def _gemma2(hidden, inter, layers, heads, kv, head_dim, qpas) -> GemmaConfig:
+    return GemmaConfig(family="gemma2", vocab_size=256_000, hidden_size=hidden, intermediate_size=inter,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                       head_dim=head_dim, layer_types=layer_pattern(layers, 2), sliding_window=4096,
+                       query_pre_attn_scalar=qpas, rope_theta=10_000.0, rope_local_base_freq=10_000.0,
+                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0, max_position_embeddings=8192)
+
+
+def _gemma3(vocab, hidden, inter, layers, heads, kv, head_dim, qpas, window, scaling, context) -> GemmaConfig:
+    return GemmaConfig(family="gemma3", vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                       head_dim=head_dim, layer_types=layer_pattern(layers, 6), sliding_window=window,
+                       query_pre_attn_scalar=qpas, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                       rope_scaling_factor=scaling, use_qk_norm=True, max_position_embeddings=context)
+
+
+PRESETS: dict[str, GemmaConfig] = {
+    #                   hidden  inter  layers heads kv head_dim qpas
+    "gemma2-2b": _gemma2(2304, 9216, 26, 8, 4, 256, 256),
+    "gemma2-9b": _gemma2(3584, 14336, 42, 16, 8, 256, 256),
+    "gemma2-27b": _gemma2(4608, 36864, 46, 32, 16, 128, 144),
+    #                    vocab  hidden  inter  layers heads kv head_dim qpas window scaling context
+    "gemma3-270m": _gemma3(262_144, 640, 2048, 18, 4, 1, 256, 256, 512, 1.0, 32_768),
+    "gemma3-1b": _gemma3(262_144, 1152, 6912, 26, 4, 1, 256, 256, 512, 1.0, 32_768),
+    # 4B and up are multimodal checkpoints; this is their text_config (vocabulary with image tokens).
+    "gemma3-4b": _gemma3(262_208, 2560, 10240, 34, 8, 4, 256, 256, 1024, 8.0, 131_072),
+    "gemma3-12b": _gemma3(262_208, 3840, 15360, 48, 16, 8, 256, 256, 1024, 8.0, 131_072),
+    "gemma3-27b": _gemma3(262_208, 5376, 21504, 62, 32, 16, 128, 168, 1024, 8.0, 131_072),
+}
+
+
+def preset(name: str, **overrides) -> GemmaConfig:
+    """A copy of a published config, e.g. preset("gemma3-270m", num_hidden_layers=2)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    cfg = PRESETS[name]
+    if "num_hidden_layers" in overrides and "layer_types" not in overrides:
+        overrides["layer_types"] = layer_pattern(overrides["num_hidden_layers"], 2 if cfg.family == "gemma2" else 6)
+    return replace(cfg, **overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+class DecoderLayer(nn.Module):
+    """One Gemma 2/3 block, local or global as `config.layer_types[layer_idx]` says.
+
+    x (B, T, C) -> (B, T, C). Norms sit both before and after attention and the MLP ("sandwich"
+    norms): the post-norm bounds what each sub-layer adds to the residual stream.
+    """
+
+    def __init__(self, config: GemmaConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_type = c.layer_types[layer_idx]
+        local = self.layer_type == SLIDING
+        self.self_attn = GroupedQueryAttention(
+            c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+            scale=c.query_pre_attn_scalar ** -0.5,
+            window=c.sliding_window if local else None,
+            softcap=c.attn_logit_softcapping,
+            qk_norm=c.use_qk_norm, eps=c.rms_norm_eps,
+            rope_base=c.rope_local_base_freq if local else c.rope_theta,
+            rope_scaling=1.0 if local else c.rope_scaling_factor,
+        )
+        self.mlp = GeGLU(c.hidden_size, c.intermediate_size)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Arguments as in `GroupedQueryAttention.forward`."""
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, cache, attention_mask))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+class Gemma(nn.Module):
+    """Gemma 2 / Gemma 3 causal language model: input_ids (B, T) -> logits (B, T, V).
+
+    Decoding with a cache:
+        cache = model.new_cache(batch=B, max_len=prompt_len + new_tokens)
+        logits = model(prompt_ids, cache=cache, last_only=True)        # prefill: (B, 1, V)
+        logits = model(next_ids[:, None], cache=cache, last_only=True)  # one step: (B, 1, V)
+    Each call appends its T tokens to every layer's cache; `cache[0].length` is the number of
+    tokens seen. Batched prompts of different lengths are left-padded and described by
+    `attention_mask` (B, tokens seen including these T), True for real tokens.
+    """
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None,
+                  device=None) -> list:
+        """One cache per layer: a KVCache for global layers, a SlidingKVCache (ring of `window`) for local ones.
+
+        With max_len every buffer is allocated now, and its bytes equal kv_cache_bytes(config, max_len, batch, dtype).
+        Without, global caches grow as tokens arrive.
+        """
+        c, w = self.config, self.embed_tokens.weight
+        dtype, device = dtype or w.dtype, device or w.device
+        kv = (batch, c.num_key_value_heads, c.head_dim)
+        return [SlidingKVCache(*kv, window=c.sliding_window, max_len=max_len, dtype=dtype, device=device)
+                if t == SLIDING else KVCache(*kv, max_len=max_len, dtype=dtype, device=device)
+                for t in c.layer_types]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: list | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only (the head is the costly part).
+
+        attention_mask: (B, S) with S = tokens already in the cache + T; False marks left padding.
+        positions:      RoPE positions (B, T) or (T,). Default: with a mask, each token's count of
+                        real tokens before it (so a left-padded prompt starts at 0); else 0, 1, 2, ...
+        cache:          from `new_cache`, updated in place.
+        """
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
+            raise ValueError(f"input_ids must be a (B, T) integer tensor, "
+                             f"got {input_ids.dtype} {tuple(input_ids.shape)}")
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
+        T = input_ids.shape[1]
+        start = 0 if cache is None else cache[0].length
+        if positions is None:
+            if attention_mask is not None:
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]  # (B, T)
+            else:
+                positions = torch.arange(start, start + T, device=input_ids.device)  # (T,)
+        w = self.embed_tokens.weight
+        x = self.embed_tokens(input_ids) * embedding_scale(self.config.hidden_size, w.dtype)  # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, None if cache is None else cache[i], attention_mask)
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = x @ w.T  # tied head: (B, T, V)
+        return soft_cap(logits, self.config.final_logit_softcapping)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------
+def kv_cache_bytes(config: GemmaConfig, T: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the KV cache after T tokens: global layers keep all T, local layers min(T, W).
+
+    2 (k and v) · batch · K · D · bytes · (n_global · T + n_local · min(T, W)).
+    """
+    n_global = sum(t == FULL for t in config.layer_types)
+    n_local = config.num_hidden_layers - n_global
+    per_token = 2 * batch * config.num_key_value_heads * config.head_dim * dtype.itemsize
+    return per_token * (n_global * T + n_local * min(T, config.sliding_window))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading an HF checkpoint
+# --------------------------------------------------------------------------------------------
+_LAYER_TENSORS = [
+    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+    "input_layernorm.weight", "post_attention_layernorm.weight",
+    "pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight",
+]
+
+
+def hf_name_table(config: GemmaConfig) -> dict[str, str | None]:
+    """HF checkpoint name -> our parameter name (None: skipped on purpose)."""
+    table: dict[str, str | None] = {
+        "model.embed_tokens.weight": "embed_tokens.weight",
+        "model.norm.weight": "norm.weight",
+        "lm_head.weight": None,  # tied to the embedding; checked equal in from_hf
+    }
+    per_layer = _LAYER_TENSORS + (["self_attn.q_norm.weight", "self_attn.k_norm.weight"] if config.use_qk_norm else [])
+    for i in range(config.num_hidden_layers):
+        for name in per_layer:
+            table[f"model.layers.{i}.{name}"] = f"layers.{i}.{name}"
+    return table
+
+
+def from_hf(path: str | Path, config_dict: dict, dtype: torch.dtype = torch.float32) -> Gemma:
+    """Build a Gemma from an HF checkpoint directory (config.json + safetensors, sharded or not)."""
+    config = GemmaConfig.from_hf(config_dict)
+    with torch.device("meta"):  # no memory and no random init for weights we overwrite anyway
+        model = Gemma(config).to(dtype)
+    model = model.to_empty(device="cpu")
+    tensors = read_safetensors(path)
+    head, embed = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
+    if head is not None and embed is not None and not torch.equal(head, embed):
+        raise CheckpointError(f"{path}: lm_head.weight differs from model.embed_tokens.weight; "
+                              "Gemma ties them, an untied head is not supported")
+    table = hf_name_table(config)
+    # A name missing from the table maps to a non-parameter, so load_state_strict reports it as unexpected.
+    load_state_strict(model, tensors, lambda name: table.get(name, f"<unmapped> {name}"), where=str(path))
+    return model.eval()
