@@ -1,0 +1,800 @@
+"""Griffin / RecurrentGemma: linear recurrences mixed with local attention (chapter 06).
+
+Griffin (De et al., 2024, arXiv:2402.19427) replaces most attention layers of a transformer with a
+*recurrent block* built around the RG-LRU, a gated diagonal linear recurrence. RecurrentGemma
+(arXiv:2404.07839) is Griffin at 2B and 9B: residual blocks cycle (recurrent, recurrent, attention),
+and the attention blocks are multi-query attention over a local window of 2048 tokens.
+
+Because every layer's memory is bounded (the conv's last 3 inputs, the RG-LRU state, a KV window),
+decoding runs with a fixed-size state: the cost per token does not grow with the context.
+
+Map of this file (shapes: B batch, T time, C width, D lru_width, H heads, K kv heads, Dh head_dim):
+
+    GriffinConfig, PRESETS            recurrentgemma-2b, recurrentgemma-9b
+    scan_sequential, scan_associative h_t = a_t ⊙ h_{t-1} + b_t, two ways; associative_combine
+    Conv1D                            depthwise causal conv of width 4, masked at segment starts
+    RGLRU                             r, i gates; a = sigmoid(Λ)^(c·r), c = 8; sqrt(1 - a²) input norm
+    RecurrentBlock                    linear_out( gelu(linear_y x) ⊙ RG-LRU(Conv1D(linear_x x)) )
+    LocalAttention                    MQA, RoPE on half of head_dim, window W
+    MLPBlock, ResidualBlock, Griffin  the model; logits soft-capped at 30; tied embeddings
+    GriffinCache, state_bytes         the fixed-size decoding state and its size
+    from_hf                           HF `recurrent_gemma` checkpoints, through an explicit name table
+
+Calling the model (the same call shape as minigemma's Gemma, so `generate` drives both):
+
+    cache = model.new_cache(batch=B)                      # fixed size; max_len accepted, ignored
+    logits = model(prompt_ids, cache=cache, last_only=True)  # (B, 1, V); fills the cache in place
+    logits = model(next_ids, cache=cache, last_only=True)    # (B, 1, V); one step, cache updated
+
+Documents packed in one row are marked, as in the official code, by `positions` (alias
+`segment_pos`): each token's position inside its own document, 0 at a document start. At a 0
+the RG-LRU state resets, the conv does not look back across the boundary, and attention stays
+inside the document. Without positions, they continue from the cache (0, 1, 2, ... for a fresh one). A left-padded batch
+passes `attention_mask` (B, S) instead, True for real tokens: real tokens count from 0 at the
+first one, and every pad becomes a one-token document that no real token ever sees.
+
+Two references disagree on the attention window's left edge (see `GriffinConfig.window_edge`):
+the official recurrentgemma code lets query q see keys q - W ... q (W + 1 keys), HF transformers
+q - W + 1 ... q (W keys). The default follows the official code, which trained the checkpoints.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import scaled_dot_product_attention
+from .layers import RMSNorm, apply_rope, gelu_tanh, rope_cos_sin, rope_frequencies, soft_cap
+
+RECURRENT, ATTENTION = "recurrent", "attention"
+
+
+def griffin_pattern(num_layers: int) -> tuple[str, ...]:
+    """(recurrent, recurrent, attention, recurrent, ...): two recurrent blocks per attention block."""
+    return tuple(itertools.islice(itertools.cycle((RECURRENT, RECURRENT, ATTENTION)), num_layers))
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+@dataclass
+class GriffinConfig:
+    """Everything that decides Griffin's shapes and behaviour.
+
+    width:               model width C (HF hidden_size).
+    lru_width:           width D of the recurrent branch (None = width).
+    mlp_expanded_width:  width of *each* of the two MLP branches (HF stores twice this as intermediate_size).
+    num_heads:           attention heads, and the number of blocks of the RG-LRU's block-diagonal gates.
+    num_kv_heads:        1 in RecurrentGemma (multi-query attention).
+    block_types:         one of "recurrent" / "attention" per residual block.
+    attention_window_size: W, the local attention window.
+    window_edge:         "inclusive": query q sees keys q - W <= k <= q, W + 1 keys (official
+                         recurrentgemma, JAX and torch); "exclusive": q - W < k <= q, W keys (HF).
+    rnn_c:               the constant c in a = sigmoid(Λ)^(c·r); 8 in the paper.
+    partial_rotary_factor: RoPE rotates this fraction of head_dim (the first half).
+    scan:                "sequential" (a loop over time) or "associative" (log-depth parallel scan).
+    """
+
+    vocab_size: int = 256_000
+    width: int = 2560
+    num_layers: int = 26
+    num_heads: int = 10
+    num_kv_heads: int = 1
+    lru_width: int | None = None
+    mlp_expanded_width: int = 3 * 2560
+    conv1d_width: int = 4
+    attention_window_size: int = 2048
+    window_edge: str = "inclusive"
+    block_types: tuple[str, ...] | None = None
+    rnn_c: float = 8.0
+    rope_base: float = 10_000.0
+    partial_rotary_factor: float = 0.5
+    rms_norm_eps: float = 1e-6
+    logits_soft_cap: float | None = 30.0
+    embeddings_scale_by_sqrt_dim: bool = True
+    scan: str = "sequential"
+
+    def __post_init__(self):
+        if self.lru_width is None:
+            self.lru_width = self.width
+        if self.block_types is None:
+            self.block_types = griffin_pattern(self.num_layers)
+        self.block_types = tuple(self.block_types)
+        problems = []
+        if len(self.block_types) != self.num_layers:
+            problems.append(f"{len(self.block_types)} block_types for num_layers={self.num_layers}")
+        bad = sorted(set(self.block_types) - {RECURRENT, ATTENTION})
+        if bad:
+            problems.append(f"unknown block types {bad}; use {RECURRENT!r} or {ATTENTION!r}")
+        if self.width % self.num_heads:
+            problems.append(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.lru_width % self.num_heads:
+            problems.append(f"lru_width {self.lru_width} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            problems.append(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.window_edge not in ("inclusive", "exclusive"):
+            problems.append(f"window_edge must be 'inclusive' or 'exclusive', got {self.window_edge!r}")
+        if self.scan not in ("sequential", "associative"):
+            problems.append(f"scan must be 'sequential' or 'associative', got {self.scan!r}")
+        if (self.width // self.num_heads * self.partial_rotary_factor) % 2:
+            problems.append(f"RoPE needs an even number of rotated dims, got head_dim "
+                            f"{self.width // self.num_heads} x {self.partial_rotary_factor}")
+        if self.attention_window_size < 1 or self.conv1d_width < 1:
+            problems.append("attention_window_size and conv1d_width must be >= 1")
+        if problems:
+            raise ValueError("GriffinConfig: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @classmethod
+    def from_hf(cls, hf: dict, **overrides) -> "GriffinConfig":
+        """Read an HF `recurrent_gemma` config.json dict. `overrides` set fields HF does not store
+        (e.g. window_edge="exclusive" to match HF's own forward, or scan="associative")."""
+        if hf.get("model_type", "recurrent_gemma") != "recurrent_gemma":
+            raise ValueError(f"not a recurrent_gemma config: model_type={hf.get('model_type')!r}")
+        if hf.get("attention_bias"):
+            raise ValueError("attention_bias=True is not part of RecurrentGemma; minigemma does not support it")
+        if hf.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ValueError(f"hidden_activation {hf['hidden_activation']!r}: RecurrentGemma uses gelu_pytorch_tanh")
+        if not hf.get("tie_word_embeddings", True):
+            raise ValueError("tie_word_embeddings=False: RecurrentGemma ties the LM head to the embedding")
+        if hf.get("intermediate_size", 2) % 2:
+            raise ValueError(f"intermediate_size {hf['intermediate_size']} must be even (two MLP branches)")
+        n = hf.get("num_hidden_layers", 26)
+        pattern = list(hf.get("block_types", [RECURRENT, RECURRENT, ATTENTION]))
+        rope = hf.get("rope_parameters") or {}
+        width = hf.get("hidden_size", 2560)
+        heads = hf.get("num_attention_heads", 10)
+        if hf.get("head_dim") not in (None, width // heads):
+            raise ValueError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads = {width // heads}")
+        kw = dict(
+            vocab_size=hf.get("vocab_size", 256_000),
+            width=width,
+            num_layers=n,
+            num_heads=heads,
+            # HF defaults a missing value to num_attention_heads; the real configs say 1.
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            lru_width=hf.get("lru_width") or width,
+            mlp_expanded_width=hf.get("intermediate_size", 2 * 3 * 2560) // 2,
+            conv1d_width=hf.get("conv1d_width", 4),
+            attention_window_size=hf.get("attention_window_size", 2048),
+            block_types=tuple((pattern * n)[:n]),
+            rope_base=rope.get("rope_theta", hf.get("rope_theta", 10_000.0)),
+            partial_rotary_factor=rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5)),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            logits_soft_cap=hf.get("logits_soft_cap", 30.0),
+            embeddings_scale_by_sqrt_dim=hf.get("embeddings_scale_by_sqrt_dim", True),
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+
+# The published models (the official `Preset`s, and HF's converted configs).
+PRESETS: dict[str, GriffinConfig] = {
+    "recurrentgemma-2b": GriffinConfig(width=2560, num_layers=26, num_heads=10, lru_width=2560,
+                                       mlp_expanded_width=3 * 2560),
+    "recurrentgemma-9b": GriffinConfig(width=4096, num_layers=38, num_heads=16, lru_width=4096,
+                                       mlp_expanded_width=3 * 4096),
+}
+
+
+def embed_scale(width: int, dtype: torch.dtype) -> torch.Tensor:
+    """sqrt(width), rounded to bfloat16 and then cast to `dtype`.
+
+    Both references round in bfloat16 whatever the activation dtype ("to match training"), so in
+    float32 the 2B multiplies by 50.5, not 50.596. `layers.embedding_scale` (Gemma) rounds in the
+    activation dtype instead; the two agree in bfloat16.
+    """
+    return torch.tensor(math.sqrt(width), dtype=torch.bfloat16).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Linear recurrence: h_t = a_t ⊙ h_{t-1} + b_t, two ways
+# --------------------------------------------------------------------------------------------
+def scan_sequential(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None):
+    """The recurrence as a loop over time, accumulated in float32.
+
+    a, b (B, T, D); h0 (B, D) or None (zeros). Returns (h (B, T, D), h_T (B, D)), both float32.
+    T small matrix-free steps: cheap per step, but T Python iterations one after the other.
+    """
+    a, b = a.float(), b.float()
+    h = torch.zeros_like(b[:, 0]) if h0 is None else h0.float()
+    hs = []
+    for t in range(a.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        hs.append(h)
+    return torch.stack(hs, dim=1), h
+
+
+def associative_combine(first, second):
+    """Compose two steps of h -> a·h + b: apply `first` = (a1, b1), then `second` = (a2, b2).
+
+    a2·(a1·h + b1) + b2 = (a2·a1)·h + (a2·b1 + b2), so (a1, b1) ∘ (a2, b2) = (a2·a1, a2·b1 + b2).
+    The operator is associative (not commutative), which is all a parallel scan needs.
+    """
+    a1, b1 = first
+    a2, b2 = second
+    return a2 * a1, a2 * b1 + b2
+
+
+def scan_associative(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None):
+    """The same recurrence as a parallel prefix scan (Hillis–Steele), in float32.
+
+    After the round with offset d, element t holds the composition of steps t-2d+1 .. t; after
+    ceil(log2 T) rounds it holds steps 0 .. t, whose b part is h_t (h0 is folded into step 0).
+    O(T log T) work, but only log T vectorised rounds instead of T sequential steps.
+    a, b (B, T, D); h0 (B, D) or None. Returns (h (B, T, D), h_T (B, D)).
+    """
+    a, b = a.float(), b.float()
+    if h0 is not None:
+        b = torch.cat([b[:, :1] + a[:, :1] * h0.float()[:, None], b[:, 1:]], dim=1)
+    T, d = a.shape[1], 1
+    while d < T:
+        a_new, b_new = associative_combine((a[:, :-d], b[:, :-d]), (a[:, d:], b[:, d:]))
+        a = torch.cat([a[:, :d], a_new], dim=1)
+        b = torch.cat([b[:, :d], b_new], dim=1)
+        d *= 2
+    return b, b[:, -1]
+
+
+SCANS = {"sequential": scan_sequential, "associative": scan_associative}
+
+
+# --------------------------------------------------------------------------------------------
+# Conv1D
+# --------------------------------------------------------------------------------------------
+def segment_ids(segment_pos: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """Which document each token belongs to: a running count of segment starts (segment_pos == 0).
+
+    segment_pos (B, T) -> (B, T) int64. `start` (B,) continues the count from a cache.
+    """
+    ids = (segment_pos == 0).long().cumsum(-1)
+    return ids if start is None else ids + start[:, None]
+
+
+def causal_conv1d(x, w, bias, x_prev=None, seg=None, seg_prev=None):
+    """Depthwise causal convolution, with a decode cache, that never mixes two documents.
+
+    y_t = bias + Σ_{s=0}^{W-1} w[W-1-s] ⊙ x_{t-s}: w (W, D) is time-major and w[W-1] multiplies the
+    current token. x (B, T, D); bias (D,). x_prev (B, W-1, D): the W-1 inputs before x (the decode
+    cache; None = zeros, as at the start of a sequence). With segment ids seg (B, T) and seg_prev
+    (B, W-1), a term is kept only if token t-s is in the same document as token t.
+    Returns y (B, T, D), the new cache x_tail (B, W-1, D) = the last W-1 inputs, and seg_tail.
+    """
+    B, T, D = x.shape
+    W = w.shape[0]
+    if x_prev is None:
+        x_prev = x.new_zeros(B, W - 1, D)
+    xs = torch.cat([x_prev.to(x.dtype), x], dim=1)  # (B, W-1+T, D): x_{t-s} is xs[:, W-1+t-s]
+    if seg is not None:
+        if seg_prev is None:
+            seg_prev = torch.full((B, W - 1), -1, dtype=torch.long, device=x.device)  # no document
+        segs = torch.cat([seg_prev, seg], dim=1)
+    y = bias.to(x.dtype).expand(B, T, D)
+    for s in range(W):  # shift back by s
+        x_s = xs[:, W - 1 - s: W - 1 - s + T]  # x_{t-s} for every t
+        if seg is not None:
+            x_s = x_s * (segs[:, W - 1 - s: W - 1 - s + T] == seg)[..., None]  # same document only
+        y = y + w[W - 1 - s].to(x.dtype) * x_s
+    return y, xs[:, T:], (segs[:, T:] if seg is not None else None)
+
+
+class Conv1D(nn.Module):
+    """Depthwise temporal convolution of width W (4) with a bias.  (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, width: int, temporal_width: int = 4):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(temporal_width, width))  # (W, D), time-major
+        self.bias = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x, seg, state=None):
+        x_prev, seg_prev = (None, None) if state is None else (state.conv_x, state.conv_seg)
+        y, x_new, seg_new = causal_conv1d(x, self.weight, self.bias, x_prev, seg, seg_prev)
+        if state is not None:
+            state.conv_x, state.conv_seg = x_new.to(state.conv_x.dtype), seg_new
+        return y
+
+
+# --------------------------------------------------------------------------------------------
+# RG-LRU
+# --------------------------------------------------------------------------------------------
+class BlockDiagonalLinear(nn.Module):
+    """H independent (D/H × D/H) linear maps with biases, one per block of features.  (..., D) -> (..., D)."""
+
+    def __init__(self, width: int, num_blocks: int):
+        super().__init__()
+        self.num_blocks = num_blocks
+        bw = width // num_blocks
+        self.weight = nn.Parameter(torch.empty(num_blocks, bw, bw))  # (H, in, out)
+        self.bias = nn.Parameter(torch.zeros(num_blocks, bw))
+
+    def forward(self, x):
+        xh = x.unflatten(-1, (self.num_blocks, -1))  # (..., H, D/H)
+        y = torch.einsum("...hi,hij->...hj", xh, self.weight) + self.bias
+        return y.flatten(-2)
+
+
+class _SqrtBoundedGrad(torch.autograd.Function):
+    """sqrt(x) whose gradient 1/(2 sqrt x) is capped at 1000: sqrt(1 - a²) has an infinite slope at
+    a = 1, which turned into NaNs in bfloat16 training (both references do this)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sqrt(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad / torch.sqrt(torch.clamp(4.0 * x, min=1e-6))
+
+
+def rglru_a_and_multiplier(log_sigmoid_lambda: torch.Tensor, r: torch.Tensor, c: float = 8.0):
+    """a_t = sigmoid(Λ)^(c·r_t) and the input normaliser sqrt(1 - a_t²).
+
+    log_sigmoid_lambda (D,) = log sigmoid(Λ) <= 0; r (B, T, D) the recurrence gate in (0, 1).
+    Computed in log space: log a = c·r·log sigmoid(Λ), a² = exp(2 log a).
+    """
+    log_a = c * r * log_sigmoid_lambda
+    a = torch.exp(log_a)
+    multiplier = _SqrtBoundedGrad.apply(1 - torch.exp(2 * log_a))
+    return a, multiplier
+
+
+def rglru_step(x, r, i, lam, h_prev, reset=None, c: float = 8.0):
+    """One step of the RG-LRU for every sequence of a batch.
+
+    x, r, i (B, D): input, recurrence gate, input gate (both in (0, 1)); lam (D,) is Λ;
+    h_prev (B, D); reset (B,) bool or None.
+    h = a ⊙ h_prev + sqrt(1 - a²) ⊙ (i ⊙ x), with a = sigmoid(Λ)^(c·r); at a reset a = 0 and the
+    multiplier is 1, so h = i ⊙ x. Returns h (B, D) in float32.
+    """
+    a, mult = rglru_a_and_multiplier(F.logsigmoid(lam), r, c)
+    if reset is not None:
+        a = torch.where(reset[:, None], torch.zeros_like(a), a)
+        mult = torch.where(reset[:, None], torch.ones_like(mult), mult)
+    return a.float() * h_prev.float() + (mult * i * x).float()
+
+
+class RGLRU(nn.Module):
+    """Real-Gated Linear Recurrent Unit.  x (B, T, D) -> (B, T, D).
+
+    r_t = σ(W_a x_t + b_a)                 recurrence gate (block-diagonal linear, H blocks)
+    i_t = σ(W_x x_t + b_x)                 input gate
+    a_t = σ(Λ)^(c·r_t),  c = 8             per-channel decay in (0, 1), set by Λ and modulated by r
+    h_t = a_t ⊙ h_{t-1} + sqrt(1 - a_t²) ⊙ (i_t ⊙ x_t)
+
+    Both references store `a_param` = -Λ, so σ(Λ) = exp(-softplus(a_param)). The state h is
+    accumulated in float32.
+    """
+
+    def __init__(self, width: int, num_heads: int, c: float = 8.0, scan: str = "sequential"):
+        super().__init__()
+        self.c, self.scan = c, scan
+        self.a_param = nn.Parameter(torch.empty(width))  # -Λ
+        self.input_gate = BlockDiagonalLinear(width, num_heads)
+        self.a_gate = BlockDiagonalLinear(width, num_heads)
+
+    def forward(self, x, segment_pos, state=None):
+        reset = (segment_pos == 0)[..., None]  # (B, T, 1)
+        r = torch.sigmoid(self.a_gate(x))
+        i = torch.sigmoid(self.input_gate(x))
+        a, mult = rglru_a_and_multiplier(-F.softplus(self.a_param), r, self.c)
+        a = a * ~reset  # forget everything at a document start...
+        mult = torch.where(reset, torch.ones_like(mult), mult)  # ...and take the input unscaled
+        b = x * i * mult
+        h, h_last = SCANS[self.scan](a, b, None if state is None else state.h)
+        if state is not None:
+            state.h = h_last
+        return h.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------
+class RecurrentBlock(nn.Module):
+    """linear_out( gelu(linear_y x) ⊙ RG-LRU(Conv1D(linear_x x)) ).  (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, cfg: GriffinConfig):
+        super().__init__()
+        self.linear_y = nn.Linear(cfg.width, cfg.lru_width)
+        self.linear_x = nn.Linear(cfg.width, cfg.lru_width)
+        self.linear_out = nn.Linear(cfg.lru_width, cfg.width)
+        self.conv_1d = Conv1D(cfg.lru_width, cfg.conv1d_width)
+        self.rg_lru = RGLRU(cfg.lru_width, cfg.num_heads, cfg.rnn_c, cfg.scan)
+
+    def forward(self, x, segment_pos, seg, state=None):
+        y = gelu_tanh(self.linear_y(x))  # the gate branch
+        u = self.conv_1d(self.linear_x(x), seg, state)  # (B, T, D)
+        u = self.rg_lru(u, segment_pos, state)
+        return self.linear_out(u * y)
+
+
+def window_mask(q_idx, k_idx, q_seg, k_seg, window: int, edge: str = "inclusive") -> torch.Tensor:
+    """(B, T, S) boolean: query t may see key s.
+
+    q_idx (T,), k_idx (B, S) absolute token indices (-1 marks an empty cache slot); q_seg (B, T),
+    k_seg (B, S) segment ids. A key is visible if it is not in the future, inside the window and in
+    the same document. Window: "inclusive" q - W <= k (W + 1 keys, official), "exclusive" q - W < k
+    (W keys, HF).
+    """
+    q, k = q_idx[None, :, None], k_idx[:, None, :]
+    lo = q - window if edge == "inclusive" else q - window + 1
+    return (k >= 0) & (k <= q) & (k >= lo) & (q_seg[:, :, None] == k_seg[:, None, :])
+
+
+class LocalAttention(nn.Module):
+    """Local multi-query attention with RoPE on the first half of head_dim.  (B, T, C) -> (B, T, C).
+
+    H query heads share K (1) key/value heads. Scale head_dim^-0.5, no soft-cap. The projections
+    have no bias except the output one.
+    """
+
+    def __init__(self, cfg: GriffinConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.width, H * Dh, bias=False)
+        self.k_proj = nn.Linear(cfg.width, K * Dh, bias=False)
+        self.v_proj = nn.Linear(cfg.width, K * Dh, bias=False)
+        self.o_proj = nn.Linear(H * Dh, cfg.width, bias=True)
+
+    def forward(self, x, segment_pos, seg, q_idx, state=None):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, cfg.num_heads, -1).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, -1).transpose(1, 2)  # (B, K, T, Dh)
+        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, -1).transpose(1, 2)
+        # positions restart at every document start; computed on the fly, so no buffer to load
+        cos, sin = rope_cos_sin(segment_pos, rope_frequencies(cfg.rotary_dim, cfg.rope_base).to(x.device))
+        q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
+        k_idx, k_seg = q_idx.expand(B, T), seg
+        if state is not None:  # prepend the window of earlier keys, then keep the newest W
+            k = torch.cat([state.k.to(k.dtype), k], dim=2)
+            v = torch.cat([state.v.to(v.dtype), v], dim=2)
+            k_idx = torch.cat([state.k_idx, k_idx], dim=1)
+            k_seg = torch.cat([state.k_seg, k_seg], dim=1)
+            W = cfg.attention_window_size
+            state.k, state.v = k[:, :, -W:].to(state.k.dtype), v[:, :, -W:].to(state.v.dtype)
+            state.k_idx, state.k_seg = k_idx[:, -W:], k_seg[:, -W:]
+        mask = window_mask(q_idx, k_idx, seg, k_seg, cfg.attention_window_size, cfg.window_edge)
+        rep = cfg.num_heads // cfg.num_kv_heads  # every query head of a group reads the same K, V
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = scaled_dot_product_attention(q, k, v, mask[:, None], scale=cfg.head_dim ** -0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLPBlock(nn.Module):
+    """down( gelu(gate x + b) ⊙ (up x + b) ) + b: GeGLU with biases.  (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, width: int, expanded: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(width, expanded)
+        self.up_proj = nn.Linear(width, expanded)
+        self.down_proj = nn.Linear(expanded, width)
+
+    def forward(self, x):
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ResidualBlock(nn.Module):
+    """r = x + temporal(norm(x)); out = r + mlp(norm(r)). Pre-norms only, RMSNorm with (1 + w)."""
+
+    def __init__(self, cfg: GriffinConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.temporal_pre_norm = RMSNorm(cfg.width, cfg.rms_norm_eps)
+        self.temporal_block = RecurrentBlock(cfg) if kind == RECURRENT else LocalAttention(cfg)
+        self.channel_pre_norm = RMSNorm(cfg.width, cfg.rms_norm_eps)
+        self.mlp_block = MLPBlock(cfg.width, cfg.mlp_expanded_width)
+
+    def forward(self, x, segment_pos, seg, q_idx, state=None):
+        h = self.temporal_pre_norm(x)
+        if self.kind == RECURRENT:
+            h = self.temporal_block(h, segment_pos, seg, state)
+        else:
+            h = self.temporal_block(h, segment_pos, seg, q_idx, state)
+        r = x + h
+        return r + self.mlp_block(self.channel_pre_norm(r))
+
+
+# --------------------------------------------------------------------------------------------
+# The decoding state
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RecurrentState:
+    """A recurrent block's state: the conv's last W-1 inputs and the RG-LRU's h (float32)."""
+
+    conv_x: torch.Tensor  # (B, conv1d_width - 1, D)
+    conv_seg: torch.Tensor  # (B, conv1d_width - 1) segment ids, -1 = empty
+    h: torch.Tensor  # (B, D) float32
+
+
+@dataclass
+class WindowKV:
+    """An attention block's state: the keys and values of the last W tokens (a sliding window)."""
+
+    k: torch.Tensor  # (B, K, W, Dh), after RoPE
+    v: torch.Tensor  # (B, K, W, Dh)
+    k_idx: torch.Tensor  # (B, W) absolute index of each slot's token, -1 = empty
+    k_seg: torch.Tensor  # (B, W) its segment id
+
+
+@dataclass
+class GriffinCache:
+    """Everything needed to continue a batch of sequences. Its size does not depend on their length.
+
+    layers[i] is a RecurrentState or a WindowKV; `seen` counts the tokens fed so far; `next_pos`
+    (B,) is each row's next segment position and `segment` (B,) its current segment id.
+    """
+
+    layers: list
+    seen: int = 0
+    next_pos: torch.Tensor | None = None
+    segment: torch.Tensor | None = None
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The model state proper (conv tails, h, K and V), without the integer bookkeeping."""
+        out = []
+        for s in self.layers:
+            out += [s.conv_x, s.h] if isinstance(s, RecurrentState) else [s.k, s.v]
+        return out
+
+
+def state_bytes(cfg: GriffinConfig, T: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of decoding state after T tokens: conv tails and KV in `dtype`, the RG-LRU h in float32.
+
+    Recurrent block: (conv1d_width - 1)·D activations + D float32. Attention block: keys and values
+    of min(T, W) tokens. This stops growing once T reaches the window; a transformer's KV cache
+    does not. (`new_cache` allocates the full window up front, which is this at T >= W.)
+    """
+    size = torch.tensor([], dtype=dtype).element_size()
+    n_rec = sum(k == RECURRENT for k in cfg.block_types)
+    n_att = cfg.num_layers - n_rec
+    rec = (cfg.conv1d_width - 1) * cfg.lru_width * size + cfg.lru_width * 4
+    att = 2 * cfg.num_kv_heads * cfg.head_dim * min(T, cfg.attention_window_size) * size
+    return batch * (n_rec * rec + n_att * att)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+class Griffin(nn.Module):
+    """The RecurrentGemma language model.  input_ids (B, T) -> logits (B, T, V).
+
+    embed · sqrt(width) (rounded in bf16) -> residual blocks -> final RMSNorm -> tied LM head ->
+    soft-cap 30.
+    """
+
+    def __init__(self, cfg: GriffinConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.layers = nn.ModuleList(ResidualBlock(cfg, kind) for kind in cfg.block_types)
+        self.final_norm = RMSNorm(cfg.width, cfg.rms_norm_eps)
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The reference initialisation (recurrentgemma torch). Biases and norm weights start at 0.
+
+        Input-side linears N(0, 1/C); output linears N(0, s/fan_in) with s = 2 / num_layers so the
+        residual stream does not grow with depth; conv N(0, 0.01/W); gates N(0, 1/block_width);
+        and Λ such that a = sigmoid(Λ) has a² ~ U(0.9², 0.999²), i.e. memories of ~10 to ~1000 steps.
+        """
+        cfg = self.config
+        s = 2.0 / cfg.num_layers
+
+        def normal(t, var):
+            t.normal_(0.0, math.sqrt(var), generator=generator)
+
+        normal(self.embed_tokens.weight, 1.0 / cfg.width)
+        for block in self.layers:
+            block.temporal_pre_norm.weight.zero_()
+            block.channel_pre_norm.weight.zero_()
+            tb = block.temporal_block
+            if block.kind == RECURRENT:
+                for lin in (tb.linear_x, tb.linear_y):
+                    normal(lin.weight, 1.0 / cfg.width)
+                    lin.bias.zero_()
+                normal(tb.linear_out.weight, s / cfg.lru_width)
+                tb.linear_out.bias.zero_()
+                normal(tb.conv_1d.weight, 0.01 / cfg.conv1d_width)
+                tb.conv_1d.bias.zero_()
+                for gate in (tb.rg_lru.input_gate, tb.rg_lru.a_gate):
+                    normal(gate.weight, 1.0 / gate.weight.shape[-1])
+                    gate.bias.zero_()
+                a2 = torch.empty_like(tb.rg_lru.a_param).uniform_(0.9 ** 2, 0.999 ** 2, generator=generator)
+                a = a2.sqrt()  # a = sigmoid(Λ) = exp(-softplus(a_param))  =>  a_param = log(1/a - 1)
+                tb.rg_lru.a_param.copy_(torch.log(1.0 / a - 1.0))
+            else:
+                for lin in (tb.q_proj, tb.k_proj, tb.v_proj):
+                    normal(lin.weight, 1.0 / cfg.width)
+                normal(tb.o_proj.weight, s / cfg.width)
+                tb.o_proj.bias.zero_()
+            mlp = block.mlp_block
+            for lin in (mlp.gate_proj, mlp.up_proj):
+                normal(lin.weight, 1.0 / cfg.width)
+                lin.bias.zero_()
+            normal(mlp.down_proj.weight, s / cfg.mlp_expanded_width)
+            mlp.down_proj.bias.zero_()
+        self.final_norm.weight.zero_()
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None,
+                  device=None) -> GriffinCache:
+        """An empty decoding state for `batch` rows. Its size is fixed: `max_len` is accepted for
+        the same call shape as Gemma's cache and ignored. dtype defaults to the model's."""
+        cfg = self.config
+        p = self.embed_tokens.weight
+        dtype, device = dtype or p.dtype, device or p.device
+        B, W = batch, cfg.attention_window_size
+        layers = []
+        for kind in cfg.block_types:
+            if kind == RECURRENT:
+                layers.append(RecurrentState(
+                    conv_x=torch.zeros(B, cfg.conv1d_width - 1, cfg.lru_width, dtype=dtype, device=device),
+                    conv_seg=torch.full((B, cfg.conv1d_width - 1), -1, dtype=torch.long, device=device),
+                    h=torch.zeros(B, cfg.lru_width, dtype=torch.float32, device=device)))
+            else:
+                kv = (B, cfg.num_kv_heads, W, cfg.head_dim)
+                layers.append(WindowKV(
+                    k=torch.zeros(kv, dtype=dtype, device=device), v=torch.zeros(kv, dtype=dtype, device=device),
+                    k_idx=torch.full((B, W), -1, dtype=torch.long, device=device),
+                    k_seg=torch.full((B, W), -1, dtype=torch.long, device=device)))
+        zeros = torch.zeros(B, dtype=torch.long, device=device)
+        return GriffinCache(layers, 0, next_pos=zeros, segment=zeros.clone())
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: GriffinCache | None = None,
+                last_only: bool = False, *, segment_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only.
+
+        positions (B, T) or (T,) (alias `segment_pos`, the official name): each token's position
+                        inside its document, 0 at a document start. Default: continue from the
+                        cache (0, 1, 2, ... without one).
+        attention_mask: (B, S) with S = tokens already in the cache + T, True for real tokens, for
+                        left-padded batches; each pad becomes a one-token document.
+        cache:          from `new_cache`; continued from and updated in place.
+        Same call shape as `minigemma.gemma.Gemma`, so one decode loop drives both.
+        """
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
+            raise ValueError(f"input_ids must be a (B, T) integer tensor, got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}")
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        B, T = input_ids.shape
+        device = input_ids.device
+        if segment_pos is not None:
+            if positions is not None:
+                raise ValueError("pass positions or segment_pos (the same thing), not both")
+            positions = segment_pos
+        if cache is not None and cache.next_pos.shape[0] != B:
+            raise ValueError(f"cache is for batch size {cache.next_pos.shape[0]}, input has {B}")
+        seen = 0 if cache is None else cache.seen
+        if positions is None and attention_mask is not None:
+            if attention_mask.shape != (B, seen + T):
+                raise ValueError(f"attention_mask must be (B, tokens in cache + T) = {(B, seen + T)}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            m = attention_mask.bool()
+            # real tokens count from 0 at the first one; every pad is a document of its own
+            positions = torch.where(m, m.long().cumsum(-1) - 1, 0)[:, -T:]
+        if positions is None:
+            start = cache.next_pos if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
+            positions = start[:, None] + torch.arange(T, device=device)
+        if positions.dim() == 1:
+            positions = positions.expand(B, -1)
+        if positions.shape != (B, T):
+            raise ValueError(f"positions must have shape {(B, T)} or ({T},), got {tuple(positions.shape)}")
+        segment_pos = positions.to(device=device, dtype=torch.long)
+        seg = segment_ids(segment_pos, None if cache is None else cache.segment)  # (B, T)
+        q_idx = torch.arange(T, device=device) + seen  # absolute index of each new token
+
+        x = self.embed_tokens(input_ids)
+        if self.config.embeddings_scale_by_sqrt_dim:
+            x = x * embed_scale(self.config.width, x.dtype)
+        for i, block in enumerate(self.layers):
+            x = block(x, segment_pos, seg, q_idx, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.seen += T
+            cache.next_pos = segment_pos[:, -1] + 1
+            cache.segment = seg[:, -1]
+        if last_only:
+            x = x[:, -1:]
+        logits = self.final_norm(x) @ self.embed_tokens.weight.T  # tied head
+        return soft_cap(logits, self.config.logits_soft_cap)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading HF `recurrent_gemma` checkpoints
+# --------------------------------------------------------------------------------------------
+def hf_name_table(cfg: GriffinConfig) -> dict[str, str | None]:
+    """Every tensor name of an HF RecurrentGemma checkpoint -> our parameter name (None: skipped on
+    purpose). The layout depends on each block's type, so the table is built from the config."""
+    table: dict[str, str | None] = {
+        "model.embed_tokens.weight": "embed_tokens.weight",
+        "model.final_norm.weight": "final_norm.weight",
+        "lm_head.weight": None,  # tied to the embedding; some exports store it twice
+    }
+    for i, kind in enumerate(cfg.block_types):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        names = ["temporal_pre_norm.weight", "channel_pre_norm.weight"]
+        names += [f"mlp_block.{p}.{t}" for p in ("gate_proj", "up_proj", "down_proj") for t in ("weight", "bias")]
+        if kind == RECURRENT:
+            names += [f"temporal_block.{p}.{t}" for p in ("linear_x", "linear_y", "linear_out")
+                      for t in ("weight", "bias")]
+            names += ["temporal_block.conv_1d.weight", "temporal_block.conv_1d.bias"]
+            table[hf + "temporal_block.rg_lru.recurrent_param"] = ours + "temporal_block.rg_lru.a_param"
+            for hf_gate, our_gate in (("input_gate", "input_gate"), ("recurrent_gate", "a_gate")):
+                for t in ("weight", "bias"):
+                    table[f"{hf}temporal_block.rg_lru.{hf_gate}_{t}"] = f"{ours}temporal_block.rg_lru.{our_gate}.{t}"
+        else:
+            names += [f"temporal_block.{p}_proj.weight" for p in "qkvo"] + ["temporal_block.o_proj.bias"]
+        for n in names:
+            table[hf + n] = ours + n
+    return table
+
+
+def _conv_from_hf(w: torch.Tensor) -> torch.Tensor:
+    """HF stores the depthwise conv as nn.Conv1d weights (D, 1, W); ours is time-major (W, D)."""
+    return w[:, 0, :].T.contiguous() if w.dim() == 3 else w
+
+
+def from_hf(path, config: dict | None = None, dtype: torch.dtype = torch.float32, **overrides) -> Griffin:
+    """Build a Griffin from an HF `recurrent_gemma` checkpoint directory (config.json + safetensors).
+
+    Every tensor goes through `hf_name_table`, checked both ways with shapes. `overrides` go to
+    GriffinConfig.from_hf (e.g. window_edge="exclusive" to reproduce HF's forward exactly).
+    """
+    from .weights.hf import CheckpointError, load_state_strict, read_config, read_safetensors
+
+    config = read_config(path) if config is None else config
+    cfg = GriffinConfig.from_hf(config, **overrides)
+    with torch.device("meta"):
+        model = Griffin(cfg)
+    model = model.to_empty(device="cpu")
+    table = hf_name_table(cfg)
+
+    def name_map(ck_name: str) -> str | None:
+        return table.get(ck_name, "<not in the table>")  # load_state_strict reports it as unexpected
+
+    transforms = {f"layers.{i}.temporal_block.conv_1d.weight": _conv_from_hf
+                  for i, k in enumerate(cfg.block_types) if k == RECURRENT}
+    tensors = read_safetensors(path)
+    if "model.embed_tokens.weight" not in tensors:
+        raise CheckpointError(f"{path}: no model.embed_tokens.weight; is this an HF recurrent_gemma checkpoint?")
+    load_state_strict(model, tensors, name_map, where=str(path), transforms=transforms)
+    return model.to(dtype).eval()
+
+
+def param_count(cfg: GriffinConfig) -> int:
+    """Number of parameters, counted on the meta device (no memory used)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in Griffin(cfg).parameters())
+
+
+def small_config(**overrides) -> GriffinConfig:
+    """A tiny Griffin for CPU experiments (and the chapter): 2 recurrent + 1 attention block."""
+    base = dict(vocab_size=256, width=64, num_layers=3, num_heads=4, mlp_expanded_width=128,
+                attention_window_size=16)
+    base.update(overrides)
+    return GriffinConfig(**base)
+
+
+__all__ = [
+    "GriffinConfig", "PRESETS", "Griffin", "GriffinCache", "from_hf", "hf_name_table", "state_bytes",
+    "scan_sequential", "scan_associative", "associative_combine", "causal_conv1d", "rglru_step",
+    "window_mask", "param_count", "small_config", "griffin_pattern",
+]

@@ -1,0 +1,81 @@
+import torch
+import torch.nn.functional as F
+
+
+def _rglru(x, r, i, lam, h_prev, reset, c=8.0, norm="sqrt", a_form="power", reset_a=True, reset_mult=True,
+           lam_sign=1.0):
+    sig = torch.sigmoid(lam_sign * lam)
+    a = sig ** (c * r) if a_form == "power" else sig * c * r
+    mult = {"sqrt": torch.sqrt(1 - a ** 2), "none": torch.ones_like(a), "linear": 1 - a}[norm]
+    if reset_a:
+        a = torch.where(reset[:, None], torch.zeros_like(a), a)
+    if reset_mult:
+        mult = torch.where(reset[:, None], torch.ones_like(mult), mult)
+    return a * h_prev + mult * i * x
+
+
+def _scan(a, b, h0, combine_order="right", rounds_short=False, exclusive=False, h0_everywhere=False):
+    B, T, D = a.shape
+    if h0 is not None:
+        if h0_everywhere:
+            b = b + h0[:, None]
+        else:
+            b = torch.cat([b[:, :1] + a[:, :1] * h0[:, None], b[:, 1:]], 1)
+    d, limit = 1, (T // 2 if rounds_short else T)
+    while d < limit:
+        a1, b1, a2, b2 = a[:, :-d], b[:, :-d], a[:, d:], b[:, d:]
+        if combine_order == "right":
+            na, nb = a2 * a1, a2 * b1 + b2
+        else:  # the operands swapped
+            na, nb = a1 * a2, a1 * b2 + b1
+        a, b = torch.cat([a[:, :d], na], 1), torch.cat([b[:, :d], nb], 1)
+        d *= 2
+    if exclusive:
+        start = torch.zeros_like(b[:, :1]) if h0 is None else h0[:, None]
+        b = torch.cat([start, b[:, :-1]], 1)
+    return b, b[:, -1]
+
+
+def _conv(x, w, bias, x_prev, flip=False, use_bias=True, use_cache=True, tail="ok"):
+    B, T, D = x.shape
+    W = w.shape[0]
+    prev = x_prev if use_cache else torch.zeros_like(x_prev)
+    xs = torch.cat([prev, x], 1)
+    y = bias.expand(B, T, D).clone() if use_bias else torch.zeros(B, T, D)
+    for s in range(W):
+        k = w[s] if flip else w[W - 1 - s]
+        y = y + k * xs[:, W - 1 - s: W - 1 - s + T]
+    new = {"ok": xs[:, -(W - 1):], "stale": x_prev, "first": xs[:, :W - 1]}[tail]
+    return y, new
+
+
+MUTANTS = {
+    "06.rglru_step": [
+        ("no sqrt(1 - a²) normalisation", lambda *a: _rglru(*a, norm="none")),
+        ("(1 - a) instead of sqrt(1 - a²)", lambda *a: _rglru(*a, norm="linear")),
+        ("a = sigmoid(Λ)·c·r instead of a power", lambda *a: _rglru(*a, a_form="product")),
+        ("c = 1 instead of 8", lambda *a: _rglru(*a, c=1.0)),
+        ("state not reset (a kept at a document start)", lambda *a: _rglru(*a, reset_a=False)),
+        ("reset forgets h but still scales the input", lambda *a: _rglru(*a, reset_mult=False)),
+        ("sigmoid(-Λ) (the a_param sign slip)", lambda *a: _rglru(*a, lam_sign=-1.0)),
+    ],
+    "06.associative_combine": [
+        ("operands swapped: (a1·a2, a1·b2 + b1)", lambda e1, e2: (e1[0] * e2[0], e1[0] * e2[1] + e1[1])),
+        ("b parts added: (a2·a1, b1 + b2)", lambda e1, e2: (e2[0] * e1[0], e1[1] + e2[1])),
+        ("a2 applied to b2 too: (a2·a1, a2·(b1 + b2))", lambda e1, e2: (e2[0] * e1[0], e2[0] * (e1[1] + e2[1]))),
+    ],
+    "06.associative_scan": [
+        ("operator applied in the wrong order", lambda a, b, h0: _scan(a, b, h0, combine_order="left")),
+        ("stops after log2(T) - 1 rounds", lambda a, b, h0: _scan(a, b, h0, rounds_short=True)),
+        ("exclusive scan (h_{t-1} instead of h_t)", lambda a, b, h0: _scan(a, b, h0, exclusive=True)),
+        ("h0 ignored", lambda a, b, h0: _scan(a, b, None)),
+        ("h0 added to every b", lambda a, b, h0: _scan(a, b, h0, h0_everywhere=True)),
+    ],
+    "06.conv1d_with_cache": [
+        ("kernel flipped (w[s] on x_{t-s})", lambda x, w, b, p: _conv(x, w, b, p, flip=True)),
+        ("bias forgotten", lambda x, w, b, p: _conv(x, w, b, p, use_bias=False)),
+        ("cache ignored (zeros before every chunk)", lambda x, w, b, p: _conv(x, w, b, p, use_cache=False)),
+        ("cache never updated", lambda x, w, b, p: _conv(x, w, b, p, tail="stale")),
+        ("oldest inputs kept as the cache", lambda x, w, b, p: _conv(x, w, b, p, tail="first")),
+    ],
+}
