@@ -258,6 +258,7 @@ class Gemma(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None  # None: the tied head x @ embed_tokens.weight.T; chapter 05 swaps in an int8 one
 
     def new_cache(self, batch: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None,
                   device=None) -> list:
@@ -305,7 +306,7 @@ class Gemma(nn.Module):
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
-        logits = x @ w.T  # tied head: (B, T, V)
+        logits = x @ w.T if self.lm_head is None else self.lm_head(x)  # tied head: (B, T, V)
         return soft_cap(logits, self.config.final_logit_softcapping)
 
 

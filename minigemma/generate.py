@@ -1,0 +1,279 @@
+"""Text generation: a KV-cached decode loop with greedy, temperature, top-k and top-p sampling.
+
+    model, tok = minigemma.load_pretrained("gemma3-270m")
+    minigemma.generate(model, tok, "The capital of France is", max_new_tokens=16)
+    minigemma.generate(model, tok, ["Hi", "A longer prompt"], temperature=0.8, top_p=0.95, seed=0)
+
+The loop (chapter 05):
+
+    prefill  the whole (left-padded) prompt goes through the model once, filling every layer's
+             cache; only the last position's logits are computed (the 262k-way head is costly)
+    decode   one token per step: sample from the last logits, feed the token back, repeat
+             until every row has produced EOS or max_new_tokens tokens
+
+The cache comes from `model.new_cache(batch, max_len)`: for Gemma 3, global layers keep every
+key (a static buffer of max_len) and local layers a ring buffer of the window, so their memory
+stays bounded however long the text grows. Any model with the same call shape works (Gemma,
+Griffin): `model(input_ids, attention_mask=..., cache=..., last_only=True) -> (B, 1, V)`.
+
+Command line (prints only the completion on stdout, streamed; progress goes to stderr):
+
+    python -m minigemma generate "PROMPT" [--model gemma3-270m|DIR] [--max-new-tokens N]
+        [--temperature T] [--top-k K] [--top-p P] [--seed S] [--dtype float32|bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable, Sequence
+
+import torch
+
+
+class ContextLengthError(ValueError):
+    """The prompt (plus the tokens asked for) does not fit in the model's context."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row, set the rest to -inf. logits (..., V).
+
+    Ties with the k-th value are kept, so a row may keep more than k entries.
+    """
+    if k <= 0:
+        raise ValueError(f"top_k must be positive, got {k}")
+    if k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose probability is >= p.
+
+    A token is kept if the probability of the tokens strictly more likely than it is < p, so the
+    most likely token is always kept and p=1 keeps everything. logits (..., V).
+    """
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
+    drop_sorted = mass_before >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,). temperature 0 is greedy (argmax; top-k/p ignored)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The decode loop
+# ----------------------------------------------------------------------------------------------
+def context_length(model) -> int | None:
+    """The longest sequence the model was built for (None: no limit, e.g. Griffin)."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids (B, L), attention_mask (B, L) bool), padded on the left so that every
+    row's last prompt token sits in the last column, where the first new token is predicted."""
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), L, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, L - len(p):] = True
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, eos_id: int | None = 1, pad_id: int = 0,
+                 on_token: Callable[[int, int], None] | None = None, use_cache: bool = True) -> list[list[int]]:
+    """Token-level generation: prompt id lists -> the new ids of each row (EOS not included).
+
+    on_token(row, token_id) is called for each new token as it is produced.
+    use_cache=False recomputes the whole sequence every step (for tests: it must agree).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (the tokenizer adds BOS)")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    longest, limit = max(len(p) for p in prompts), context_length(model)
+    if limit is not None and longest > limit:
+        raise ContextLengthError(f"the prompt has {longest} tokens but the model's context is {limit} "
+                                 f"tokens: shorten the prompt")
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ContextLengthError(f"the prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) is "
+                                 f"{longest + max_new_tokens} tokens, more than the model's context of "
+                                 f"{limit}: ask for at most {limit - longest} new tokens")
+    B = len(prompts)
+    ids, mask = left_pad(prompts, pad_id)
+    padded = not bool(mask.all())
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    cache = model.new_cache(batch=B, max_len=ids.shape[1] + max_new_tokens) if use_cache else None
+    seq, step_in = ids, ids  # everything so far; what to feed this step
+    for _ in range(max_new_tokens):
+        logits = model(step_in, attention_mask=mask if padded else None, cache=cache, last_only=True)[:, -1]
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)  # finished rows idle on PAD
+        for i in range(B):
+            if done[i]:
+                continue
+            t = int(nxt[i])
+            if eos_id is not None and t == eos_id:
+                done[i] = True
+                continue
+            out[i].append(t)
+            if on_token is not None:
+                on_token(i, t)
+        if bool(done.all()):
+            break
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+        step_in = nxt[:, None] if use_cache else seq
+    return out
+
+
+class StreamDecoder:
+    """Turns a stream of token ids into a stream of text pieces.
+
+    Decoding token by token would break multi-byte characters (byte-fallback pieces) and
+    SentencePiece's spaces, so it decodes everything so far and emits only what is new, holding
+    back a trailing incomplete character (U+FFFD) until the next token completes it.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special=True)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.emitted = text[self.emitted:], len(text)
+        return new
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special=True)
+        new, self.emitted = text[self.emitted:], len(text)
+        return new
+
+
+def generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 64, *,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None, stream: Callable[[int, str], None] | None = None) -> str | list[str]:
+    """Continue each prompt; return only the completion text (a str for a str, a list for a list).
+
+    temperature 0 is greedy decoding; otherwise logits / temperature are filtered by top_k and
+    top_p and sampled (seed makes it reproducible). Each row stops at EOS or after
+    max_new_tokens. Prompts of different lengths are left-padded and give the same tokens as
+    one at a time. stream(row, text) is called with each new piece of text as it is decoded.
+    Raises ContextLengthError if prompt + max_new_tokens exceeds the model's context.
+    """
+    single = isinstance(prompts, str)
+    texts = [prompts] if single else list(prompts)
+    ids = [tokenizer.encode(t) for t in texts]
+    decoders = [StreamDecoder(tokenizer) for _ in texts]
+
+    def on_token(row, t):
+        piece = decoders[row].push(t)
+        if stream is not None and piece:
+            stream(row, piece)
+
+    generate_ids(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, on_token=on_token)
+    outs = []
+    for row, d in enumerate(decoders):
+        rest = d.flush()
+        if stream is not None and rest:
+            stream(row, rest)
+        outs.append(tokenizer.decode(d.ids, skip_special=True))
+    return outs[0] if single else outs
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m minigemma generate",
+                                 description="Continue a prompt. Only the completion goes to stdout.")
+    ap.add_argument("prompt")
+    ap.add_argument("--model", default="gemma3-270m", help="registry name or checkpoint directory (default gemma3-270m)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    args = ap.parse_args(argv)
+    if args.temperature < 0:
+        ap.error("--temperature must be >= 0")
+    if args.top_k is not None and args.top_k <= 0:
+        ap.error("--top-k must be positive")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        ap.error("--top-p must be in (0, 1]")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+
+    from .pretrained import load_pretrained
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_pretrained(args.model, dtype=DTYPES[args.dtype])
+    if tokenizer is None:
+        print(f"error: {args.model} has no tokenizer.model", file=sys.stderr)
+        return 2
+    print(f"[loaded {args.model} ({args.dtype}) in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+
+    def stream(row, piece):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    t0 = time.perf_counter()
+    try:
+        text = generate(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=stream)
+    except ContextLengthError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(f"[{len(text)} characters in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    return 0
+
+
+# `minigemma.generate` names both this module and the function above: importing the module makes
+# the package attribute the module, so the module itself forwards calls to `generate`.
+class _CallableModule(type(sys)):
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

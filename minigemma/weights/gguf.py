@@ -1,0 +1,484 @@
+"""Reading a GGUF file (llama.cpp's checkpoint format) into minigemma's Gemma 3 (chapter 05).
+
+A GGUF file is one header followed by one blob of tensor data:
+
+    magic "GGUF" | version (u32) | n_tensors (u64) | n_metadata (u64)
+    n_metadata x  (key: string, type: u32, value)          e.g. "gemma3.block_count" = 18
+    n_tensors  x  (name: string, n_dims: u32, dims: u64[n_dims], type: u32, offset: u64)
+    padding to `general.alignment` (32) | tensor data, each tensor at data_start + offset
+
+Strings are a u64 length then UTF-8 bytes; all integers are little-endian. `dims` lists the
+fastest-varying dimension first (ggml's order), so a PyTorch (out, in) weight is stored as
+dims (in, out). Each tensor has a ggml type: F32, or a block quantisation (Q8_0, Q5_0, Q4_K,
+Q6_K, ...) in which every block of 32 or 256 consecutive weights of a row is stored as a few
+scales plus small integers. `GGML_TYPES` lists their sizes; `dequantize_q8_0` and
+`dequantize_q4_k` unpack two of them from scratch (the chapter's exercises); the rest use the
+`gguf` package's reference dequantiser.
+
+llama.cpp's converter (convert_hf_to_gguf.py) changes a Gemma checkpoint in ways a loader must
+undo. Each was found by comparing with HF transformers' own GGUF loader on the real file, not
+guessed (tests/test_gguf.py keeps checking them):
+
+* names: `blk.{i}.attn_q.weight` for `layers.{i}.self_attn.q_proj.weight` etc. (`GGUF_NAMES`);
+* every RMSNorm weight is stored with Gemma's `1 +` folded in (`1 + w`), so we subtract 1;
+* nothing else: no row permutation of q/k (unlike llama.cpp's Llama conversion), the embedding
+  is stored unscaled, and the LM head is not stored at all (tied to `token_embd`);
+* the header omits what a Gemma 3 loader must know anyway: the local layers' RoPE base (10,000),
+  the 5:1 local/global pattern, and query_pre_attn_scalar (= head_dim for the 270M).
+
+Entry points: `read_gguf(path)` (header + lazy tensor access), `load_gguf(path, dtype)` (a Gemma)
+and `load_gemma3_270m(dtype)` (model and tokenizer of the course's checkpoint).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .hf import CheckpointError, load_state_strict
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensor types
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GGMLType:
+    """A ggml tensor type: `block_size` weights are stored in `type_size` bytes."""
+
+    name: str
+    id: int
+    block_size: int
+    type_size: int
+
+
+GGML_TYPES: dict[int, GGMLType] = {t.id: t for t in [
+    GGMLType("F32", 0, 1, 4),
+    GGMLType("F16", 1, 1, 2),
+    GGMLType("Q4_0", 2, 32, 2 + 16),  # fp16 d, 32 x 4-bit
+    GGMLType("Q4_1", 3, 32, 2 + 2 + 16),  # fp16 d, fp16 m, 32 x 4-bit
+    GGMLType("Q5_0", 6, 32, 2 + 4 + 16),  # fp16 d, 32 high bits, 32 x 4 low bits
+    GGMLType("Q5_1", 7, 32, 2 + 2 + 4 + 16),
+    GGMLType("Q8_0", 8, 32, 2 + 32),  # fp16 d, 32 x int8
+    GGMLType("Q8_1", 9, 32, 4 + 4 + 32),
+    GGMLType("Q2_K", 10, 256, 16 + 64 + 2 + 2),
+    GGMLType("Q3_K", 11, 256, 32 + 64 + 12 + 2),
+    GGMLType("Q4_K", 12, 256, 2 + 2 + 12 + 128),  # fp16 d, fp16 dmin, 8 x (6-bit scale, 6-bit min), 256 x 4-bit
+    GGMLType("Q5_K", 13, 256, 2 + 2 + 12 + 32 + 128),
+    GGMLType("Q6_K", 14, 256, 128 + 64 + 16 + 2),  # 256 x (4 low + 2 high bits), 16 x int8 scales, fp16 d
+    GGMLType("Q8_K", 15, 256, 4 + 256 + 32),
+    GGMLType("BF16", 30, 1, 2),
+]}
+GGML_BY_NAME: dict[str, GGMLType] = {t.name: t for t in GGML_TYPES.values()}
+
+
+def ggml_type(t: int | str | GGMLType) -> GGMLType:
+    """Look a type up by id (8), name ("Q8_0") or pass a GGMLType through."""
+    if isinstance(t, GGMLType):
+        return t
+    table, key = (GGML_BY_NAME, str(t).upper()) if isinstance(t, str) else (GGML_TYPES, int(t))
+    if key not in table:
+        raise ValueError(f"unknown ggml type {t!r}; known: {', '.join(GGML_BY_NAME)}")
+    return table[key]
+
+
+def bits_per_weight(t: int | str | GGMLType) -> float:
+    """What one weight really costs, scales included: 8 * type_size / block_size.
+
+    F32 32, Q8_0 8.5 (34 bytes / 32), Q6_K 6.5625, Q5_0 5.5, Q4_K 4.5 (144 bytes / 256).
+    """
+    t = ggml_type(t)
+    return 8 * t.type_size / t.block_size
+
+
+# ----------------------------------------------------------------------------------------------
+# Dequantisation (from scratch for Q8_0 and Q4_K; the exercises of chapter 05)
+# ----------------------------------------------------------------------------------------------
+def _blocks(raw, type_size: int, shape) -> tuple[torch.Tensor, int]:
+    """raw bytes -> (n_blocks, type_size) uint8, checked against the number of weights in `shape`."""
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        raw = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    elif isinstance(raw, np.ndarray):
+        raw = torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8))
+    if raw.dtype != torch.uint8:
+        raise TypeError(f"raw must be uint8 bytes, got {raw.dtype}")
+    raw = raw.reshape(-1)
+    n = int(np.prod(shape)) if len(shape) else 1
+    if raw.numel() % type_size:
+        raise ValueError(f"{raw.numel()} bytes is not a whole number of {type_size}-byte blocks")
+    n_blocks = raw.numel() // type_size
+    return raw.reshape(n_blocks, type_size), n
+
+
+def _fp16(b: torch.Tensor) -> torch.Tensor:
+    """(..., 2) little-endian bytes -> (..., 1) float32."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def dequantize_q8_0(raw, shape) -> torch.Tensor:
+    """Q8_0: blocks of 32 weights, each stored as 34 bytes = one fp16 scale d + 32 int8 q.
+
+    w = d * q. raw: uint8 tensor/bytes of n_blocks * 34; returns float32 `shape` (n_blocks * 32
+    weights, row-major). 8.5 bits per weight.
+    """
+    blocks, n = _blocks(raw, 34, shape)
+    if blocks.shape[0] * 32 != n:
+        raise ValueError(f"{blocks.shape[0]} Q8_0 blocks hold {blocks.shape[0] * 32} weights, shape {tuple(shape)} needs {n}")
+    d = _fp16(blocks[:, :2])  # (N, 1)
+    q = blocks[:, 2:].contiguous().view(torch.int8).float()  # (N, 32)
+    return (q * d).reshape(shape)
+
+
+def q4_k_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpack Q4_K's 12 scale bytes (N, 12) into 8 six-bit scales and 8 six-bit mins, each (N, 8).
+
+    Bytes 0-3 hold scales 0-3 in their low 6 bits, bytes 4-7 mins 0-3 likewise; scales and mins
+    4-7 keep their low 4 bits in bytes 8-11 (scale low nibble, min high nibble) and their top 2
+    bits in the spare top bits of bytes 0-3 (scales) and 4-7 (mins).
+    """
+    s = scales.to(torch.int32)
+    lo_sc, lo_m, hi = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = torch.cat([lo_sc & 63, (hi & 0xF) | ((lo_sc >> 6) << 4)], dim=1)
+    m = torch.cat([lo_m & 63, (hi >> 4) | ((lo_m >> 6) << 4)], dim=1)
+    return sc, m
+
+
+def dequantize_q4_k(raw, shape) -> torch.Tensor:
+    """Q4_K: super-blocks of 256 weights = 8 sub-blocks of 32, each stored in 144 bytes:
+
+        d (fp16) | dmin (fp16) | 12 bytes: 8 x (6-bit scale, 6-bit min) | 128 bytes: 256 x 4-bit q
+
+    Sub-block j: w = (d * scale_j) * q - dmin * min_j. The 4-bit values come in 4 groups of 32
+    bytes; group g holds sub-block 2g in its low nibbles and sub-block 2g+1 in its high nibbles.
+    4.5 bits per weight. Returns float32 `shape`.
+    """
+    blocks, n = _blocks(raw, 144, shape)
+    N = blocks.shape[0]
+    if N * 256 != n:
+        raise ValueError(f"{N} Q4_K blocks hold {N * 256} weights, shape {tuple(shape)} needs {n}")
+    d, dmin = _fp16(blocks[:, 0:2]), _fp16(blocks[:, 2:4])  # (N, 1)
+    sc, m = q4_k_scales(blocks[:, 4:16])  # (N, 8)
+    qs = blocks[:, 16:].reshape(N, 4, 1, 32)  # 4 groups of 32 bytes
+    q = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(N, 8, 32).float()  # (N, sub-block, 32)
+    scale = (d * sc.float())[:, :, None]  # (N, 8, 1)
+    offset = (dmin * m.float())[:, :, None]
+    return (scale * q - offset).reshape(shape)
+
+
+def dequantize(raw, t: int | str | GGMLType, shape) -> torch.Tensor:
+    """Any ggml type -> float32 tensor of `shape` (PyTorch order). Q8_0 and Q4_K use this
+    module's code; other quantised types use the `gguf` package's reference implementation."""
+    t = ggml_type(t)
+    shape = tuple(int(s) for s in shape)
+    if t.name == "Q8_0":
+        return dequantize_q8_0(raw, shape)
+    if t.name == "Q4_K":
+        return dequantize_q4_k(raw, shape)
+    arr = np.asarray(raw, dtype=np.uint8) if not isinstance(raw, torch.Tensor) else raw.numpy()
+    if t.name in ("F32", "F16"):
+        return torch.from_numpy(arr.view(np.float32 if t.name == "F32" else np.float16).copy()).float().reshape(shape)
+    if t.name == "BF16":
+        return torch.from_numpy(arr.copy()).view(torch.bfloat16).float().reshape(shape)
+    from gguf.quants import dequantize as gguf_dequantize
+
+    out = gguf_dequantize(arr.reshape(-1), t.id)  # float32, flat
+    return torch.from_numpy(np.ascontiguousarray(out)).reshape(shape)
+
+
+def quantization_step(raw, t: int | str | GGMLType, shape) -> torch.Tensor:
+    """The rounding step Δ of every weight, float32 of `shape` (0 for float types).
+
+    Q8_0, Q5_0: the block's d. Q4_K: d * scale_j of the weight's 32-weight sub-block. Q6_K:
+    d * scale_j of its 16-weight sub-block. A weight rounded to a grid of step Δ is off by at
+    most Δ/2 from the value before quantisation, and by Δ/√12 RMS if that error is uniform.
+    """
+    t = ggml_type(t)
+    if t.block_size == 1:
+        return torch.zeros(shape)
+    blocks, n = _blocks(raw, t.type_size, shape)
+    N = blocks.shape[0]
+    if t.name in ("Q8_0", "Q5_0"):
+        step = _fp16(blocks[:, :2]).expand(N, 32)
+    elif t.name == "Q4_K":
+        sc, _ = q4_k_scales(blocks[:, 4:16])
+        step = (_fp16(blocks[:, 0:2]) * sc.float()).repeat_interleave(32, dim=1)
+    elif t.name == "Q6_K":
+        scales = blocks[:, 192:208].contiguous().view(torch.int8).float()  # (N, 16)
+        step = (_fp16(blocks[:, 208:210]) * scales).abs().repeat_interleave(16, dim=1)
+    else:
+        raise NotImplementedError(f"quantization_step: {t.name} is not in this course's file")
+    return step.abs().reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# The container
+# ----------------------------------------------------------------------------------------------
+# metadata value type -> struct format (scalars); 8 = string, 9 = array
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass
+class TensorInfo:
+    """One tensor's entry in the header. `shape` is in PyTorch order (ggml's dims reversed)."""
+
+    name: str
+    shape: tuple[int, ...]
+    type: GGMLType
+    offset: int  # absolute position of the first byte in the file
+    n_bytes: int
+
+    @property
+    def n_weights(self) -> int:
+        return int(np.prod(self.shape))
+
+
+@dataclass
+class GGUFFile:
+    """A parsed GGUF header; tensor bytes are read lazily from a memory map."""
+
+    path: Path
+    version: int
+    metadata: dict
+    tensors: dict[str, TensorInfo]
+    data_start: int
+    _mm: np.ndarray = field(repr=False, default=None)
+
+    def raw(self, name: str) -> torch.Tensor:
+        """The stored bytes of tensor `name` as a uint8 tensor (a copy)."""
+        info = self.tensors[name]
+        return torch.from_numpy(np.array(self._mm[info.offset:info.offset + info.n_bytes]))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Tensor `name`, dequantised to float32, in PyTorch order."""
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.path}: no tensor {name!r}")
+        info = self.tensors[name]
+        return dequantize(self.raw(name), info.type, info.shape)
+
+
+class _Cursor:
+    """Sequential little-endian reads from a byte buffer, with a clear error past the end."""
+
+    def __init__(self, buf, path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, n: int):
+        if self.pos + n > len(self.buf):
+            raise CheckpointError(f"{self.path}: the header ends early at byte {len(self.buf)} "
+                                  f"(wanted {n} bytes at {self.pos}): truncated or not a GGUF file")
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def scalar(self, fmt: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        if n > len(self.buf):
+            raise CheckpointError(f"{self.path}: a string of {n} bytes at byte {self.pos}: corrupt header")
+        return bytes(self.take(n)).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, count = self.scalar("<I"), self.scalar("<Q")
+            if etype in _NUMPY:  # numeric arrays in one go
+                dt = np.dtype(_NUMPY[etype])
+                return np.frombuffer(self.take(count * dt.itemsize), dtype=dt).copy()
+            if count > len(self.buf):
+                raise CheckpointError(f"{self.path}: an array of {count} items at byte {self.pos}: corrupt header")
+            return [self.value(etype) for _ in range(count)]
+        raise CheckpointError(f"{self.path}: unknown metadata value type {vtype} at byte {self.pos}: corrupt header")
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Parse a GGUF file's header and check that every tensor's bytes lie inside the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    size = path.stat().st_size
+    if size < 24:
+        raise CheckpointError(f"{path}: {size} bytes is too short for a GGUF header")
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    cur = _Cursor(memoryview(mm), path)
+    magic = bytes(cur.take(4))
+    if magic != GGUF_MAGIC:
+        raise CheckpointError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    version = cur.scalar("<I")
+    if version not in (2, 3):
+        raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+    n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+    if n_tensors > size or n_kv > size:
+        raise CheckpointError(f"{path}: header claims {n_tensors} tensors and {n_kv} metadata keys: corrupt")
+
+    metadata = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        metadata[key] = cur.value(cur.scalar("<I"))
+
+    infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.scalar("<I")
+        if n_dims > 4:
+            raise CheckpointError(f"{path}: tensor {name!r} has {n_dims} dims: corrupt header")
+        dims = [cur.scalar("<Q") for _ in range(n_dims)]
+        type_id, offset = cur.scalar("<I"), cur.scalar("<Q")
+        if type_id not in GGML_TYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unknown ggml type {type_id}")
+        infos.append((name, tuple(reversed(dims)), GGML_TYPES[type_id], offset))
+
+    align = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+    data_start = -(-cur.pos // align) * align  # round up
+    tensors = {}
+    for name, shape, t, offset in infos:
+        n = int(np.prod(shape))
+        if n % t.block_size:
+            raise CheckpointError(f"{path}: tensor {name!r} of {n} weights is not whole {t.name} blocks")
+        info = TensorInfo(name, shape, t, data_start + offset, n // t.block_size * t.type_size)
+        if info.offset + info.n_bytes > size:
+            raise CheckpointError(f"{path}: tensor {name!r} ends at byte {info.offset + info.n_bytes} but the "
+                                  f"file has {size} bytes: truncated (re-run `python -m minigemma fetch`)")
+        if name in tensors:
+            raise CheckpointError(f"{path}: tensor {name!r} appears twice")
+        tensors[name] = info
+    return GGUFFile(path, version, metadata, tensors, data_start, mm)
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF -> minigemma's Gemma 3
+# ----------------------------------------------------------------------------------------------
+# llama.cpp name (per layer, after "blk.{i}.") -> our name (after "layers.{i}.")
+GGUF_LAYER_NAMES: dict[str, str] = {
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+
+
+def gguf_name_table(n_layers: int) -> dict[str, str]:
+    """Every llama.cpp tensor name of a Gemma 3 GGUF -> our parameter name. There is no
+    `output.weight`: the head is tied to `token_embd.weight`."""
+    table = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight"}
+    for i in range(n_layers):
+        for theirs, ours in GGUF_LAYER_NAMES.items():
+            table[f"blk.{i}.{theirs}"] = f"layers.{i}.{ours}"
+    return table
+
+
+def is_norm(name: str) -> bool:
+    """Our RMSNorm weights: stored by llama.cpp as 1 + w."""
+    return name.endswith(("norm.weight", "layernorm.weight"))
+
+
+def gemma3_config(f: GGUFFile):
+    """A GemmaConfig from the `gemma3.*` metadata, plus the Gemma 3 facts the header omits."""
+    from ..gemma import GemmaConfig, layer_pattern
+
+    md = f.metadata
+    arch = md.get("general.architecture")
+    if arch != "gemma3":
+        raise CheckpointError(f"{f.path}: architecture {arch!r}; only 'gemma3' GGUF files are supported")
+
+    def need(key):
+        if f"gemma3.{key}" not in md:
+            raise CheckpointError(f"{f.path}: metadata lacks 'gemma3.{key}'")
+        return md[f"gemma3.{key}"]
+
+    if "token_embd.weight" not in f.tensors:
+        raise CheckpointError(f"{f.path}: no token_embd.weight tensor")
+    n_layers, head_dim = int(need("block_count")), int(need("attention.key_length"))
+    if int(md.get("gemma3.attention.value_length", head_dim)) != head_dim:
+        raise CheckpointError(f"{f.path}: key_length != value_length is not supported")
+    if md.get("gemma3.rope.scaling.type", "none") not in ("none", "linear"):
+        raise CheckpointError(f"{f.path}: RoPE scaling {md['gemma3.rope.scaling.type']!r} is not supported")
+    return GemmaConfig(
+        family="gemma3",
+        vocab_size=f.tensors["token_embd.weight"].shape[0],
+        hidden_size=int(need("embedding_length")),
+        intermediate_size=int(need("feed_forward_length")),
+        num_hidden_layers=n_layers,
+        num_attention_heads=int(need("attention.head_count")),
+        num_key_value_heads=int(need("attention.head_count_kv")),
+        head_dim=head_dim,
+        layer_types=layer_pattern(n_layers, 6),  # not in the header: Gemma 3's 5 local : 1 global
+        sliding_window=int(need("attention.sliding_window")),
+        query_pre_attn_scalar=head_dim,  # not in the header; llama.cpp scales by head_dim**-0.5 too
+        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(need("rope.freq_base")),  # the global layers' base
+        rope_local_base_freq=10_000.0,  # not in the header
+        rope_scaling_factor=float(md.get("gemma3.rope.scaling.factor", 1.0)),
+        use_qk_norm=True,
+        max_position_embeddings=int(need("context_length")),
+    )
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A Gemma 3 GGUF file -> minigemma `Gemma` in `dtype`, every weight dequantised.
+
+    Raises CheckpointError for a truncated or corrupt file, another architecture, and (listing
+    every offender) missing, unexpected or wrongly shaped tensors.
+    """
+    from ..gemma import Gemma
+
+    f = read_gguf(path)
+    config = gemma3_config(f)
+    with torch.device("meta"):  # no memory and no random init for weights we overwrite anyway
+        model = Gemma(config).to(dtype)
+    model = model.to_empty(device="cpu")
+    table = gguf_name_table(config.num_hidden_layers)
+    ours = set(model.state_dict())
+
+    def load(name):  # dequantise lazily: a bad name is reported, not dequantised
+        return f.tensor(name) if table.get(name) in ours else torch.empty(f.tensors[name].shape, device="meta")
+
+    tensors = {name: load(name) for name in f.tensors}
+    minus_one = {ours_name: (lambda w: w - 1.0) for ours_name in ours if is_norm(ours_name)}
+    load_state_strict(model, tensors, lambda name: table.get(name, f"<unmapped> {name}"),
+                      where=str(path), transforms=minus_one)
+    return model.eval()
+
+
+def gguf_vocabulary(f: GGUFFile) -> list[str]:
+    """The token strings stored in the GGUF (`tokenizer.ggml.tokens`)."""
+    tokens = f.metadata.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise CheckpointError(f"{f.path}: no tokenizer.ggml.tokens in the metadata")
+    return list(tokens)
+
+
+def load_gemma3_270m(dtype: torch.dtype = torch.float32):
+    """The course's real checkpoint: (Gemma 3 270M from the Q4_K_M GGUF, Tokenizer).
+
+    The weights come from `python -m minigemma fetch gemma3-270m`. The tokenizer is Gemma 3's
+    SentencePiece model (shipped with EmbeddingGemma); its 262,144 pieces equal the GGUF's
+    `tokenizer.ggml.tokens` (checked in tests/test_gguf.py).
+    """
+    from ..tokenizer import Tokenizer
+    from .fetch import path
+
+    model = load_gguf(path("gemma3-270m"), dtype)
+    return model, Tokenizer.from_pretrained("gemma3-270m")

@@ -1,0 +1,46 @@
+import torch
+
+
+def _q8(raw, shape, scale_dtype=torch.float16, signed=True, scale_last=False):
+    b = raw.reshape(-1, 34)
+    d_bytes, q_bytes = (b[:, 32:], b[:, :32]) if scale_last else (b[:, :2], b[:, 2:])
+    d = d_bytes.contiguous().view(scale_dtype).float()
+    q = q_bytes.contiguous().view(torch.int8 if signed else torch.uint8).float()
+    return (q * d).reshape(shape)
+
+
+def _q4k(raw, shape, min_sign=-1.0, nibbles="grouped", top_bits=True, min_scale="dmin"):
+    b = raw.reshape(-1, 144)
+    N = b.shape[0]
+    d = b[:, 0:2].contiguous().view(torch.float16).float()
+    dmin = b[:, 2:4].contiguous().view(torch.float16).float()
+    s = b[:, 4:16].to(torch.int32)
+    lo_sc, lo_m, hi = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    if top_bits:
+        sc = torch.cat([lo_sc & 63, (hi & 0xF) | ((lo_sc >> 6) << 4)], 1)
+        m = torch.cat([lo_m & 63, (hi >> 4) | ((lo_m >> 6) << 4)], 1)
+    else:
+        sc = torch.cat([lo_sc & 63, hi & 0xF], 1)
+        m = torch.cat([lo_m & 63, hi >> 4], 1)
+    qs = b[:, 16:]
+    if nibbles == "grouped":
+        q = torch.cat([qs.reshape(N, 4, 1, 32) & 0xF, qs.reshape(N, 4, 1, 32) >> 4], 2).reshape(N, 8, 32)
+    else:  # low, high nibble of each byte as consecutive weights
+        q = torch.stack([qs & 0xF, qs >> 4], -1).reshape(N, 8, 32)
+    off = (dmin if min_scale == "dmin" else d) * m.float()
+    return ((d * sc.float())[:, :, None] * q.float() + min_sign * off[:, :, None]).reshape(shape)
+
+
+MUTANTS = {
+    "05.dequantize_q8_0": [
+        ("scale read as bfloat16, not float16", lambda r, s: _q8(r, s, scale_dtype=torch.bfloat16)),
+        ("quants read as unsigned bytes", lambda r, s: _q8(r, s, signed=False)),
+        ("scale taken from the end of the block", lambda r, s: _q8(r, s, scale_last=True)),
+    ],
+    "05.dequantize_q4_k": [
+        ("min added instead of subtracted", lambda r, s: _q4k(r, s, min_sign=1.0)),
+        ("nibbles interleaved byte by byte", lambda r, s: _q4k(r, s, nibbles="interleaved")),
+        ("top 2 bits of scales/mins 4-7 dropped", lambda r, s: _q4k(r, s, top_bits=False)),
+        ("min scaled by d instead of dmin", lambda r, s: _q4k(r, s, min_scale="d")),
+    ],
+}
