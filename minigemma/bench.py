@@ -60,7 +60,7 @@ def _time(fn):
 
 
 def _run_minigemma(variant: str, ids: list[int], n_decode: int) -> dict:
-    from .generate import generate_ids
+    from .generation import generate_ids
     from .quant import quantize_int8, weight_bytes_per_token
     from .weights.fetch import path
     from .weights.gguf import load_gguf

@@ -1,4 +1,4 @@
-"""minigemma.generate: the decode loop, sampling filters, EOS, padding, context errors, the CLI.
+"""minigemma.generation: the decode loop, sampling filters, EOS, padding, context errors, the CLI.
 
 Most tests run on tiny random models (Gemma and Griffin: the loop is generic) or on a scripted
 stub; the last ones use the real Gemma 3 270M (loaded once) with its tokenizer.
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from minigemma.gemma import Gemma, GemmaConfig
-from minigemma.generate import (
+from minigemma.generation import (
     ContextLengthError, generate, generate_ids, left_pad, sample_next, top_k_filter, top_p_filter)
 from minigemma.griffin import Griffin, GriffinConfig
 

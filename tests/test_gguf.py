@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from minigemma.generate import generate_ids
+from minigemma.generation import generate_ids
 from minigemma.weights import fetch
 from minigemma.weights.gguf import (
     GGML_TYPES, CheckpointError, bits_per_weight, dequantize_q4_k, dequantize_q8_0, gguf_name_table, load_gguf,

@@ -466,7 +466,7 @@ def test_bad_config_is_named():
 # Generation through the shared `generate` API and CLI
 # --------------------------------------------------------------------------------------------
 def test_generate_ids_batched_and_cached_agree():
-    from minigemma.generate import generate_ids
+    from minigemma.generation import generate_ids
 
     model = our_model(tiny_config(), seed=13)
     prompts = [[2, 5, 9, 11, 3, 40, 41, 7, 8, 9, 10, 12, 13], [2, 17, 4]]  # longer than the window of 8
@@ -483,7 +483,7 @@ def test_generate_cli_with_a_griffin_checkpoint(tmp_path, capsys):
     import shutil
 
     transformers = pytest.importorskip("transformers")
-    from minigemma import generate as gen
+    from minigemma import generation as gen
     from minigemma.pretrained import load_pretrained
 
     from minigemma.weights import fetch

@@ -58,3 +58,14 @@ def test_core_install_does_not_hold_numpy_back():
     import numpy
 
     assert tuple(int(x) for x in numpy.__version__.split(".")[:2]) >= (2, 4)
+
+
+def test_public_api_names_are_stable():
+    import types
+
+    import minigemma
+    import minigemma.generation  # importing the module must not shadow the function
+
+    assert isinstance(minigemma.generate, types.FunctionType)
+    assert minigemma.generate is minigemma.generation.generate
+    from minigemma import Tokenizer, load_pretrained  # noqa: F401

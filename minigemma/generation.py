@@ -268,12 +268,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[{len(text)} characters in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     return 0
 
-
-# `minigemma.generate` names both this module and the function above: importing the module makes
-# the package attribute the module, so the module itself forwards calls to `generate`.
-class _CallableModule(type(sys)):
-    def __call__(self, *args, **kwargs):
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
