@@ -69,3 +69,19 @@ def test_public_api_names_are_stable():
     assert isinstance(minigemma.generate, types.FunctionType)
     assert minigemma.generate is minigemma.generation.generate
     from minigemma import Tokenizer, load_pretrained  # noqa: F401
+
+
+def test_ci_treats_no_tests_collected_as_failure():
+    """pytest exits 5 when it collects nothing; the CI wrapper must turn that into a failure."""
+    r = subprocess.run(["bash", str(ROOT / ".ci" / "pytest.sh"), "tests/test_packaging.py", "-k", "no_such_test_zzz"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert "collected no tests" in r.stderr
+
+
+def test_ci_run_calls_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    assert "make test" in readme.split("\n## ")[0], "the README must open with `make test`"
+    lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()
+             if ln.strip() and not ln.strip().startswith("#")]
+    assert lines[-1] == "make test", lines
