@@ -590,8 +590,9 @@ class Griffin(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """The reference initialisation (recurrentgemma torch). Biases and norm weights start at 0.
 
-        Input-side linears N(0, 1/C); output linears N(0, s/fan_in) with s = 2 / num_layers so the
-        residual stream does not grow with depth; conv N(0, 0.01/W); gates N(0, 1/block_width);
+        Input-side linears N(0, 1/C); output linears N(0, s/fan_in) with s = 2 / num_layers (the
+        variance is scaled, as the reference's final_w_init_variance_scale), so the residual stream
+        grows less with depth; conv N(0, 0.01/W); gates N(0, 1/block_width);
         and Λ such that a = sigmoid(Λ) has a² ~ U(0.9², 0.999²), i.e. memories of ~10 to ~1000 steps.
         """
         cfg = self.config

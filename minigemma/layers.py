@@ -33,8 +33,8 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch
     """cos and sin of the angles p·θ for the split-half convention.  positions (..., T) -> (..., T, d).
 
     The d/2 angles are repeated twice, [θ_0..θ_{d/2-1}, θ_0..θ_{d/2-1}], so dimension i is paired
-    with dimension i + d/2 (Gemma, Llama and HF's `rotate_half`), not with i + 1 (the GPT-NeoX /
-    RoFormer "interleaved" layout).
+    with dimension i + d/2 (Gemma's own code, GPT-NeoX and HF's `rotate_half`), not with i + 1
+    (the "interleaved" layout of RoFormer, GPT-J and Meta's original Llama code).
     """
     angles = positions.to(torch.float32)[..., None] * inv_freq  # (..., T, d/2)
     angles = torch.cat([angles, angles], dim=-1)  # (..., T, d)
