@@ -7,11 +7,17 @@ For each system, in its own subprocess (so peak memories do not mix), on the sam
     minigemma float32   the faithful model (weights dequantised to float32)
     minigemma bfloat16  `model.to(torch.bfloat16)`
     minigemma int8      `minigemma.quant.quantize_int8`: int8 weights + bf16 activations, int8 head
+    minigemma int8-fast               the same weights decoded by `minigemma.quant.FastDecoder` (fewer ops/token)
+    minigemma int8-int4head-fast      int8 layers, int4 head (groups of 32) whose top 64 logits are
+                                      recomputed exactly (`quantize(..., head="int4", rescore=64)`), FastDecoder
+    minigemma int8-int4head-compiled  the same with `FastDecoder(model, compile=True)` (torch.compile)
     HF float32 eager    transformers' Gemma3ForCausalLM from the same GGUF, `generate`, eager attention
     llama.cpp Q4_K_M    llama-cpp-python on the file as stored (only if `llama_cpp` is importable)
 
 it measures prefill tokens/s (one pass over a 512-token prompt, up to the first new token),
-greedy decode tokens/s (64 more tokens, timed separately), and the process's peak RSS. Ratios
+greedy decode tokens/s (64 more tokens, timed separately), and the process's peak RSS. A warm-up
+generation (4 tokens after the same prompt, so compiled code sees the timed shapes) runs first; its
+time, which includes torch.compile's compilation where used, is reported but not counted. Ratios
 are against HF measured in the same run. Each row also reports the weight bytes one decode step
 reads, the roofline that implies at the measured memory bandwidth, and whether its greedy tokens
 equal minigemma float32's (and if not, at which step they first differ). Results are written to
@@ -32,7 +38,9 @@ from pathlib import Path
 
 import torch
 
-SYSTEMS = ["minigemma-float32", "minigemma-bfloat16", "minigemma-int8", "hf-float32-eager", "llama.cpp-Q4_K_M"]
+SYSTEMS = ["minigemma-float32", "minigemma-bfloat16", "minigemma-int8", "minigemma-int8-fast",
+           "minigemma-int8-int4head-fast", "minigemma-int8-int4head-compiled", "hf-float32-eager",
+           "llama.cpp-Q4_K_M"]
 
 TEXT = ("The history of computing is a story of ideas meeting machines. Early mechanical calculators "
         "added and multiplied with gears; later, vacuum tubes and then transistors made electronic "
@@ -61,18 +69,22 @@ def _time(fn):
 
 def _run_minigemma(variant: str, ids: list[int], n_decode: int) -> dict:
     from .generation import generate_ids
-    from .quant import quantize_int8, weight_bytes_per_token
+    from .quant import FastDecoder, quantize, weight_bytes_per_token
     from .weights.fetch import path
     from .weights.gguf import load_gguf
 
     dtype = torch.float32 if variant == "float32" else torch.bfloat16
     model = load_gguf(path("gemma3-270m"), dtype)
-    if variant == "int8":
-        model = quantize_int8(model)
-    generate_ids(model, [ids[:16]], 4, eos_id=None)  # warm-up
+    if variant.startswith("int8-int4head"):
+        model = quantize(model, layers="int8", head="int4", group_size=32, rescore=64)
+    elif variant.startswith("int8"):
+        model = quantize(model, layers="int8", head="int8")
+    if variant.endswith("-fast") or variant.endswith("-compiled"):
+        model = FastDecoder(model, compile=variant.endswith("-compiled"))
+    t_warm, _ = _time(lambda: generate_ids(model, [ids], 4, eos_id=None))  # warm-up (and compilation)
     t_first, _ = _time(lambda: generate_ids(model, [ids], 1, eos_id=None))
     t_all, out = _time(lambda: generate_ids(model, [ids], n_decode + 1, eos_id=None))
-    return dict(prefill_s=t_first, decode_s=t_all - t_first, tokens=out[0],
+    return dict(prefill_s=t_first, decode_s=t_all - t_first, tokens=out[0], warmup_s=t_warm,
                 weight_bytes=weight_bytes_per_token(model))
 
 
@@ -111,12 +123,17 @@ def _run_llama_cpp(ids: list[int], n_decode: int) -> dict:
     llm = llama_cpp.Llama(model_path=str(p), n_ctx=len(ids) + n_decode + 8, n_threads=os.cpu_count(),
                           n_batch=len(ids), verbose=False, logits_all=False)
 
+    import numpy as np
+
+    def last_logits():  # llm.scores holds logits only with logits_all=True, which would slow prefill down
+        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+
     def gen(n):
         llm.reset()
         llm.eval(ids)
         out = []
         for _ in range(n):
-            tok = int(llm.scores[llm.n_tokens - 1].argmax())
+            tok = int(last_logits().argmax())
             out.append(tok)
             llm.eval([tok])
         return out
@@ -226,15 +243,17 @@ def _machine() -> str:
 def format_table(report: dict) -> str:
     r0 = report["results"][0] if report["results"] else {"prompt_tokens": "?", "decode_tokens": "?"}
     rows = [f"| system | weights read/token | prefill tok/s ({r0['prompt_tokens']}) | decode tok/s ({r0['decode_tokens']}) | decode vs HF | "
-            "roofline tok/s | peak RSS | greedy = float32? |",
-            "|---|---|---|---|---|---|---|---|"]
+            "roofline tok/s | peak RSS | greedy = float32? | warm-up (incl. compile) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         diff = r.get("first_difference_vs_float32")
-        same = f"yes ({r['decode_tokens']}/{r['decode_tokens']})" if diff is None else f"differs from token {diff}"
+        same = ("-" if "first_difference_vs_float32" not in r  # no float32 run to compare with
+                else f"yes ({r['decode_tokens']}/{r['decode_tokens']})" if diff is None else f"differs from token {diff}")
         vs_hf = f"{r['decode_vs_hf']:.2f}x" if "decode_vs_hf" in r else "-"
         rows.append(f"| {r['system']} | {r['weight_bytes'] / 1e6:.0f} MB | {r['prefill_tok_s']:.0f} | "
                     f"{r['decode_tok_s']:.1f} | {vs_hf} | "
-                    f"{r['roofline_tok_s']:.0f} | {r['peak_rss_mb']:.0f} MB | {same} |")
+                    f"{r['roofline_tok_s']:.0f} | {r['peak_rss_mb']:.0f} MB | {same} | "
+                    + (f"{r['warmup_s']:.1f} s |" if "warmup_s" in r else "- |"))
     head = (f"{report['machine']}, torch {report['torch']}, {report['date']}; memory read bandwidth "
             f"~{report['memory_bandwidth_gb_s']:.1f} GB/s (roofline = bandwidth / weight bytes per token).")
     return head + "\n\n" + "\n".join(rows)
