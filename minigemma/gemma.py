@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .attention import GroupedQueryAttention, KVCache, SlidingKVCache
-from .layers import GeGLU, RMSNorm, embedding_scale, soft_cap
+from .layers import GeGLU, RMSNorm, check_token_ids, embedding_scale, soft_cap
 from .weights.hf import CheckpointError, load_state_strict, read_safetensors
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -284,12 +284,7 @@ class Gemma(nn.Module):
                         real tokens before it (so a left-padded prompt starts at 0); else 0, 1, 2, ...
         cache:          from `new_cache`, updated in place.
         """
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
-            raise ValueError(f"input_ids must be a (B, T) integer tensor, "
-                             f"got {input_ids.dtype} {tuple(input_ids.shape)}")
-        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        check_token_ids(input_ids, self.config.vocab_size)
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
         T = input_ids.shape[1]

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import scaled_dot_product_attention
-from .layers import RMSNorm, apply_rope, gelu_tanh, rope_cos_sin, rope_frequencies, soft_cap
+from .layers import RMSNorm, apply_rope, check_token_ids, gelu_tanh, rope_cos_sin, rope_frequencies, soft_cap
 
 RECURRENT, ATTENTION = "recurrent", "attention"
 
@@ -670,12 +670,7 @@ class Griffin(nn.Module):
         cache:          from `new_cache`; continued from and updated in place.
         Same call shape as `minigemma.gemma.Gemma`, so one decode loop drives both.
         """
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
-            raise ValueError(f"input_ids must be a (B, T) integer tensor, got {input_ids.dtype} "
-                             f"{tuple(input_ids.shape)}")
-        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        check_token_ids(input_ids, self.config.vocab_size)
         B, T = input_ids.shape
         device = input_ids.device
         if segment_pos is not None:

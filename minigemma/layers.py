@@ -98,6 +98,16 @@ class GeGLU(nn.Module):
         return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """A clear error for ids that are not a (B, T) integer tensor inside the vocabulary."""
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
+        raise ValueError(f"input_ids must be a (B, T) integer tensor, got {input_ids.dtype} "
+                         f"{tuple(input_ids.shape)}")
+    if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got "
+                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+
+
 def embedding_scale(hidden: int, dtype: torch.dtype) -> torch.Tensor:
     """sqrt(hidden) rounded to the activation dtype first, as the reference does (bf16: 640 -> 25.25)."""
     return torch.tensor(math.sqrt(hidden), dtype=dtype)
