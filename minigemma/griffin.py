@@ -1,4 +1,4 @@
-"""Griffin / RecurrentGemma: linear recurrences mixed with local attention (chapter 06).
+"""Griffin / RecurrentGemma: linear recurrences mixed with local attention (chapter 07).
 
 Griffin (De et al., 2024, arXiv:2402.19427) replaces most attention layers of a transformer with a
 *recurrent block* built around the RG-LRU, a gated diagonal linear recurrence. RecurrentGemma

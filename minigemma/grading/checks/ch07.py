@@ -1,4 +1,4 @@
-"""Chapter 06: Griffin / RecurrentGemma — the RG-LRU, the associative scan, the causal conv."""
+"""Chapter 07: Griffin / RecurrentGemma — the RG-LRU, the associative scan, the causal conv."""
 
 import torch
 
@@ -77,14 +77,14 @@ def conv1d_with_cache(x, w, bias, x_prev):
     return y, x_tail
 
 
-register(Exercise("06.rglru_step", _rglru_cases, rglru_step,
+register(Exercise("07.rglru_step", _rglru_cases, rglru_step,
                   description="h = a·h_prev + sqrt(1 - a²)·(i·x), a = sigmoid(Λ)^(8 r); "
                               "at a reset a = 0 and the multiplier is 1."))
-register(Exercise("06.associative_combine", _combine_cases, associative_combine,
+register(Exercise("07.associative_combine", _combine_cases, associative_combine,
                   description="(a1, b1) ∘ (a2, b2) = (a2·a1, a2·b1 + b2): first step 1, then step 2."))
-register(Exercise("06.associative_scan", _scan_cases, scan_associative,
+register(Exercise("07.associative_scan", _scan_cases, scan_associative,
                   description="h_t = a_t·h_{t-1} + b_t for all t with log2(T) rounds of the combine; "
                               "returns (h (B, T, D), h_T (B, D))."))
-register(Exercise("06.conv1d_with_cache", _conv_cases, conv1d_with_cache,
+register(Exercise("07.conv1d_with_cache", _conv_cases, conv1d_with_cache,
                   description="Depthwise causal conv y_t = bias + Σ_s w[W-1-s]·x_{t-s}, continuing from the "
                               "cache of the previous W-1 inputs; returns (y, new cache)."))

@@ -50,7 +50,7 @@ def _conv(x, w, bias, x_prev, flip=False, use_bias=True, use_cache=True, tail="o
 
 
 MUTANTS = {
-    "06.rglru_step": [
+    "07.rglru_step": [
         ("no sqrt(1 - a²) normalisation", lambda *a: _rglru(*a, norm="none")),
         ("(1 - a) instead of sqrt(1 - a²)", lambda *a: _rglru(*a, norm="linear")),
         ("a = sigmoid(Λ)·c·r instead of a power", lambda *a: _rglru(*a, a_form="product")),
@@ -59,19 +59,19 @@ MUTANTS = {
         ("reset forgets h but still scales the input", lambda *a: _rglru(*a, reset_mult=False)),
         ("sigmoid(-Λ) (the a_param sign slip)", lambda *a: _rglru(*a, lam_sign=-1.0)),
     ],
-    "06.associative_combine": [
+    "07.associative_combine": [
         ("operands swapped: (a1·a2, a1·b2 + b1)", lambda e1, e2: (e1[0] * e2[0], e1[0] * e2[1] + e1[1])),
         ("b parts added: (a2·a1, b1 + b2)", lambda e1, e2: (e2[0] * e1[0], e1[1] + e2[1])),
         ("a2 applied to b2 too: (a2·a1, a2·(b1 + b2))", lambda e1, e2: (e2[0] * e1[0], e2[0] * (e1[1] + e2[1]))),
     ],
-    "06.associative_scan": [
+    "07.associative_scan": [
         ("operator applied in the wrong order", lambda a, b, h0: _scan(a, b, h0, combine_order="left")),
         ("stops after log2(T) - 1 rounds", lambda a, b, h0: _scan(a, b, h0, rounds_short=True)),
         ("exclusive scan (h_{t-1} instead of h_t)", lambda a, b, h0: _scan(a, b, h0, exclusive=True)),
         ("h0 ignored", lambda a, b, h0: _scan(a, b, None)),
         ("h0 added to every b", lambda a, b, h0: _scan(a, b, h0, h0_everywhere=True)),
     ],
-    "06.conv1d_with_cache": [
+    "07.conv1d_with_cache": [
         ("kernel flipped (w[s] on x_{t-s})", lambda x, w, b, p: _conv(x, w, b, p, flip=True)),
         ("bias forgotten", lambda x, w, b, p: _conv(x, w, b, p, use_bias=False)),
         ("cache ignored (zeros before every chunk)", lambda x, w, b, p: _conv(x, w, b, p, use_cache=False)),
