@@ -22,3 +22,8 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'minigemma' has no attribute {name!r}")
+
+
+def __dir__():
+    """Tab completion shows the lazy public API too."""
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,21 +1,33 @@
-"""Attention, from scaled dot-product to the Gemma variants.
+"""Attention, from scaled dot-product to the Gemma and Griffin variants.
 
 Chapter 01 builds masks, scaled dot-product attention and multi-head attention with RoPE.
 Later chapters extend this file: grouped-query attention and KV caches (02), soft-capping (03),
-sliding windows and QK-norm (04).
+sliding windows, QK-norm and the ring-buffer cache (04), and the one attention layer that every
+model of the course uses (Gemma 2, Gemma 3, Griffin's local attention).
 
 Masks are boolean, True where a query may attend to a key. Shapes: B batch, H query heads,
-K key/value heads, T query positions, S key positions, D head_dim, C hidden width.
+K key/value heads, T query positions, S key positions, D head_dim, C hidden width, W window.
+
+Words used throughout (docs/ARCHITECTURE.md has the whole glossary):
+  index     a token's place in everything fed to the model so far: 0, 1, 2, ... (pads included)
+  position  the RoPE position of a token: its place inside its own document
+  document  the packed sequence a token belongs to; attention never crosses documents. A position
+            of 0 starts a document, so in a causal model key j is in query i's document iff
+            i - j <= position_i: positions alone say where documents begin. A left pad is a
+            one-token document (position 0), so no real token ever sees it
+  window    a local layer's span: a query sees the `window` most recent keys, itself included
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .layers import RMSNorm, apply_rope, rope_cos_sin, rope_frequencies
+from .layers import RMSNorm, RotaryEmbedding, apply_rope, rope_cos_sin, rope_frequencies, soft_cap
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,8 +55,37 @@ def sliding_window_mask(T: int, window: int, S: int | None = None, device=None) 
     return (k_pos <= q_pos) & (k_pos > q_pos - window)
 
 
+def index_mask(q_idx: torch.Tensor, k_idx: torch.Tensor, window: int | None = None, *,
+               causal: bool = True, q_pos: torch.Tensor | None = None,
+               q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask from token indices: query i sees key j iff
+
+        j >= 0                  (k_idx = -1 marks an empty cache slot)
+        j <= i                  if causal
+        |i - j| < window        if a window is given: `window` keys back, the query included
+        i - j <= position_i     if q_pos (B, T) is given: j is in i's (causal, contiguous) document
+        same document id        if q_doc (B, T) and k_doc (B, S) are given (an encoder's padding)
+
+    q_idx (T,), k_idx (S,). Returns (T, S), or (B, 1, T, S) with positions or documents. Keys may
+    come in any order (a ring buffer's are rotated): only their indices matter. With
+    q_idx = k_idx = arange(T) this is `causal_mask(T)` or `sliding_window_mask(T, window)`; with
+    causal=False and a window it is the symmetric band of a bidirectional encoder's local layer.
+    """
+    q, k = q_idx[:, None], k_idx[None, :]
+    mask = k >= 0
+    if causal:
+        mask = mask & (k <= q)
+    if window is not None:
+        mask = mask & ((q - k).abs() < window)
+    if q_pos is not None:
+        mask = mask & ((q - k)[None] <= q_pos[:, :, None])[:, None]  # (B, 1, T, S)
+    if q_doc is not None and k_doc is not None:
+        mask = mask & (q_doc[:, None, :, None] == k_doc[:, None, None, :])  # (B, 1, T, S)
+    return mask
+
+
 # --------------------------------------------------------------------------------------------
-# Scaled dot-product attention
+# Scaled dot-product attention: the readable reference
 # --------------------------------------------------------------------------------------------
 def scaled_dot_product_attention(
     q: torch.Tensor,
@@ -134,11 +175,12 @@ def grouped_query_attention(
     scale: float | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention with fewer key/value heads than query heads.
+    """Attention with fewer key/value heads than query heads (the readable reference).
 
     q (B, H, T, D); k and v (B, K, S, D) with H a multiple of K; mask broadcastable to
     (B, H, T, S), True = attend. Returns (B, H, T, D). Same maths as
     `scaled_dot_product_attention` once every kv head is repeated for its H/K query heads.
+    (The model's own path, `attend`, computes the same without copying K and V H/K times.)
     """
     H, K = q.shape[1], k.shape[1]
     if H % K:
@@ -146,36 +188,178 @@ def grouped_query_attention(
     return scaled_dot_product_attention(q, repeat_kv(k, H // K), repeat_kv(v, H // K), mask, scale, softcap)
 
 
-def index_mask(q_idx: torch.Tensor, k_idx: torch.Tensor, window: int | None = None) -> torch.Tensor:
-    """(T, S) boolean mask from sequence indices: query i sees key j iff j <= i (and i - window < j).
+# --------------------------------------------------------------------------------------------
+# Where the new tokens sit: computed once per forward call, shared by every layer
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Positions:
+    """Where the T new tokens of a forward call sit, and what every layer derives from that.
 
-    q_idx (T,) and k_idx (S,) are each token's index in the sequence; k_idx = -1 marks an empty
-    cache slot. Keys may come in any order (a ring buffer's are rotated): only indices matter.
-    With q_idx = k_idx = arange(T) this is `causal_mask(T)` or `sliding_window_mask(T, window)`.
+    start:     the first new token's index: how many tokens the cache held before this call
+    index:     (T,) each new token's index: start, start + 1, ...
+    positions: (B, T) RoPE positions: each token's place inside its document (0 starts one)
+    packed:    True when some row holds more than one document (left padding or packing), so
+               masks must keep documents apart; False: every mask is the plain causal or window one
+    documents: (B, T) document ids, for an encoder's padding (no cache, not causal); else None
+
+    A model builds one `Positions` per call (`make_positions`) and hands it to every temporal
+    block with the block's cache: `block(x, pos, cache)`. Blocks of the same kind ask it for the
+    same RoPE angles and the same mask, so `rope` and `blocks` compute each once per call and
+    return the stored result to the next layer ("one mask per step").
     """
-    q, k = q_idx[:, None], k_idx[None, :]
-    mask = (k <= q) & (k >= 0)
-    if window is not None:
-        mask &= k > q - window
-    return mask
+
+    start: int
+    index: torch.Tensor
+    positions: torch.Tensor
+    packed: bool = False
+    documents: torch.Tensor | None = None
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def rope(self, rotary: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, 1, T, d) for this RoPE setting, computed once per call."""
+        key = ("rope", rotary.rotary_dim, rotary.base, rotary.scaling)
+        if key not in self._memo:
+            self._memo[key] = rotary(self.positions)
+        return self._memo[key]
+
+    def blocks(self, keys: "Keys", window: int | None, causal: bool = True) -> list["Block"]:
+        """How these queries attend `keys` (see `attention_blocks`), computed once per call and
+        key layout: every layer with the same kind of cache and window gets the same list."""
+        key = ("blocks", keys.layout, window, causal)
+        if key not in self._memo:
+            self._memo[key] = attention_blocks(self, keys, window, causal)
+        return self._memo[key]
+
+
+@dataclass
+class Keys:
+    """The keys an attention call reads: where they sit, not what they hold.
+
+    first, count: their indices are first .. first + count - 1
+    in_order:     True if k[..., s, :] holds index first + s (else a ring buffer's rotated slots)
+    index:        (S,) each key's index as stored (used only when not in order)
+    layout:       a hashable summary, the same for every layer whose cache has this shape
+    """
+
+    first: int
+    count: int
+    in_order: bool = True
+    index: torch.Tensor | None = None
+    layout: tuple = ()
+
+
+@dataclass
+class Block:
+    """One piece of attention work: queries [q0, q1) attend keys [k0, k1) under `mask`
+    ((B or 1, 1, q1 - q0, k1 - k0) bool), or causally (`causal`: key s <= query s, with the two
+    ranges aligned), or with no mask at all (both None/False: every key is visible)."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    mask: torch.Tensor | None = None
+    causal: bool = False
+
+
+QUERY_CHUNK = 512  # local layers attend in chunks of this many queries: each sees at most W + 511 keys
+
+
+def attention_blocks(pos: Positions, keys: Keys, window: int | None, causal: bool = True) -> list[Block]:
+    """Split an attention call into blocks that skip keys no query of the block can see.
+
+    A global causal layer over its own tokens is one causal block (a fused kernel never builds the
+    T × T mask); a decode step whose keys are all visible is one block with no mask at all; a local
+    layer's long prompt is cut into chunks of QUERY_CHUNK queries, each reading only the keys inside
+    its window, so its cost follows W, not T. Everything else gets an explicit mask built by
+    `index_mask`. Documents (padding, packing) always need a mask.
+    """
+    T, device = pos.index.numel(), pos.index.device
+    separate = pos.packed or pos.documents is not None  # documents to keep apart
+
+    def mask_for(q0, q1, k0, k1):
+        k_idx = (torch.arange(keys.first + k0, keys.first + k1, device=device) if keys.in_order
+                 else keys.index[k0:k1])
+        docs = pos.documents
+        m = index_mask(pos.index[q0:q1], k_idx, window, causal=causal,
+                       q_pos=pos.positions[:, q0:q1] if pos.packed and causal else None,
+                       q_doc=None if docs is None else docs[:, q0:q1],
+                       k_doc=None if docs is None else docs[:, k0:k1])
+        return m if m.dim() == 4 else m[None, None]
+
+    if not keys.in_order:  # a ring buffer's slots: one block, masked only if something is hidden
+        k_last = keys.first + keys.count - 1
+        everything_visible = (T == 1 and not separate and pos.start >= k_last
+                              and (window is None or pos.start - keys.first < window))
+        return [Block(0, T, 0, keys.count, None if everything_visible else mask_for(0, T, 0, keys.count))]
+
+    chunk = T if window is None else QUERY_CHUNK
+    blocks = []
+    for q0 in range(0, T, chunk):
+        q1 = min(T, q0 + chunk)
+        i0, i1 = pos.start + q0, pos.start + q1 - 1  # first and last query index of the chunk
+        lo, hi = keys.first, keys.first + keys.count - 1  # the keys' index range
+        if window is not None:
+            lo = max(lo, i0 - window + 1)
+            if not causal:
+                hi = min(hi, i1 + window - 1)
+        if causal:
+            hi = min(hi, i1)
+        k0, k1 = lo - keys.first, hi - keys.first + 1
+        if k1 <= k0:
+            raise ValueError(f"queries {i0}..{i1} see no key in {keys.first}..{keys.first + keys.count - 1}")
+        if not separate and causal and window is None and lo == i0 and hi == i1:
+            blocks.append(Block(q0, q1, k0, k1, causal=True))  # keys = these queries: the fused causal kernel
+        elif not separate and causal and q1 - q0 == 1 and (window is None or i0 - lo < window):
+            blocks.append(Block(q0, q1, k0, k1))  # one query that sees every key given to it
+        else:
+            blocks.append(Block(q0, q1, k0, k1, mask_for(q0, q1, k0, k1)))
+    return blocks
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: list[Block], scale: float,
+           softcap: float | None = None) -> torch.Tensor:
+    """The model's attention: q (B, H, T, D), k and v (B, K, S, D) -> (B, H, T, D).
+
+    The same maths as `grouped_query_attention`, faster: H/K query heads share each K/V head
+    without copies (`enable_gqa`), PyTorch's fused kernel (`F.scaled_dot_product_attention`, a
+    flash-attention-style online softmax) never materialises the T × S scores, and the blocks skip
+    keys outside each query chunk's window. Gemma 2's soft-cap is not something the fused kernel
+    can do, so soft-capped layers compute their scores explicitly, one block at a time.
+    """
+    out = q.new_empty(q.shape)
+    for b in blocks:
+        qb, kb, vb = q[:, :, b.q0:b.q1], k[:, :, b.k0:b.k1], v[:, :, b.k0:b.k1]
+        if softcap:
+            mask = b.mask if not b.causal else causal_mask(b.q1 - b.q0, b.k1 - b.k0, device=q.device)
+            o = grouped_query_attention(qb, kb, vb, mask, scale, softcap)
+        else:
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=b.mask, is_causal=b.causal, scale=scale,
+                                               enable_gqa=True)
+        if len(blocks) == 1:
+            return o
+        out[:, :, b.q0:b.q1] = o
+    return out
 
 
 # --------------------------------------------------------------------------------------------
 # KV caches (chapters 02 and 04)
 #
-# One cache object per layer, all with the same small interface:
-#   cache.length           tokens seen so far (the sequence index of the next token)
-#   cache.update(k, v)     k, v (B, K, T, D): the T new tokens' keys/values (after RoPE)
-#                          -> (k_all, v_all, k_idx): (B, K, S, D) every key the new queries may
-#                             need, and (S,) the sequence index of each (-1 = empty slot)
-#   cache.k, cache.v       the stored tensors (all the memory the cache holds)
-# `Gemma.new_cache` builds the list of per-layer caches.
+# One cache object per attention layer, with the same small interface:
+#   cache.length            tokens seen so far (the index of the next token)
+#   cache.update(k, v)      k, v (B, K, T, D): the T new tokens' keys and values (after RoPE)
+#                           -> (k_all, v_all, keys): (B, K, S, D) every key the new queries may
+#                              need, and where those keys sit (`Keys`)
+#   cache.k, cache.v        the stored tensors (all the memory the cache holds)
+# Caches hold no document ids: in a causal model the queries' positions say which keys share
+# their document (see `index_mask`).
 # --------------------------------------------------------------------------------------------
 class KVCache:
     """Keys and values of every past token, for a global (full-attention) layer.
 
     With `max_len` the buffers are allocated once (a static cache: memory is known up front);
-    without, they grow by concatenation. Memory grows linearly with the context.
+    without, they grow by concatenation. Memory grows linearly with the context, but a decode step
+    reads only the `length` slots written so far, so its cost follows the tokens held, not max_len.
     """
 
     def __init__(self, batch: int, n_kv_heads: int, head_dim: int, max_len: int | None = None,
@@ -197,16 +381,17 @@ class KVCache:
             self.k[:, :, start:end] = k
             self.v[:, :, start:end] = v
         self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end], torch.arange(end, device=k.device)
+        return self.k[:, :, :end], self.v[:, :, :end], Keys(0, end, layout=("kv", end))
 
 
-class SlidingKVCache:
-    """A ring buffer of the last `window` keys and values, for a local (sliding-window) layer.
+class RingKVCache:
+    """A ring buffer of the last `size` keys and values, for a local (sliding-window) layer.
 
-    The token at sequence index i lives in slot i % size, so memory stays bounded however long
-    the context grows. `update` returns the ring's contents followed by the T new tokens, so a
-    chunk of T > window queries still sees the window before each of them; the mask is then
-    built from the indices (their order does not matter).
+    The token at index i lives in slot i % size, so memory stays bounded however long the context
+    grows (`size` = the window; at most max_len). A one-token step writes its slot first and then
+    attends the whole ring: the ring then holds exactly the window, in rotated order, which softmax
+    does not mind. A chunk of T > 1 new tokens attends the ring's contents in index order followed
+    by the T new keys, so every query of the chunk still sees its window.
     """
 
     def __init__(self, batch: int, n_kv_heads: int, head_dim: int, window: int, max_len: int | None = None,
@@ -218,7 +403,7 @@ class SlidingKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def slot_index(self) -> torch.Tensor:
-        """(size,) the sequence index held in each slot: the latest i < length with i % size == slot, or -1."""
+        """(size,) the index held in each slot: the latest i < length with i % size == slot, or -1."""
         s = torch.arange(self.size, device=self.k.device)
         latest = s + (self.length - 1 - s).div(self.size, rounding_mode="floor") * self.size
         return torch.where(s < self.length, latest, -1)
@@ -228,16 +413,26 @@ class SlidingKVCache:
         T, start = k.shape[2], self.length
         if self.max_len is not None and start + T > self.max_len:
             raise ValueError(f"KV cache is full: {start + T} tokens do not fit in max_len={self.max_len}")
-        new_idx = torch.arange(start, start + T, device=k.device)
-        k_all = torch.cat([self.k, k.to(self.k.dtype)], dim=2)  # (B, K, size + T, D)
-        v_all = torch.cat([self.v, v.to(self.v.dtype)], dim=2)
-        k_idx = torch.cat([self.slot_index(), new_idx])
+        held = min(start, self.size)  # keys in the ring before this call
+        if T == 1:  # decode: write, then attend the ring's live slots
+            slot = start % self.size
+            self.k[:, :, slot] = k[:, :, 0]
+            self.v[:, :, slot] = v[:, :, 0]
+            self.length = n = start + 1
+            live = min(n, self.size)
+            keys = Keys(n - live, live, in_order=n <= self.size, index=self.slot_index()[:live],
+                        layout=("ring", n <= self.size, live))
+            return self.k[:, :, :live], self.v[:, :, :live], keys
+        # a chunk: the ring's keys in index order (oldest first), then the new ones
+        order = torch.arange(start - held, start, device=k.device) % self.size
+        k_all = torch.cat([self.k[:, :, order], k.to(self.k.dtype)], dim=2)
+        v_all = torch.cat([self.v[:, :, order], v.to(self.v.dtype)], dim=2)
         keep = min(T, self.size)  # only the last `size` new tokens can still be needed later
-        slots = new_idx[T - keep:] % self.size
+        slots = torch.arange(start + T - keep, start + T, device=k.device) % self.size
         self.k[:, :, slots] = k[:, :, T - keep:].to(self.k.dtype)
         self.v[:, :, slots] = v[:, :, T - keep:].to(self.v.dtype)
         self.length = start + T
-        return k_all, v_all, k_idx
+        return k_all, v_all, Keys(start - held, held + T, layout=("ring-chunk", held, T))
 
 
 def _check_new_kv(cache, k, v):
@@ -247,74 +442,156 @@ def _check_new_kv(cache, k, v):
 
 
 # --------------------------------------------------------------------------------------------
-# The Gemma attention layer (chapters 02-04)
+# The attention layer of every model in the course (chapters 02-04, 07)
 # --------------------------------------------------------------------------------------------
 class GroupedQueryAttention(nn.Module):
-    """Causal grouped-query self-attention with RoPE, as in Gemma 2 and Gemma 3.
+    """Grouped-query self-attention with RoPE: Gemma 2, Gemma 3 and Griffin's local attention.
 
     x (B, T, C) -> (B, T, C). H query heads share K key/value heads (H = K: multi-head; K = 1:
-    multi-query). Options, each off by default:
-      window        sliding-window (local) attention over the last `window` keys (chapter 04)
+    multi-query). q, k and v read the same x, so their weights are stacked in one `qkv_proj`
+    ((H + 2K)·D, C): one matrix product, the same numbers; loaders fill it from the checkpoints'
+    q_proj, k_proj and v_proj. Options, each off by default:
+      window        local attention over the `window` most recent keys, the query's own included
+                    (chapter 04); Griffin's official window of W sees W + 1 keys: window = W + 1
+      causal        False for an encoder: a local layer's window is then a symmetric band
       softcap       Gemma 2's attention-logit soft-cap, before mask and softmax (chapter 03)
-      qk_norm       Gemma 3's per-head RMSNorm on q and k, before RoPE (chapter 04)
-      rope_base, rope_scaling   RoPE θ base and linear position scaling for this layer
+      qk_norm       Gemma 3's RMSNorm over head_dim on q and k, before RoPE (chapter 04)
+      rope_base, rope_scaling, rotary_dim   this layer's RoPE (Griffin rotates half of head_dim)
+      o_bias        a bias on the output projection (Griffin)
     scale is query_pre_attn_scalar^-0.5 in Gemma (default head_dim^-0.5).
     """
 
     def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
-                 scale: float | None = None, window: int | None = None, softcap: float | None = None,
-                 qk_norm: bool = False, eps: float = 1e-6,
-                 rope_base: float = 10_000.0, rope_scaling: float = 1.0):
+                 scale: float | None = None, window: int | None = None, causal: bool = True,
+                 softcap: float | None = None, qk_norm: bool = False, eps: float = 1e-6,
+                 rope_base: float = 10_000.0, rope_scaling: float = 1.0, rotary_dim: int | None = None,
+                 o_bias: bool = False):
         super().__init__()
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1 (the query itself), got {window}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.scale = head_dim ** -0.5 if scale is None else scale
-        self.window, self.softcap = window, softcap
-        self.rope_base, self.rope_scaling = rope_base, rope_scaling
-        self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=False)
+        self.window, self.causal, self.softcap = window, causal, softcap
+        self.qkv_proj = nn.Linear(hidden, (n_heads + 2 * n_kv_heads) * head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=o_bias)
         self.qk_norm = qk_norm
         if qk_norm:
             self.q_norm = RMSNorm(head_dim, eps)
             self.k_norm = RMSNorm(head_dim, eps)
+        self.rotary = RotaryEmbedding(rotary_dim or head_dim, rope_base, rope_scaling)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, C).
+    @property
+    def rope_base(self) -> float:
+        return self.rotary.base
 
-        positions:      RoPE positions, (T,) or (B, T); default: the tokens' sequence indices.
-        cache:          this layer's KVCache / SlidingKVCache, updated in place; the new tokens
-                        sit at sequence indices cache.length .. cache.length + T - 1.
-        attention_mask: (B, S) bool over every sequence index so far (past and new), False for
-                        padding keys. A padding query is let see itself, so no softmax row is empty.
-        """
-        B, T, _ = x.shape
-        start = 0 if cache is None else cache.length
-        q_idx = torch.arange(start, start + T, device=x.device)  # sequence index of each query
-        positions = q_idx if positions is None else positions
-        q = split_heads(self.q_proj(x), self.n_heads)  # (B, H, T, D)
-        k = split_heads(self.k_proj(x), self.n_kv_heads)  # (B, K, T, D)
-        v = split_heads(self.v_proj(x), self.n_kv_heads)  # (B, K, T, D)
+    @property
+    def rope_scaling(self) -> float:
+        return self.rotary.scaling
+
+    def fused_parts(self) -> dict[str, tuple[str, int, int]]:
+        """Checkpoint tensors that fill the fused qkv_proj: name -> (fused name, first row, end row)."""
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return {"q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, q + kv), "v_proj": ("qkv_proj", q + kv, q + 2 * kv)}
+
+    def new_cache(self, batch: int, max_len: int | None = None, dtype=torch.float32, device=None):
+        """This layer's cache: a ring buffer of the window for a local layer, else a full KVCache."""
+        if not self.causal:
+            raise ValueError("an encoder (causal=False) has no decoding cache")
+        kv = (batch, self.n_kv_heads, self.head_dim)
+        if self.window is not None:
+            return RingKVCache(*kv, window=self.window, max_len=max_len, dtype=dtype, device=device)
+        return KVCache(*kv, max_len=max_len, dtype=dtype, device=device)
+
+    def project(self, x: torch.Tensor, pos: Positions):
+        """x (B, T, C) -> q (B, H, T, D), k and v (B, K, T, D), with QK-norm and RoPE applied."""
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([H * D, K * D, K * D], dim=-1)
+        q, k, v = split_heads(q, H), split_heads(k, K), split_heads(v, K)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = rope_frequencies(self.head_dim, self.rope_base, self.rope_scaling).to(x.device)
-        cos, sin = rope_cos_sin(positions, inv_freq)  # (T, D) or (B, T, D)
-        if cos.dim() == 3:
-            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): the same angles for every head
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cos, sin = pos.rope(self.rotary)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, pos: Positions, cache: KVCache | RingKVCache | None = None) -> torch.Tensor:
+        """x (B, T, C); pos: where the T tokens sit (`Positions`); cache: this layer's, updated in place."""
+        q, k, v = self.project(x, pos)
         if cache is None:
-            k_idx = q_idx
+            keys = Keys(pos.start, x.shape[1], layout=("self", x.shape[1]))
         else:
-            k, v, k_idx = cache.update(k, v)  # (B, K, S, D), (S,)
-        mask = index_mask(q_idx, k_idx, self.window)  # (T, S)
-        if attention_mask is not None:
-            if attention_mask.shape != (B, start + T):
-                raise ValueError(f"attention_mask must be (B, past + new) = {(B, start + T)}, "
-                                 f"got {tuple(attention_mask.shape)}")
-            key_ok = attention_mask.bool()[:, k_idx.clamp(min=0)]  # (B, S)
-            mask = (mask & key_ok[:, None, None, :]) | (k_idx[None, :] == q_idx[:, None])  # (B, 1, T, S)
-        out = grouped_query_attention(q, k, v, mask, self.scale, self.softcap)  # (B, H, T, D)
+            k, v, keys = cache.update(k, v)  # (B, K, S, D): every key the new queries may need
+        out = attend(q, k, v, pos.blocks(keys, self.window, self.causal), self.scale, self.softcap)  # (B, H, T, D)
         return self.o_proj(merge_heads(out))
+
+
+# --------------------------------------------------------------------------------------------
+# A model's cache: one state per layer, plus what continues from call to call
+# --------------------------------------------------------------------------------------------
+class Cache(list):
+    """Everything a model keeps between calls: a list with one state per layer (a KVCache, a
+    RingKVCache or Griffin's RecurrentState), plus where the next token continues:
+
+    length:         tokens fed so far (the index of the next token)
+    next_position:  (B,) the next token's position inside its document
+    packed:         True once a call brought left padding or several documents per row
+
+    `Gemma.new_cache` and `Griffin.new_cache` build it; `generate` never looks inside.
+    """
+
+    def __init__(self, layers, batch: int, device=None):
+        super().__init__(layers)
+        self.length = 0
+        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
+        self.packed = False
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the layers' states hold (keys, values, conv tails, RG-LRU states)."""
+        return [t for state in self for t in vars(state).values() if isinstance(t, torch.Tensor)]
+
+    def nbytes(self) -> int:
+        """The memory the cache holds, in bytes."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def make_positions(input_ids: torch.Tensor, cache: Cache | None, attention_mask: torch.Tensor | None,
+                   positions: torch.Tensor | None) -> Positions:
+    """Where the T new tokens sit, for any model in the course (`Positions`); advances the cache's
+    bookkeeping (`length`, `next_position`, `packed`).
+
+    positions (B, T) or (T,): RoPE positions inside each document; a 0 starts a new document (the
+    official RecurrentGemma convention for packed sequences, its `segment_pos`). attention_mask
+    (B, S), S = tokens already in the cache + T, False for left padding: real tokens count from 0
+    at the first one, and every pad sits at position 0, a one-token document no real token sees.
+    With neither, positions continue from the cache (0, 1, 2, ... without one).
+    """
+    B, T = input_ids.shape
+    device = input_ids.device
+    start = 0 if cache is None else cache.length
+    if cache is not None and cache.next_position.shape[0] != B:
+        raise ValueError(f"the cache is for batch size {cache.next_position.shape[0]}, the input has {B} rows")
+    packed = cache is not None and cache.packed
+    if positions is None and attention_mask is not None:
+        if attention_mask.shape != (B, start + T):
+            raise ValueError(f"attention_mask must be (B, tokens in cache + T) = {(B, start + T)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        m = attention_mask.bool()
+        positions = torch.where(m, m.long().cumsum(-1) - 1, 0)[:, start:]
+        if start == 0:  # padding is decided by the prompt; later steps only add real tokens
+            packed = packed or not bool(m.all())
+    elif positions is None:
+        base = cache.next_position[:, None] if cache is not None else torch.zeros(B, 1, dtype=torch.long, device=device)
+        positions = base + torch.arange(T, device=device)
+    else:
+        positions = positions.to(device=device, dtype=torch.long)
+        if positions.dim() == 1:
+            positions = positions.expand(B, -1)
+        if positions.shape != (B, T):
+            raise ValueError(f"positions must have shape {(B, T)} or ({T},), got {tuple(positions.shape)}")
+        later = positions[:, 1:] if start == 0 else positions  # a 0 after the very first token
+        packed = packed or bool((later == 0).any())
+    if cache is not None:
+        cache.length = start + T
+        cache.next_position = positions[:, -1] + 1
+        cache.packed = packed
+    return Positions(start, torch.arange(start, start + T, device=device), positions, packed)

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .attention import GroupedQueryAttention, KVCache, SlidingKVCache
-from .layers import GeGLU, RMSNorm, check_token_ids, embedding_scale, soft_cap
-from .weights.hf import CheckpointError, load_state_strict, read_safetensors
+from .attention import Cache, GroupedQueryAttention, Positions, make_positions
+from .layers import GeGLU, RMSNorm, activation_dtype, check_token_ids, embedding_scale, soft_cap
+from .weights.hf import CheckpointError, empty_model, load_state_strict, read_safetensors
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -67,6 +67,8 @@ class GemmaConfig:
     final_logit_softcapping: float | None = None  # Gemma 2: 30
     use_qk_norm: bool = False  # Gemma 3
     max_position_embeddings: int = 8192
+    sandwich_norm: bool = True  # norms after attention and MLP too; False: pre-norms only (an ablation)
+    bidirectional: bool = False  # an encoder (EmbeddingGemma): no causal mask; local layers see a band
 
     def __post_init__(self):
         self.layer_types = list(self.layer_types)
@@ -222,87 +224,110 @@ class DecoderLayer(nn.Module):
             c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
             scale=c.query_pre_attn_scalar ** -0.5,
             window=c.sliding_window if local else None,
+            causal=not c.bidirectional,
             softcap=c.attn_logit_softcapping,
             qk_norm=c.use_qk_norm, eps=c.rms_norm_eps,
             rope_base=c.rope_local_base_freq if local else c.rope_theta,
             rope_scaling=1.0 if local else c.rope_scaling_factor,
         )
         self.mlp = GeGLU(c.hidden_size, c.intermediate_size)
+        post_norm = (lambda: RMSNorm(c.hidden_size, c.rms_norm_eps)) if c.sandwich_norm else nn.Identity
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = post_norm()
         self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.post_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_feedforward_layernorm = post_norm()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Arguments as in `GroupedQueryAttention.forward`."""
-        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, cache, attention_mask))
+    def forward(self, x: torch.Tensor, pos: Positions, cache=None) -> torch.Tensor:
+        """x (B, T, C); pos: where the tokens sit; cache: this layer's KV cache (or None)."""
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), pos, cache))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
 class Gemma(nn.Module):
     """Gemma 2 / Gemma 3 causal language model: input_ids (B, T) -> logits (B, T, V).
 
-    Decoding with a cache:
+    One forward serves every use: the reference (float32, no cache), training, the prompt and the
+    one-token decode step (with a cache), and the fast variants, which only swap modules in
+    (`minigemma.quant`: int8/int4 linears, a quantised head). Decoding with a cache:
+
         cache = model.new_cache(batch=B, max_len=prompt_len + new_tokens)
         logits = model(prompt_ids, cache=cache, last_only=True)        # prefill: (B, 1, V)
         logits = model(next_ids[:, None], cache=cache, last_only=True)  # one step: (B, 1, V)
-    Each call appends its T tokens to every layer's cache; `cache[0].length` is the number of
-    tokens seen. Batched prompts of different lengths are left-padded and described by
-    `attention_mask` (B, tokens seen including these T), True for real tokens.
+
+    Each call appends its T tokens to every layer's cache; `cache.length` counts them. Batched
+    prompts of different lengths are left-padded and described by `attention_mask` (B, tokens seen
+    including these T), True for real tokens.
     """
 
     def __init__(self, config: GemmaConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # (built empty, then initialised below: on the meta device there is nothing to initialise)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None  # None: the tied head x @ embed_tokens.weight.T; chapter 05 swaps in an int8 one
+        # The LM head is tied: it is the embedding matrix itself (one Parameter under two names).
+        # Quantisation swaps this Linear for a quantised copy and leaves the embedding alone.
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
+        self.tie_weights()
+        if not self.embed_tokens.weight.is_meta:
+            self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """Make the head's weight the embedding's (again: moving a model off the meta device unties it)."""
+        self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> "Gemma":
+        """A fresh initialisation for training, as HF's Gemma does: every linear and the embedding
+        N(0, std²) (std = initializer_range, 0.02), norm weights 0 (a (1 + w) scale of 1)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)) and m is not self.lm_head:
+                m.weight.normal_(0.0, std, generator=generator)
+            elif isinstance(m, RMSNorm):
+                m.weight.zero_()
+        return self
 
     def new_cache(self, batch: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None,
-                  device=None) -> list:
-        """One cache per layer: a KVCache for global layers, a SlidingKVCache (ring of `window`) for local ones.
+                  device=None) -> Cache:
+        """One cache per layer: a KVCache for global layers, a RingKVCache (ring of `window`) for local ones.
 
         With max_len every buffer is allocated now, and its bytes equal kv_cache_bytes(config, max_len, batch, dtype).
-        Without, global caches grow as tokens arrive.
+        Without, global caches grow as tokens arrive. dtype and device default to the activations'.
         """
-        c, w = self.config, self.embed_tokens.weight
-        dtype, device = dtype or w.dtype, device or w.device
-        kv = (batch, c.num_key_value_heads, c.head_dim)
-        return [SlidingKVCache(*kv, window=c.sliding_window, max_len=max_len, dtype=dtype, device=device)
-                if t == SLIDING else KVCache(*kv, max_len=max_len, dtype=dtype, device=device)
-                for t in c.layer_types]
+        dtype = dtype or activation_dtype(self)
+        device = device or self.norm.weight.device
+        return Cache([layer.self_attn.new_cache(batch, max_len, dtype, device) for layer in self.layers],
+                     batch, device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, cache: list | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                positions: torch.Tensor | None = None, cache: Cache | None = None,
+                last_only: bool = False, return_hidden: bool = False) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only (the head is the costly part).
 
         attention_mask: (B, S) with S = tokens already in the cache + T; False marks left padding.
-        positions:      RoPE positions (B, T) or (T,). Default: with a mask, each token's count of
-                        real tokens before it (so a left-padded prompt starts at 0); else 0, 1, 2, ...
+        positions:      RoPE positions (B, T) or (T,); a 0 after the first token starts a new packed
+                        document. Default: with a mask, each token's count of real tokens before it
+                        (so a left-padded prompt starts at 0); else continuing from the cache.
         cache:          from `new_cache`, updated in place.
+        return_hidden:  return the final-normed hidden states (B, T, C) instead of logits (a
+                        chunked loss applies the head itself: `lm_head.weight`).
         """
         check_token_ids(input_ids, self.config.vocab_size)
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
-        T = input_ids.shape[1]
-        start = 0 if cache is None else cache[0].length
-        if positions is None:
-            if attention_mask is not None:
-                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]  # (B, T)
-            else:
-                positions = torch.arange(start, start + T, device=input_ids.device)  # (T,)
-        w = self.embed_tokens.weight
-        x = self.embed_tokens(input_ids) * embedding_scale(self.config.hidden_size, w.dtype)  # (B, T, C)
+        pos = make_positions(input_ids, cache, attention_mask, positions)
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        x = x * embedding_scale(self.config.hidden_size, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, None if cache is None else cache[i], attention_mask)
+            x = layer(x, pos, None if cache is None else cache[i])
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
-        logits = x @ w.T if self.lm_head is None else self.lm_head(x)  # tied head: (B, T, V)
-        return soft_cap(logits, self.config.final_logit_softcapping)
+        if return_hidden:
+            return x
+        return soft_cap(self.lm_head(x), self.config.final_logit_softcapping)  # (B, T, V)
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,9 +372,7 @@ def hf_name_table(config: GemmaConfig) -> dict[str, str | None]:
 def from_hf(path: str | Path, config_dict: dict, dtype: torch.dtype = torch.float32) -> Gemma:
     """Build a Gemma from an HF checkpoint directory (config.json + safetensors, sharded or not)."""
     config = GemmaConfig.from_hf(config_dict)
-    with torch.device("meta"):  # no memory and no random init for weights we overwrite anyway
-        model = Gemma(config).to(dtype)
-    model = model.to_empty(device="cpu")
+    model = empty_model(Gemma, config, dtype)
     tensors = read_safetensors(path)
     head, embed = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
     if head is not None and embed is not None and not torch.equal(head, embed):

@@ -108,11 +108,14 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, eos_id: int | None = 1, pad_id: int = 0,
-                 on_token: Callable[[int, int], None] | None = None, use_cache: bool = True) -> list[list[int]]:
+                 on_token: Callable[[int, int], None] | None = None, use_cache: bool = True,
+                 step_times: list[float] | None = None) -> list[list[int]]:
     """Token-level generation: prompt id lists -> the new ids of each row (EOS not included).
 
     on_token(row, token_id) is called for each new token as it is produced.
     use_cache=False recomputes the whole sequence every step (for tests: it must agree).
+    step_times: if a list is given, the wall time of every model call is appended to it, the
+    prefill first, then one entry per decode step (`python -m minigemma bench generate` reads it).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (the tokenizer adds BOS)")
@@ -138,8 +141,11 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
     cache = model.new_cache(batch=B, max_len=ids.shape[1] + max_new_tokens) if use_cache else None
     seq, step_in = ids, ids  # everything so far; what to feed this step
     for _ in range(max_new_tokens):
+        t0 = time.perf_counter()
         logits = model(step_in, attention_mask=mask if padded else None, cache=cache, last_only=True)[:, -1]
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        if step_times is not None:
+            step_times.append(time.perf_counter() - t0)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)  # finished rows idle on PAD
         for i in range(B):
             if done[i]:
@@ -153,9 +159,12 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
                 on_token(i, t)
         if bool(done.all()):
             break
-        seq = torch.cat([seq, nxt[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
-        step_in = nxt[:, None] if use_cache else seq
+        if padded:
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+        if use_cache:
+            step_in = nxt[:, None]
+        else:
+            seq = step_in = torch.cat([seq, nxt[:, None]], dim=1)
     return out
 
 

@@ -8,30 +8,36 @@ and the attention blocks are multi-query attention over a local window of 2048 t
 Because every layer's memory is bounded (the conv's last 3 inputs, the RG-LRU state, a KV window),
 decoding runs with a fixed-size state: the cost per token does not grow with the context.
 
-Map of this file (shapes: B batch, T time, C width, D lru_width, H heads, K kv heads, Dh head_dim):
+Map of this file (shapes: B batch, T time, C width, R RG-LRU width (`lru_width`), P conv taps (4),
+H heads, K kv heads, D head_dim, W attention window):
 
     GriffinConfig, PRESETS            recurrentgemma-2b, recurrentgemma-9b
     scan_sequential, scan_associative h_t = a_t ⊙ h_{t-1} + b_t, two ways; associative_combine
-    Conv1D                            depthwise causal conv of width 4, masked at segment starts
+    causal_conv1d, Conv1D             depthwise causal conv of 4 taps, never across a document start
     RGLRU                             r, i gates; a = sigmoid(Λ)^(c·r), c = 8; sqrt(1 - a²) input norm
     RecurrentBlock                    linear_out( gelu(linear_y x) ⊙ RG-LRU(Conv1D(linear_x x)) )
-    LocalAttention                    MQA, RoPE on half of head_dim, window W
-    MLPBlock, ResidualBlock, Griffin  the model; logits soft-capped at 30; tied embeddings
-    GriffinCache, state_bytes         the fixed-size decoding state and its size
+    local_attention                   the course's one attention layer (attention.GroupedQueryAttention)
+                                      as MQA with RoPE on half of head_dim and a window of W + 1 keys
+    ResidualBlock, Griffin            the model (its MLP is layers.GeGLU with biases); logits
+                                      soft-capped at 30; tied embeddings
+    RecurrentState, state_bytes       the fixed-size decoding state and its size
     from_hf                           HF `recurrent_gemma` checkpoints, through an explicit name table
 
-Calling the model (the same call shape as minigemma's Gemma, so `generate` drives both):
+Every temporal block has one call, recurrentgemma's: `block(x, pos, cache) -> (B, T, C)`, where
+`pos` (attention.Positions) says where the tokens sit and `cache` is the block's own state
+(a RecurrentState or a RingKVCache). Calling the model is the same as calling minigemma's Gemma, so
+`generate` drives both:
 
-    cache = model.new_cache(batch=B)                      # fixed size; max_len accepted, ignored
+    cache = model.new_cache(batch=B)                         # fixed size
     logits = model(prompt_ids, cache=cache, last_only=True)  # (B, 1, V); fills the cache in place
     logits = model(next_ids, cache=cache, last_only=True)    # (B, 1, V); one step, cache updated
 
-Documents packed in one row are marked, as in the official code, by `positions` (alias
-`segment_pos`): each token's position inside its own document, 0 at a document start. At a 0
-the RG-LRU state resets, the conv does not look back across the boundary, and attention stays
-inside the document. Without positions, they continue from the cache (0, 1, 2, ... for a fresh one). A left-padded batch
-passes `attention_mask` (B, S) instead, True for real tokens: real tokens count from 0 at the
-first one, and every pad becomes a one-token document that no real token ever sees.
+Documents packed in one row are marked, as in the official code (its `segment_pos`), by
+`positions`: each token's position inside its own document, 0 at a document start. At a 0 the
+RG-LRU state resets, the conv does not look back across the boundary, and attention stays inside
+the document. Without positions, they continue from the cache (0, 1, 2, ... for a fresh one). A
+left-padded batch passes `attention_mask` (B, S) instead, True for real tokens: real tokens count
+from 0 at the first one, and every pad becomes a one-token document that no real token ever sees.
 
 Two references disagree on the attention window's left edge (see `GriffinConfig.window_edge`):
 the official recurrentgemma code lets query q see keys q - W ... q (W + 1 keys), HF transformers
@@ -48,8 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import scaled_dot_product_attention
-from .layers import RMSNorm, apply_rope, check_token_ids, gelu_tanh, rope_cos_sin, rope_frequencies, soft_cap
+from .attention import Cache, GroupedQueryAttention, Positions, make_positions
+from .layers import GeGLU, RMSNorm, activation_dtype, check_token_ids, embedding_scale, gelu_tanh, soft_cap
 
 RECURRENT, ATTENTION = "recurrent", "attention"
 
@@ -189,16 +195,6 @@ PRESETS: dict[str, GriffinConfig] = {
 }
 
 
-def embed_scale(width: int, dtype: torch.dtype) -> torch.Tensor:
-    """sqrt(width), rounded to bfloat16 and then cast to `dtype`.
-
-    Both references round in bfloat16 whatever the activation dtype ("to match training"), so in
-    float32 the 2B multiplies by 50.5, not 50.596. `layers.embedding_scale` (Gemma) rounds in the
-    activation dtype instead; the two agree in bfloat16.
-    """
-    return torch.tensor(math.sqrt(width), dtype=torch.bfloat16).to(dtype)
-
-
 # --------------------------------------------------------------------------------------------
 # Linear recurrence: h_t = a_t ⊙ h_{t-1} + b_t, two ways
 # --------------------------------------------------------------------------------------------
@@ -254,55 +250,43 @@ SCANS = {"sequential": scan_sequential, "associative": scan_associative}
 # --------------------------------------------------------------------------------------------
 # Conv1D
 # --------------------------------------------------------------------------------------------
-def segment_ids(segment_pos: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
-    """Which document each token belongs to: a running count of segment starts (segment_pos == 0).
-
-    segment_pos (B, T) -> (B, T) int64. `start` (B,) continues the count from a cache.
-    """
-    ids = (segment_pos == 0).long().cumsum(-1)
-    return ids if start is None else ids + start[:, None]
-
-
-def causal_conv1d(x, w, bias, x_prev=None, seg=None, seg_prev=None):
+def causal_conv1d(x, w, bias, x_prev=None, positions=None):
     """Depthwise causal convolution, with a decode cache, that never mixes two documents.
 
-    y_t = bias + Σ_{s=0}^{W-1} w[W-1-s] ⊙ x_{t-s}: w (W, D) is time-major and w[W-1] multiplies the
-    current token. x (B, T, D); bias (D,). x_prev (B, W-1, D): the W-1 inputs before x (the decode
-    cache; None = zeros, as at the start of a sequence). With segment ids seg (B, T) and seg_prev
-    (B, W-1), a term is kept only if token t-s is in the same document as token t.
-    Returns y (B, T, D), the new cache x_tail (B, W-1, D) = the last W-1 inputs, and seg_tail.
+    y_t = bias + Σ_{s=0}^{P-1} w[P-1-s] ⊙ x_{t-s}: w (P, R) is time-major (P = conv1d_width taps)
+    and w[P-1] multiplies the current token. x (B, T, R); bias (R,). x_prev (B, P-1, R): the P-1
+    inputs before x (the decode cache; None = zeros, as at the start of a sequence). With
+    positions (B, T) (each token's position inside its document), the term x_{t-s} is kept only if
+    token t-s is in token t's document, i.e. if positions_t >= s (documents are contiguous).
+    Returns y (B, T, R) and the new cache x_tail (B, P-1, R) = the last P-1 inputs.
     """
-    B, T, D = x.shape
-    W = w.shape[0]
+    B, T, R = x.shape
+    P = w.shape[0]
     if x_prev is None:
-        x_prev = x.new_zeros(B, W - 1, D)
-    xs = torch.cat([x_prev.to(x.dtype), x], dim=1)  # (B, W-1+T, D): x_{t-s} is xs[:, W-1+t-s]
-    if seg is not None:
-        if seg_prev is None:
-            seg_prev = torch.full((B, W - 1), -1, dtype=torch.long, device=x.device)  # no document
-        segs = torch.cat([seg_prev, seg], dim=1)
-    y = bias.to(x.dtype).expand(B, T, D)
-    for s in range(W):  # shift back by s
-        x_s = xs[:, W - 1 - s: W - 1 - s + T]  # x_{t-s} for every t
-        if seg is not None:
-            x_s = x_s * (segs[:, W - 1 - s: W - 1 - s + T] == seg)[..., None]  # same document only
-        y = y + w[W - 1 - s].to(x.dtype) * x_s
-    return y, xs[:, T:], (segs[:, T:] if seg is not None else None)
+        x_prev = x.new_zeros(B, P - 1, R)
+    xs = torch.cat([x_prev.to(x.dtype), x], dim=1)  # (B, P-1+T, R): x_{t-s} is xs[:, P-1+t-s]
+    y = bias.to(x.dtype).expand(B, T, R)
+    for s in range(P):  # shift back by s
+        x_s = xs[:, P - 1 - s: P - 1 - s + T]  # x_{t-s} for every t
+        if positions is not None and s > 0:
+            x_s = x_s * (positions >= s)[..., None]  # same document only
+        y = y + w[P - 1 - s].to(x.dtype) * x_s
+    return y, xs[:, T:]
 
 
 class Conv1D(nn.Module):
-    """Depthwise temporal convolution of width W (4) with a bias.  (B, T, D) -> (B, T, D)."""
+    """Depthwise temporal convolution of `taps` (4) steps with a bias.  (B, T, R) -> (B, T, R)."""
 
-    def __init__(self, width: int, temporal_width: int = 4):
+    def __init__(self, width: int, taps: int = 4):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(temporal_width, width))  # (W, D), time-major
+        self.weight = nn.Parameter(torch.empty(taps, width))  # (P, R), time-major
         self.bias = nn.Parameter(torch.zeros(width))
 
-    def forward(self, x, seg, state=None):
-        x_prev, seg_prev = (None, None) if state is None else (state.conv_x, state.conv_seg)
-        y, x_new, seg_new = causal_conv1d(x, self.weight, self.bias, x_prev, seg, seg_prev)
+    def forward(self, x, positions, state=None):
+        """positions (B, T) or None (one document); state: a RecurrentState, its conv tail updated."""
+        y, x_tail = causal_conv1d(x, self.weight, self.bias, None if state is None else state.conv_x, positions)
         if state is not None:
-            state.conv_x, state.conv_seg = x_new.to(state.conv_x.dtype), seg_new
+            state.conv_x = x_tail.to(state.conv_x.dtype)
         return y
 
 
@@ -368,7 +352,7 @@ def rglru_step(x, r, i, lam, h_prev, reset=None, c: float = 8.0):
 
 
 class RGLRU(nn.Module):
-    """Real-Gated Linear Recurrent Unit.  x (B, T, D) -> (B, T, D).
+    """Real-Gated Linear Recurrent Unit.  x (B, T, R) -> (B, T, R).
 
     r_t = σ(W_a x_t + b_a)                 recurrence gate (block-diagonal linear, H blocks)
     i_t = σ(W_x x_t + b_x)                 input gate
@@ -376,7 +360,7 @@ class RGLRU(nn.Module):
     h_t = a_t ⊙ h_{t-1} + sqrt(1 - a_t²) ⊙ (i_t ⊙ x_t)
 
     Both references store `a_param` = -Λ, so σ(Λ) = exp(-softplus(a_param)). The state h is
-    accumulated in float32.
+    accumulated in float32. At a document start (position 0) a_t = 0 and the multiplier is 1.
     """
 
     def __init__(self, width: int, num_heads: int, c: float = 8.0, scan: str = "sequential"):
@@ -386,8 +370,8 @@ class RGLRU(nn.Module):
         self.input_gate = BlockDiagonalLinear(width, num_heads)
         self.a_gate = BlockDiagonalLinear(width, num_heads)
 
-    def forward(self, x, segment_pos, state=None):
-        reset = (segment_pos == 0)[..., None]  # (B, T, 1)
+    def forward(self, x, positions, state=None):
+        reset = (positions == 0)[..., None]  # (B, T, 1)
         r = torch.sigmoid(self.a_gate(x))
         i = torch.sigmoid(self.input_gate(x))
         a, mult = rglru_a_and_multiplier(-F.softplus(self.a_param), r, self.c)
@@ -401,7 +385,7 @@ class RGLRU(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Blocks
+# Blocks: every temporal block has the same call, block(x, pos, cache) -> (B, T, C)
 # --------------------------------------------------------------------------------------------
 class RecurrentBlock(nn.Module):
     """linear_out( gelu(linear_y x) ⊙ RG-LRU(Conv1D(linear_x x)) ).  (B, T, C) -> (B, T, C)."""
@@ -413,99 +397,45 @@ class RecurrentBlock(nn.Module):
         self.linear_out = nn.Linear(cfg.lru_width, cfg.width)
         self.conv_1d = Conv1D(cfg.lru_width, cfg.conv1d_width)
         self.rg_lru = RGLRU(cfg.lru_width, cfg.num_heads, cfg.rnn_c, cfg.scan)
+        self.lru_width, self.taps = cfg.lru_width, cfg.conv1d_width
 
-    def forward(self, x, segment_pos, seg, state=None):
+    def new_cache(self, batch: int, max_len: int | None = None, dtype=torch.float32, device=None):
+        """A fixed-size state whatever the length: the conv's last P-1 inputs and h (float32)."""
+        return RecurrentState(conv_x=torch.zeros(batch, self.taps - 1, self.lru_width, dtype=dtype, device=device),
+                              h=torch.zeros(batch, self.lru_width, dtype=torch.float32, device=device))
+
+    def forward(self, x: torch.Tensor, pos: Positions, cache: "RecurrentState | None" = None) -> torch.Tensor:
         y = gelu_tanh(self.linear_y(x))  # the gate branch
-        u = self.conv_1d(self.linear_x(x), seg, state)  # (B, T, D)
-        u = self.rg_lru(u, segment_pos, state)
+        doc_positions = pos.positions if pos.packed else None  # None: one document, nothing to mask
+        u = self.conv_1d(self.linear_x(x), doc_positions, cache)  # (B, T, R)
+        u = self.rg_lru(u, pos.positions, cache)
         return self.linear_out(u * y)
 
 
-def window_mask(q_idx, k_idx, q_seg, k_seg, window: int, edge: str = "inclusive") -> torch.Tensor:
-    """(B, T, S) boolean: query t may see key s.
-
-    q_idx (T,), k_idx (B, S) absolute token indices (-1 marks an empty cache slot); q_seg (B, T),
-    k_seg (B, S) segment ids. A key is visible if it is not in the future, inside the window and in
-    the same document. Window: "inclusive" q - W <= k (W + 1 keys, official), "exclusive" q - W < k
-    (W keys, HF).
-    """
-    q, k = q_idx[None, :, None], k_idx[:, None, :]
-    lo = q - window if edge == "inclusive" else q - window + 1
-    return (k >= 0) & (k <= q) & (k >= lo) & (q_seg[:, :, None] == k_seg[:, None, :])
-
-
-class LocalAttention(nn.Module):
-    """Local multi-query attention with RoPE on the first half of head_dim.  (B, T, C) -> (B, T, C).
-
-    H query heads share K (1) key/value heads. Scale head_dim^-0.5, no soft-cap. The projections
-    have no bias except the output one.
-    """
-
-    def __init__(self, cfg: GriffinConfig):
-        super().__init__()
-        self.cfg = cfg
-        H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.width, H * Dh, bias=False)
-        self.k_proj = nn.Linear(cfg.width, K * Dh, bias=False)
-        self.v_proj = nn.Linear(cfg.width, K * Dh, bias=False)
-        self.o_proj = nn.Linear(H * Dh, cfg.width, bias=True)
-
-    def forward(self, x, segment_pos, seg, q_idx, state=None):
-        cfg = self.cfg
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, cfg.num_heads, -1).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, -1).transpose(1, 2)  # (B, K, T, Dh)
-        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, -1).transpose(1, 2)
-        # positions restart at every document start; computed on the fly, so no buffer to load
-        cos, sin = rope_cos_sin(segment_pos, rope_frequencies(cfg.rotary_dim, cfg.rope_base).to(x.device))
-        q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
-        k_idx, k_seg = q_idx.expand(B, T), seg
-        if state is not None:  # prepend the window of earlier keys, then keep the newest W
-            k = torch.cat([state.k.to(k.dtype), k], dim=2)
-            v = torch.cat([state.v.to(v.dtype), v], dim=2)
-            k_idx = torch.cat([state.k_idx, k_idx], dim=1)
-            k_seg = torch.cat([state.k_seg, k_seg], dim=1)
-            W = cfg.attention_window_size
-            state.k, state.v = k[:, :, -W:].to(state.k.dtype), v[:, :, -W:].to(state.v.dtype)
-            state.k_idx, state.k_seg = k_idx[:, -W:], k_seg[:, -W:]
-        mask = window_mask(q_idx, k_idx, seg, k_seg, cfg.attention_window_size, cfg.window_edge)
-        rep = cfg.num_heads // cfg.num_kv_heads  # every query head of a group reads the same K, V
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = scaled_dot_product_attention(q, k, v, mask[:, None], scale=cfg.head_dim ** -0.5)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-
-
-class MLPBlock(nn.Module):
-    """down( gelu(gate x + b) ⊙ (up x + b) ) + b: GeGLU with biases.  (B, T, C) -> (B, T, C)."""
-
-    def __init__(self, width: int, expanded: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(width, expanded)
-        self.up_proj = nn.Linear(width, expanded)
-        self.down_proj = nn.Linear(expanded, width)
-
-    def forward(self, x):
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+def local_attention(cfg: GriffinConfig) -> GroupedQueryAttention:
+    """Griffin's local attention: multi-query, RoPE on the first half of head_dim (base 10k), scale
+    head_dim^-0.5, no soft-cap, a bias on the output projection only. The official window of W
+    lets query q see keys q - W .. q, W + 1 keys (`window_edge`="inclusive"); HF's sees W."""
+    keys = cfg.attention_window_size + (1 if cfg.window_edge == "inclusive" else 0)
+    return GroupedQueryAttention(cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                 window=keys, rope_base=cfg.rope_base, rotary_dim=cfg.rotary_dim,
+                                 eps=cfg.rms_norm_eps, o_bias=True)
 
 
 class ResidualBlock(nn.Module):
-    """r = x + temporal(norm(x)); out = r + mlp(norm(r)). Pre-norms only, RMSNorm with (1 + w)."""
+    """r = x + temporal(norm(x)); out = r + mlp(norm(r)). Pre-norms only, RMSNorm with (1 + w).
+    The MLP is a GeGLU with biases."""
 
     def __init__(self, cfg: GriffinConfig, kind: str):
         super().__init__()
         self.kind = kind
         self.temporal_pre_norm = RMSNorm(cfg.width, cfg.rms_norm_eps)
-        self.temporal_block = RecurrentBlock(cfg) if kind == RECURRENT else LocalAttention(cfg)
+        self.temporal_block = RecurrentBlock(cfg) if kind == RECURRENT else local_attention(cfg)
         self.channel_pre_norm = RMSNorm(cfg.width, cfg.rms_norm_eps)
-        self.mlp_block = MLPBlock(cfg.width, cfg.mlp_expanded_width)
+        self.mlp_block = GeGLU(cfg.width, cfg.mlp_expanded_width, bias=True)
 
-    def forward(self, x, segment_pos, seg, q_idx, state=None):
-        h = self.temporal_pre_norm(x)
-        if self.kind == RECURRENT:
-            h = self.temporal_block(h, segment_pos, seg, state)
-        else:
-            h = self.temporal_block(h, segment_pos, seg, q_idx, state)
-        r = x + h
+    def forward(self, x: torch.Tensor, pos: Positions, cache=None) -> torch.Tensor:
+        r = x + self.temporal_block(self.temporal_pre_norm(x), pos, cache)
         return r + self.mlp_block(self.channel_pre_norm(r))
 
 
@@ -514,56 +444,27 @@ class ResidualBlock(nn.Module):
 # --------------------------------------------------------------------------------------------
 @dataclass
 class RecurrentState:
-    """A recurrent block's state: the conv's last W-1 inputs and the RG-LRU's h (float32)."""
+    """A recurrent block's state: the conv's last P-1 inputs and the RG-LRU's h (float32).
+    (An attention block's state is a RingKVCache of its window.)"""
 
-    conv_x: torch.Tensor  # (B, conv1d_width - 1, D)
-    conv_seg: torch.Tensor  # (B, conv1d_width - 1) segment ids, -1 = empty
-    h: torch.Tensor  # (B, D) float32
-
-
-@dataclass
-class WindowKV:
-    """An attention block's state: the keys and values of the last W tokens (a sliding window)."""
-
-    k: torch.Tensor  # (B, K, W, Dh), after RoPE
-    v: torch.Tensor  # (B, K, W, Dh)
-    k_idx: torch.Tensor  # (B, W) absolute index of each slot's token, -1 = empty
-    k_seg: torch.Tensor  # (B, W) its segment id
-
-
-@dataclass
-class GriffinCache:
-    """Everything needed to continue a batch of sequences. Its size does not depend on their length.
-
-    layers[i] is a RecurrentState or a WindowKV; `seen` counts the tokens fed so far; `next_pos`
-    (B,) is each row's next segment position and `segment` (B,) its current segment id.
-    """
-
-    layers: list
-    seen: int = 0
-    next_pos: torch.Tensor | None = None
-    segment: torch.Tensor | None = None
-
-    def state_tensors(self) -> list[torch.Tensor]:
-        """The model state proper (conv tails, h, K and V), without the integer bookkeeping."""
-        out = []
-        for s in self.layers:
-            out += [s.conv_x, s.h] if isinstance(s, RecurrentState) else [s.k, s.v]
-        return out
+    conv_x: torch.Tensor  # (B, P - 1, R)
+    h: torch.Tensor  # (B, R) float32
 
 
 def state_bytes(cfg: GriffinConfig, T: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes of decoding state after T tokens: conv tails and KV in `dtype`, the RG-LRU h in float32.
 
-    Recurrent block: (conv1d_width - 1)·D activations + D float32. Attention block: keys and values
-    of min(T, W) tokens. This stops growing once T reaches the window; a transformer's KV cache
-    does not. (`new_cache` allocates the full window up front, which is this at T >= W.)
+    Recurrent block: (P - 1)·R activations + R float32. Attention block: keys and values of the
+    min(T, window) tokens it can still see (window = W + 1 with the official inclusive edge). This
+    stops growing once T reaches the window; a transformer's KV cache does not. (`new_cache`
+    allocates the full window up front, which is this at T >= window.)
     """
     size = torch.tensor([], dtype=dtype).element_size()
     n_rec = sum(k == RECURRENT for k in cfg.block_types)
     n_att = cfg.num_layers - n_rec
+    window = cfg.attention_window_size + (1 if cfg.window_edge == "inclusive" else 0)
     rec = (cfg.conv1d_width - 1) * cfg.lru_width * size + cfg.lru_width * 4
-    att = 2 * cfg.num_kv_heads * cfg.head_dim * min(T, cfg.attention_window_size) * size
+    att = 2 * cfg.num_kv_heads * cfg.head_dim * min(T, window) * size
     return batch * (n_rec * rec + n_att * att)
 
 
@@ -573,26 +474,33 @@ def state_bytes(cfg: GriffinConfig, T: int, batch: int = 1, dtype: torch.dtype =
 class Griffin(nn.Module):
     """The RecurrentGemma language model.  input_ids (B, T) -> logits (B, T, V).
 
-    embed · sqrt(width) (rounded in bf16) -> residual blocks -> final RMSNorm -> tied LM head ->
+    embed · sqrt(C) (rounded in bf16) -> residual blocks -> final RMSNorm -> tied LM head ->
     soft-cap 30.
     """
 
     def __init__(self, cfg: GriffinConfig):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.width)
+        # (built empty, then initialised below: on the meta device there is nothing to initialise)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.width, _weight=torch.empty(cfg.vocab_size, cfg.width))
         self.layers = nn.ModuleList(ResidualBlock(cfg, kind) for kind in cfg.block_types)
         self.final_norm = RMSNorm(cfg.width, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False, device="meta")  # tied: the embedding
+        self.tie_weights()
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
+    def tie_weights(self) -> None:
+        """Make the head's weight the embedding's (again: moving a model off the meta device unties it)."""
+        self.lm_head.weight = self.embed_tokens.weight
+
     @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+    def reset_parameters(self, generator: torch.Generator | None = None) -> "Griffin":
         """The reference initialisation (recurrentgemma torch). Biases and norm weights start at 0.
 
         Input-side linears N(0, 1/C); output linears N(0, s/fan_in) with s = 2 / num_layers (the
         variance is scaled, as the reference's final_w_init_variance_scale), so the residual stream
-        grows less with depth; conv N(0, 0.01/W); gates N(0, 1/block_width);
+        grows less with depth; conv N(0, 0.01/P); gates N(0, 1/block_width);
         and Λ such that a = sigmoid(Λ) has a² ~ U(0.9², 0.999²), i.e. memories of ~10 to ~1000 steps.
         """
         cfg = self.config
@@ -621,96 +529,58 @@ class Griffin(nn.Module):
                 a = a2.sqrt()  # a = sigmoid(Λ) = exp(-softplus(a_param))  =>  a_param = log(1/a - 1)
                 tb.rg_lru.a_param.copy_(torch.log(1.0 / a - 1.0))
             else:
-                for lin in (tb.q_proj, tb.k_proj, tb.v_proj):
-                    normal(lin.weight, 1.0 / cfg.width)
+                normal(tb.qkv_proj.weight, 1.0 / cfg.width)  # q, k and v alike
                 normal(tb.o_proj.weight, s / cfg.width)
                 tb.o_proj.bias.zero_()
             mlp = block.mlp_block
-            for lin in (mlp.gate_proj, mlp.up_proj):
-                normal(lin.weight, 1.0 / cfg.width)
-                lin.bias.zero_()
+            normal(mlp.gate_up_proj.weight, 1.0 / cfg.width)  # gate and up alike
+            mlp.gate_up_proj.bias.zero_()
             normal(mlp.down_proj.weight, s / cfg.mlp_expanded_width)
             mlp.down_proj.bias.zero_()
         self.final_norm.weight.zero_()
+        return self
 
     def new_cache(self, batch: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None,
-                  device=None) -> GriffinCache:
-        """An empty decoding state for `batch` rows. Its size is fixed: `max_len` is accepted for
-        the same call shape as Gemma's cache and ignored. dtype defaults to the model's."""
-        cfg = self.config
-        p = self.embed_tokens.weight
-        dtype, device = dtype or p.dtype, device or p.device
-        B, W = batch, cfg.attention_window_size
-        layers = []
-        for kind in cfg.block_types:
-            if kind == RECURRENT:
-                layers.append(RecurrentState(
-                    conv_x=torch.zeros(B, cfg.conv1d_width - 1, cfg.lru_width, dtype=dtype, device=device),
-                    conv_seg=torch.full((B, cfg.conv1d_width - 1), -1, dtype=torch.long, device=device),
-                    h=torch.zeros(B, cfg.lru_width, dtype=torch.float32, device=device)))
-            else:
-                kv = (B, cfg.num_kv_heads, W, cfg.head_dim)
-                layers.append(WindowKV(
-                    k=torch.zeros(kv, dtype=dtype, device=device), v=torch.zeros(kv, dtype=dtype, device=device),
-                    k_idx=torch.full((B, W), -1, dtype=torch.long, device=device),
-                    k_seg=torch.full((B, W), -1, dtype=torch.long, device=device)))
-        zeros = torch.zeros(B, dtype=torch.long, device=device)
-        return GriffinCache(layers, 0, next_pos=zeros, segment=zeros.clone())
+                  device=None) -> Cache:
+        """An empty decoding state for `batch` rows: a RecurrentState per recurrent block and a
+        RingKVCache of the window per attention block. Its size is fixed; `max_len` only caps the
+        rings for short texts. dtype and device default to the model's."""
+        dtype = dtype or activation_dtype(self)
+        device = device or self.final_norm.weight.device
+        return Cache([layer.temporal_block.new_cache(batch, max_len, dtype, device) for layer in self.layers],
+                     batch, device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, cache: GriffinCache | None = None,
-                last_only: bool = False, *, segment_pos: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, cache: Cache | None = None,
+                last_only: bool = False, return_hidden: bool = False) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only.
 
-        positions (B, T) or (T,) (alias `segment_pos`, the official name): each token's position
-                        inside its document, 0 at a document start. Default: continue from the
-                        cache (0, 1, 2, ... without one).
+        positions (B, T) or (T,): each token's position inside its document, 0 at a document start
+                        (the official code's `segment_pos`): at a 0 the RG-LRU state resets, the
+                        conv does not look back across the boundary, and attention stays inside
+                        the document. Default: continue from the cache (0, 1, 2, ... without one).
         attention_mask: (B, S) with S = tokens already in the cache + T, True for real tokens, for
                         left-padded batches; each pad becomes a one-token document.
         cache:          from `new_cache`; continued from and updated in place.
-        Same call shape as `minigemma.gemma.Gemma`, so one decode loop drives both.
+        return_hidden:  return the final-normed hidden states (B, T, C) instead of logits.
+        Same call as `minigemma.gemma.Gemma`, so one decode loop drives both.
         """
         check_token_ids(input_ids, self.config.vocab_size)
-        B, T = input_ids.shape
-        device = input_ids.device
-        if segment_pos is not None:
-            if positions is not None:
-                raise ValueError("pass positions or segment_pos (the same thing), not both")
-            positions = segment_pos
-        if cache is not None and cache.next_pos.shape[0] != B:
-            raise ValueError(f"cache is for batch size {cache.next_pos.shape[0]}, input has {B}")
-        seen = 0 if cache is None else cache.seen
-        if positions is None and attention_mask is not None:
-            if attention_mask.shape != (B, seen + T):
-                raise ValueError(f"attention_mask must be (B, tokens in cache + T) = {(B, seen + T)}, "
-                                 f"got {tuple(attention_mask.shape)}")
-            m = attention_mask.bool()
-            # real tokens count from 0 at the first one; every pad is a document of its own
-            positions = torch.where(m, m.long().cumsum(-1) - 1, 0)[:, -T:]
-        if positions is None:
-            start = cache.next_pos if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
-            positions = start[:, None] + torch.arange(T, device=device)
-        if positions.dim() == 1:
-            positions = positions.expand(B, -1)
-        if positions.shape != (B, T):
-            raise ValueError(f"positions must have shape {(B, T)} or ({T},), got {tuple(positions.shape)}")
-        segment_pos = positions.to(device=device, dtype=torch.long)
-        seg = segment_ids(segment_pos, None if cache is None else cache.segment)  # (B, T)
-        q_idx = torch.arange(T, device=device) + seen  # absolute index of each new token
-
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
+        pos = make_positions(input_ids, cache, attention_mask, positions)
         x = self.embed_tokens(input_ids)
         if self.config.embeddings_scale_by_sqrt_dim:
-            x = x * embed_scale(self.config.width, x.dtype)
+            # both references round sqrt(width) in bfloat16, whatever the activation dtype
+            x = x * embedding_scale(self.config.width, x.dtype, rounded_in=torch.bfloat16)
         for i, block in enumerate(self.layers):
-            x = block(x, segment_pos, seg, q_idx, None if cache is None else cache.layers[i])
-        if cache is not None:
-            cache.seen += T
-            cache.next_pos = segment_pos[:, -1] + 1
-            cache.segment = seg[:, -1]
+            x = block(x, pos, None if cache is None else cache[i])
+        x = self.final_norm(x)
         if last_only:
             x = x[:, -1:]
-        logits = self.final_norm(x) @ self.embed_tokens.weight.T  # tied head
-        return soft_cap(logits, self.config.logits_soft_cap)
+        if return_hidden:
+            return x
+        return soft_cap(self.lm_head(x), self.config.logits_soft_cap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -736,7 +606,7 @@ def hf_name_table(cfg: GriffinConfig) -> dict[str, str | None]:
             for hf_gate, our_gate in (("input_gate", "input_gate"), ("recurrent_gate", "a_gate")):
                 for t in ("weight", "bias"):
                     table[f"{hf}temporal_block.rg_lru.{hf_gate}_{t}"] = f"{ours}temporal_block.rg_lru.{our_gate}.{t}"
-        else:
+        else:  # q, k and v fill the fused qkv_proj (see weights.hf.fused_parts)
             names += [f"temporal_block.{p}_proj.weight" for p in "qkvo"] + ["temporal_block.o_proj.bias"]
         for n in names:
             table[hf + n] = ours + n
@@ -754,13 +624,11 @@ def from_hf(path, config: dict | None = None, dtype: torch.dtype = torch.float32
     Every tensor goes through `hf_name_table`, checked both ways with shapes. `overrides` go to
     GriffinConfig.from_hf (e.g. window_edge="exclusive" to reproduce HF's forward exactly).
     """
-    from .weights.hf import CheckpointError, load_state_strict, read_config, read_safetensors
+    from .weights.hf import CheckpointError, empty_model, load_state_strict, read_config, read_safetensors
 
     config = read_config(path) if config is None else config
     cfg = GriffinConfig.from_hf(config, **overrides)
-    with torch.device("meta"):
-        model = Griffin(cfg)
-    model = model.to_empty(device="cpu")
+    model = empty_model(Griffin, cfg, torch.float32)
     table = hf_name_table(cfg)
 
     def name_map(ck_name: str) -> str | None:
@@ -790,7 +658,7 @@ def small_config(**overrides) -> GriffinConfig:
 
 
 __all__ = [
-    "GriffinConfig", "PRESETS", "Griffin", "GriffinCache", "from_hf", "hf_name_table", "state_bytes",
+    "GriffinConfig", "PRESETS", "Griffin", "RecurrentState", "from_hf", "hf_name_table", "state_bytes",
     "scan_sequential", "scan_associative", "associative_combine", "causal_conv1d", "rglru_step",
-    "window_mask", "param_count", "small_config", "griffin_pattern",
+    "param_count", "small_config", "griffin_pattern",
 ]

@@ -48,15 +48,40 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x_i, x_{i+d/2}) by its angle.  x (B, H, T, d); cos, sin (T, d) or (B, 1, T, d).
+    """Rotate each pair (x_i, x_{i+d/2}) by its angle.  x (B, H, T, D); cos, sin (T, d) or (B, 1, T, d).
 
-    Only the first `cos.shape[-1]` dimensions are rotated; the rest pass through. Griffin rotates
-    half of head_dim this way.
+    Only the first d = `cos.shape[-1]` dimensions are rotated; the rest pass through. Griffin rotates
+    half of head_dim this way. The product runs in float32 and is cast back to x's dtype once.
     """
     d = cos.shape[-1]
     x_rot, x_pass = x[..., :d], x[..., d:]
-    out = x_rot * cos.to(x.dtype) + rotate_half(x_rot) * sin.to(x.dtype)
+    out = (x_rot.float() * cos + rotate_half(x_rot).float() * sin).to(x.dtype)
     return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE's angles for one (rotary_dim, base, scaling): positions -> (cos, sin), float32.
+
+    A model holds one per layer and computes cos/sin once per forward call for each distinct
+    setting (Gemma 3: a 10k base on local layers, a 1M one on global layers); layers of the same
+    kind reuse them (`attention.Positions.rope`). The frequencies are derived from the config when
+    needed, so there is no buffer to save, load or re-initialise.
+    """
+
+    def __init__(self, rotary_dim: int, base: float = 10_000.0, scaling: float = 1.0):
+        super().__init__()
+        self.rotary_dim, self.base, self.scaling = rotary_dim, base, scaling
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) or (B, T) -> cos, sin of shape (T, d) or (B, 1, T, d) (one set for every head)."""
+        inv_freq = rope_frequencies(self.rotary_dim, self.base, self.scaling).to(positions.device)
+        cos, sin = rope_cos_sin(positions, inv_freq)
+        if cos.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]
+        return cos, sin
+
+    def extra_repr(self) -> str:
+        return f"rotary_dim={self.rotary_dim}, base={self.base:g}, scaling={self.scaling:g}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,7 +91,7 @@ class RMSNorm(nn.Module):
     """RMSNorm with Gemma's (1 + w) weight, computed in float32.
 
     y = x / sqrt(mean(x²) + ε) · (1 + w).  w starts at 0, so a fresh norm is the identity scale.
-    x (..., C) -> (..., C), in x's dtype.
+    x (..., C) -> (..., C), in x's dtype. (Gemma 3's QK-norm is this over head_dim, one w for all heads.)
     """
 
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -75,9 +100,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        x32 = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x / sqrt(mean(x²) + ε), in float32
         return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps:g}"
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -86,31 +113,61 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 class GeGLU(nn.Module):
-    """Gated MLP: down(gelu_tanh(gate(x)) · up(x)).  (B, T, C) -> (B, T, C); no biases."""
+    """Gated MLP: down(gelu_tanh(gate(x)) · up(x)).  (B, T, C) -> (B, T, C).
 
-    def __init__(self, hidden: int, intermediate: int):
+    gate and up read the same x, so their weights are stored stacked as one (2F, C) matrix,
+    `gate_up_proj`: [x W_gateᵀ, x W_upᵀ] = x [W_gate; W_up]ᵀ is one matrix product instead of two,
+    with the same numbers. Loaders fill it from the checkpoints' separate gate and up weights.
+    Gemma has no biases; Griffin's MLP has them (bias=True).
+    """
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.intermediate = intermediate
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)  # rows: [gate (F); up (F)]
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    # checkpoint tensors that fill the fused one: part -> rows of gate_up_proj
+    def fused_parts(self) -> dict[str, tuple[str, int, int]]:
+        F_ = self.intermediate
+        return {"gate_proj": ("gate_up_proj", 0, F_), "up_proj": ("gate_up_proj", F_, 2 * F_)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, F) each
+        return self.down_proj(gelu_tanh(gate) * up)
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """A clear error for ids that are not a (B, T) integer tensor inside the vocabulary."""
+    """A clear error for ids that are not a (B, T) integer tensor inside the vocabulary.
+
+    The range check reads the ids' values, so it runs only on CPU tensors (free there) and not while
+    torch.compile traces; on an accelerator it would wait for the device at every step, and the
+    embedding's own bounds check catches a bad id there anyway.
+    """
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
         raise ValueError(f"input_ids must be a (B, T) integer tensor, got {input_ids.dtype} "
                          f"{tuple(input_ids.shape)}")
-    if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab_size:
-        raise ValueError(f"token ids must lie in [0, {vocab_size}), got "
-                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+    if input_ids.device.type != "cpu" or torch.compiler.is_compiling() or not input_ids.numel():
+        return
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{lo}, {hi}]")
 
 
-def embedding_scale(hidden: int, dtype: torch.dtype) -> torch.Tensor:
-    """sqrt(hidden) rounded to the activation dtype first, as the reference does (bf16: 640 -> 25.25)."""
-    return torch.tensor(math.sqrt(hidden), dtype=dtype)
+def activation_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of a model's activations: what its embedding returns (a quantised embedding says so
+    with a `dtype` attribute; bf16 for the int8/int4 models)."""
+    e = model.embed_tokens
+    return getattr(e, "dtype", None) or e.weight.dtype
+
+
+def embedding_scale(hidden: int, dtype: torch.dtype, rounded_in: torch.dtype | None = None) -> torch.Tensor:
+    """sqrt(hidden), rounded first as the reference does, as a 0-d tensor of `dtype`.
+
+    Gemma rounds in the activation dtype (bf16: sqrt(640) -> 25.25); RecurrentGemma's references
+    round in bfloat16 whatever the activation dtype ("to match training"): rounded_in=torch.bfloat16.
+    """
+    return torch.tensor(math.sqrt(hidden), dtype=rounded_in or dtype).to(dtype)
 
 
 def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:

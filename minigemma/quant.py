@@ -1,31 +1,30 @@
-"""Faster CPU decoding for Gemma: bf16 or weight-only int8/int4 weights, and a lean decode step (chapter 05).
+"""Weight-only quantisation by swapping modules: the same model, smaller weights (chapters 05-06).
 
-Decoding one token reads every weight once, so its speed is bound by the bytes of weights
-read per token (`weight_bytes_per_token`), not by arithmetic. Gemma 3 270M is mostly its
+Decoding one token reads every weight once, so its speed is bound by the bytes of weights read
+per token (`weight_bytes_per_token`), not by arithmetic. Gemma 3 270M is mostly its
 262,144 x 640 embedding, which is also the LM head: 168M of its 268M parameters.
 
-    float32   4 bytes/weight                      the reference
-    bfloat16  2 bytes/weight                      `model.to(torch.bfloat16)`
-    int8      1 byte/weight + one bf16 scale/row  `quantize(model, layers="int8", head="int8")`
-    int4      ½ byte/weight + bf16 scale and offset per group of 32 weights (4.5 bits/weight)
+    level   layers (every nn.Linear of the blocks)      head                          embedding lookup
+    None    float32 (the reference)                      tied to the embedding         float32
+    "bf16"  bfloat16                                      tied, bfloat16                bfloat16
+    "int8"  int8, one bf16 scale per output row           int4, top-64 rescored exactly  Q8_0 (8.5 bits)
+    "int4"  int4, a bf16 scale and offset per 32 weights  int4, top-64 rescored exactly  Q8_0 (8.5 bits)
 
-Weight-only quantisation keeps activations in bf16: each output row r of W is stored as int8 q
-and a scale s_r = max|W_r| / 127, so W ≈ s[:, None] * q, and `torch.ops.aten._weight_int8pack_mm`
-computes x @ (s * q)^T without materialising W (the CPU kernel behind torchao's int8
-weight-only quantisation). Int4 cuts each row into groups of 32 and stores 4-bit codes with a
-scale and offset per group (`_weight_int4pack_mm_for_cpu`). Both kernels want bf16 activations:
-fed float32 they are several times slower. RMSNorm, softmax and RoPE still run in float32.
+`quantize(model, level)` only swaps modules: each `nn.Linear` becomes an `Int8Linear` or
+`Int4Linear`, the tied head a `RescoredHead`, the embedding a `Q8_0Embedding`. The model's own
+forward runs unchanged around them; there is no second model.
 
-A 4-bit head moves logits enough to swap near-tied tokens; `RescoredHead` recomputes its top k
-logits exactly, so greedy decoding picks what an exact head would (int4 speed, exact choices).
+Weight-only quantisation keeps activations in bf16. An int8 row r of W is stored as q and a scale
+s_r = max|W_r| / 127, so W ≈ s[:, None] · q, and `torch.ops.aten._weight_int8pack_mm` computes
+x @ (s · q)ᵀ without materialising W (the CPU kernel behind torchao's int8 weight-only
+quantisation). Int4 cuts each row into groups of 32 with a scale and an offset per group
+(`_weight_int4pack_mm_for_cpu`). Both kernels want bf16 activations: fed float32 they are several
+times slower. RMSNorm, softmax and RoPE still run in float32.
 
-At batch 1 the matrix-vector products of the 18 layers take only a few milliseconds; eager
-PyTorch spends about as long again dispatching the small ops around them. `FastDecoder` is the
-same model with a one-token step made of far fewer ops, optionally compiled (see its docstring).
-
-    model = quantize(load_gguf(path, torch.bfloat16), layers="int8", head="int4", rescore=64)
-    fast = FastDecoder(model, compile=True)   # compile=False: eager, no compilation wait
-    generate_ids(fast, [prompt_ids], 64)      # same interface as the model
+A 4-bit head moves logits by up to ~2-3, enough to swap near-tied tokens; `RescoredHead` recomputes
+its top k logits exactly from the embedding's rows, so greedy decoding picks what the exact head
+would (int4 speed, exact choices). The embedding keeps the GGUF file's own Q8_0 blocks
+(`Q8_0Embedding`): a row lookup dequantises 640 weights, exactly the float32 model's row.
 """
 
 from __future__ import annotations
@@ -34,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import embedding_scale, gelu_tanh, rope_cos_sin, rope_frequencies, soft_cap
+LEVELS = (None, "bf16", "int8", "int4")
+ROWS_PER_PACK = 4096  # weights are quantised this many rows at a time: the 262k-row head is never float32 whole
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,31 +49,54 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (scale * q)^T: an int8 weight (N, K) with one bf16 scale per output row, no bias.
+    """y = x @ (scale · q)ᵀ + bias: an int8 weight (N, K) with one bf16 scale per output row.
 
-    x (..., K) in any float dtype -> (..., N) in bf16.
+    x (..., K) in any float dtype -> (..., N) in bf16. A drop-in for `nn.Linear` (same in/out).
     """
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("q", q.contiguous())  # (N, K) int8
         self.register_buffer("scale", scale.to(torch.bfloat16))  # (N,)
+        self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
 
     @classmethod
-    def from_weight(cls, w: torch.Tensor) -> "Int8Linear":
-        return cls(*int8_rows(w))
+    def from_rows(cls, row_chunks, n_rows: int, in_features: int, bias: torch.Tensor | None = None) -> "Int8Linear":
+        """Quantise a weight (n_rows, in_features) given as consecutive chunks of rows, into outputs
+        allocated once up front: a loader never holds a whole float32 matrix, and the heap does not
+        fragment into the holes a long run of temporaries would leave."""
+        q = torch.empty(n_rows, in_features, dtype=torch.int8)
+        scale = torch.empty(n_rows, dtype=torch.float32)
+        r = 0
+        for w in row_chunks:
+            q[r:r + w.shape[0]], scale[r:r + w.shape[0]] = int8_rows(w)
+            r += w.shape[0]
+        if r != n_rows:
+            raise ValueError(f"the row chunks hold {r} rows, not {n_rows}")
+        return cls(q, scale, bias)
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
+        N, K = w.shape
+        return cls.from_rows((w[r:r + ROWS_PER_PACK] for r in range(0, N, ROWS_PER_PACK)), N, K, bias)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight the kernel multiplies by, (N, K) float32."""
+        return self.q.float() * self.scale.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N, K = self.q.shape
-        x2 = x.reshape(-1, K).to(torch.bfloat16)  # (M, K)
-        if x2.shape[0] > 16:  # prefill: a bf16 GEMM on the dequantised weight is faster than the GEMV kernel
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
+        if x2.shape[0] > 16:  # a prompt: a bf16 matrix product on the dequantised weight beats the GEMV kernel
             y = x2 @ (self.q.to(torch.bfloat16) * self.scale[:, None]).T
         else:  # decode: read 1 byte per weight
             y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)
-        return y.reshape(*x.shape[:-1], N)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.q.shape[1]}, out_features={self.q.shape[0]}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,7 +106,7 @@ def int4_groups(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, to
     """Asymmetric group-wise 4 bits: w (N, K) -> (q (N, K) int32 in [0, 15], scale (N, K/g), lo (N, K/g)).
 
     Each group of g consecutive weights of a row spans [lo, hi] with 16 levels:
-    scale = (hi - lo) / 15, q = round((w - lo) / scale), so w ≈ lo + scale * q (llama.cpp's Q4_1 idea).
+    scale = (hi - lo) / 15, q = round((w - lo) / scale), so w ≈ lo + scale · q (llama.cpp's Q4_1 idea).
     """
     N, K = w.shape
     if K % group_size:
@@ -96,63 +119,152 @@ def int4_groups(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, to
 
 
 class Int4Linear(nn.Module):
-    """y = x @ W^T with W stored in 4 bits: w = lo + scale * q per group of `group_size` weights, no bias.
+    """y = x @ Wᵀ + bias with W in 4 bits: w = lo + scale · q per group of `group_size` weights.
 
     x (..., K) in any float dtype -> (..., N) in bf16. The weight is packed for
-    `torch.ops.aten._weight_int4pack_mm_for_cpu`, which computes w = (q - 8) * scale + zero per group,
-    so we store zero = lo + 8 * scale (the same line, written around the middle code 8).
+    `torch.ops.aten._weight_int4pack_mm_for_cpu`, which computes w = (q - 8) · scale + zero per group,
+    so we store zero = lo + 8 · scale (the same line, written around the middle code 8). Scale and zero
+    are kept in bf16, the kernel's format.
     """
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, group_size: int):
+    def __init__(self, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int,
+                 in_features: int, bias: torch.Tensor | None = None):
         super().__init__()
-        if q.shape[0] % 16:
-            raise ValueError(f"out_features={q.shape[0]}: the int4 CPU kernel needs a multiple of 16")
-        self.in_features, self.out_features, self.group_size = q.shape[1], q.shape[0], group_size
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1))
-        zero = lo + 8 * scale
-        # (K/g, N, 2) bf16: the layout the kernel reads
-        self.register_buffer("scale_zero", torch.stack([scale.T, zero.T], dim=-1).to(torch.bfloat16).contiguous())
+        self.in_features, self.out_features, self.group_size = in_features, packed.shape[0], group_size
+        self.register_buffer("packed", packed)  # (N, K/2) uint8, the CPU kernel's layout
+        self.register_buffer("scale_zero", scale_zero)  # (K/g, N, 2) bf16
+        self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
 
     @classmethod
-    def from_weight(cls, w: torch.Tensor, group_size: int = 32) -> "Int4Linear":
-        return cls(*int4_groups(w, group_size), group_size)
+    def from_rows(cls, row_chunks, n_rows: int, in_features: int, group_size: int = 32,
+                  bias: torch.Tensor | None = None) -> "Int4Linear":
+        """Quantise a weight (n_rows, in_features) given as consecutive chunks of rows, so a 262k-row
+        head is never held whole in float32. Every chunk but the last must have a multiple of 64
+        rows: the packed layout tiles rows by 64, so chunks packed one by one fill the whole. The
+        outputs are allocated once, up front (a list of small pieces would fragment the heap)."""
+        if n_rows % 16:
+            raise ValueError(f"out_features={n_rows}: the int4 CPU kernel needs a multiple of 16")
+        if in_features % group_size:
+            raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}")
+        packed = torch.empty(n_rows, in_features // 2, dtype=torch.uint8)
+        scale_zero = torch.empty(in_features // group_size, n_rows, 2, dtype=torch.bfloat16)
+        r = 0
+        for w in row_chunks:
+            if r % 64:
+                raise ValueError("only the last chunk of rows may have a number of rows not divisible by 64")
+            n = w.shape[0]
+            q, scale, lo = int4_groups(w, group_size)
+            packed[r:r + n] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+            scale_zero[:, r:r + n, 0] = scale.T
+            scale_zero[:, r:r + n, 1] = (lo + 8 * scale).T
+            r += n
+        if r != n_rows:
+            raise ValueError(f"the row chunks hold {r} rows, not {n_rows}")
+        return cls(packed, scale_zero, group_size, in_features, bias)
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, group_size: int = 32, bias: torch.Tensor | None = None) -> "Int4Linear":
+        """Quantise w (N, K), ROWS_PER_PACK rows at a time."""
+        N, K = w.shape
+        return cls.from_rows((w[r:r + ROWS_PER_PACK] for r in range(0, N, ROWS_PER_PACK)), N, K, group_size, bias)
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight (N, K) the kernel multiplies by (for tests and error analysis)."""
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)  # x = I gives W^T: one term per sum, exact
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)  # x = I gives Wᵀ: one term per sum, exact
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scale_zero).float().T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, K); the kernel needs it dense
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
+        if self.bias is not None:
+            y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedding in Q8_0 blocks, and the re-scored head
+# ----------------------------------------------------------------------------------------------
+def q8_0_blocks(w: torch.Tensor) -> torch.Tensor:
+    """Quantise rows of w (V, C) to GGUF's Q8_0: blocks of 32 weights, an fp16 scale d = max|w|/127
+    and 32 int8 q = round(w / d). Returns (V, C/32, 34) uint8, the file's own byte layout.
+
+    For weights that were dequantised from Q8_0 (the 270M's embedding) this gives back the file's
+    bytes exactly: the largest |q| of a block is 127, so d and then every q come out the same.
+    """
+    V, C = w.shape
+    blocks = w.float().reshape(V, C // 32, 32)
+    d = blocks.abs().amax(-1) / 127.0  # (V, C/32), as llama.cpp computes it, in float32
+    q = torch.round(blocks / torch.where(d == 0, 1.0, d)[..., None]).clamp(-128, 127).to(torch.int8)
+    d16 = d.half().view(torch.uint8).reshape(V, C // 32, 2)
+    return torch.cat([d16, q.view(torch.uint8)], dim=-1)
+
+
+class Q8_0Embedding(nn.Module):
+    """A token embedding kept in Q8_0 blocks (8.5 bits/weight): (B, T) ids -> (B, T, C) in `dtype`.
+
+    A lookup dequantises only the rows it gathers (w = d · q), so the 262,144 × 640 table costs
+    178 MB instead of 671 MB (float32) or 335 MB (bf16). `rows` gives exact float32 rows, for
+    `RescoredHead`.
+    """
+
+    def __init__(self, blocks: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.register_buffer("blocks", blocks.contiguous())  # (V, C/32, 34) uint8
+        self.num_embeddings, self.embedding_dim = blocks.shape[0], blocks.shape[1] * 32
+        self.dtype = dtype
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, dtype: torch.dtype = torch.bfloat16, rows_per_chunk: int = 16384):
+        return cls(torch.cat([q8_0_blocks(w[r:r + rows_per_chunk]) for r in range(0, w.shape[0], rows_per_chunk)]),
+                   dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (...) -> the exact float32 rows (..., C)."""
+        b = self.blocks[ids]  # (..., C/32, 34)
+        d = b[..., :2].contiguous().view(torch.float16).float()  # (..., C/32, 1)
+        q = b[..., 2:].contiguous().view(torch.int8).float()  # (..., C/32, 32)
+        return (d * q).flatten(-2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows(ids).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, Q8_0, out={self.dtype}"
+
+
+def embedding_rows(embedding: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Exact float32 rows of an nn.Embedding or a Q8_0Embedding."""
+    if isinstance(embedding, Q8_0Embedding):
+        return embedding.rows(ids)
+    return embedding.weight[ids].float()
 
 
 class RescoredHead(nn.Module):
-    """A quantised head whose k largest logits are recomputed exactly: greedy choices as a bf16 head's.
+    """A quantised head whose k largest logits are recomputed exactly: greedy choices as the exact head's.
 
     A 4-bit head moves logits by up to ~2-3 (Gemma 3 270M), enough to swap near-tied tokens. But the
     token the exact head would pick stays among the quantised head's top few (measured: within the
-    top 6 at every position of chapter 05's texts), so we take the top k (64 by default), recompute
-    those k logits in float32 from the bf16 embedding rows (k · C multiply-adds, ~0.5 ms), and
-    write them back. Greedy decoding then picks the exact head's arg-max; the other logits keep their
-    quantised values, which matters only when sampling far down the tail.
+    top 6 at every position of chapter 06's texts), so we take the top k (64 by default), recompute
+    those k logits in float32 from the embedding's exact rows (k · C multiply-adds), and write them
+    back. Greedy decoding then picks the exact head's arg-max; the other logits keep their quantised
+    values, which matters only when sampling far down the tail.
 
     x (..., C) -> logits (..., V) float32.
     """
 
-    def __init__(self, approx: nn.Module, weight: torch.Tensor, k: int = 64):
+    def __init__(self, approx: nn.Module, embedding: nn.Module, k: int = 64):
         super().__init__()
         self.approx, self.k = approx, k
-        self.table = weight.detach()  # (V, C): the embedding itself (not a copy, not a parameter)
+        self._embedding = [embedding]  # the model's own embedding (not registered twice)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.approx(x).float()  # (..., V)
         idx = logits.topk(self.k, dim=-1).indices  # (..., k)
-        rows = self.table[idx].float()  # (..., k, C)
+        rows = embedding_rows(self._embedding[0], idx)  # (..., k, C)
         exact = (rows @ x.float()[..., None])[..., 0]  # (..., k)
         return logits.scatter_(-1, idx, exact)
 
@@ -160,236 +272,82 @@ class RescoredHead(nn.Module):
         return f"k={self.k}"
 
 
-QUANTIZERS = {
-    "int8": lambda w, group_size: Int8Linear.from_weight(w),
-    "int4": lambda w, group_size: Int4Linear.from_weight(w, group_size),
-}
+# ----------------------------------------------------------------------------------------------
+# quantize: swap the modules of a float model
+# ----------------------------------------------------------------------------------------------
+def quantized_linear(level: str, w: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32):
+    """The module that replaces an nn.Linear of weight w (N, K) at `level` ("int8" or "int4").
+    w may also be (row_chunks, N, K): consecutive chunks of rows, read as they are quantised."""
+    chunks, N, K = w if isinstance(w, tuple) else ((w[r:r + ROWS_PER_PACK] for r in range(0, w.shape[0], ROWS_PER_PACK)),
+                                                   *w.shape)
+    if level == "int8":
+        return Int8Linear.from_rows(chunks, N, K, bias)
+    if level == "int4":
+        return Int4Linear.from_rows(chunks, N, K, group_size, bias)
+    raise ValueError(f"no quantised linear for level {level!r}")
 
 
-@torch.no_grad()
-def quantize(model: nn.Module, layers: str | None = "int8", head: str | None = "int8",
-             group_size: int = 32, rescore: int = 0) -> nn.Module:
-    """In place: the model to bf16, then weight-only quantisation. Returns the model.
+def quantized_head(embedding: nn.Module, rescore: int = 64, group_size: int = 32) -> RescoredHead:
+    """The LM head tied to `embedding` (V, C) as an int4 head whose top `rescore` logits are exact.
+    Built ROWS_PER_PACK exact rows at a time."""
+    V, C = embedding.num_embeddings, embedding.embedding_dim
+    chunks = (embedding_rows(embedding, torch.arange(r, min(V, r + ROWS_PER_PACK))) for r in range(0, V, ROWS_PER_PACK))
+    return RescoredHead(Int4Linear.from_rows(chunks, V, C, group_size), embedding, rescore)
 
-    layers: "int8", "int4" or None (bf16): every bias-free nn.Linear of the blocks.
-    head:   "int8", "int4" or None (bf16): Gemma's tied head becomes a quantised copy of the
-            embedding in `model.lm_head`; the embedding lookup itself stays bf16 (it reads only
-            B·T rows per step).
-    group_size: weights per int4 group (32, 64, 128, ...: smaller is more accurate, larger smaller).
-    rescore: if k > 0, the head's top-k logits are recomputed exactly (`RescoredHead`).
-    """
-    for what, kind in (("layers", layers), ("head", head)):
-        if kind is not None and kind not in QUANTIZERS:
-            raise ValueError(f"{what}={kind!r}: choose from {sorted(QUANTIZERS)} or None (bf16)")
-    model.to(torch.bfloat16)
-    if layers is not None:
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and child.bias is None:
-                    setattr(parent, name, QUANTIZERS[layers](child.weight, group_size))
-    if head is not None and hasattr(model, "lm_head"):
-        model.lm_head = QUANTIZERS[head](model.embed_tokens.weight, group_size)
-        if rescore:
-            model.lm_head = RescoredHead(model.lm_head, model.embed_tokens.weight, rescore)
+
+def cast_activations(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """In place: every floating parameter and buffer to `dtype`, except RMSNorm weights, which stay
+    float32: the norm computes in float32 anyway, so rounding its weight would only add error."""
+    from .layers import RMSNorm
+
+    norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    for m in model.modules():
+        for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+            if t is not None and t.is_floating_point() and id(t) not in norms and t.dtype != dtype:
+                if isinstance(t, nn.Parameter):
+                    t.data = t.data.to(dtype)
+                else:
+                    setattr(m, name, t.to(dtype))
     return model
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """In place: bf16 model, every Linear and the tied head in int8 (`quantize(model, "int8", "int8")`)."""
-    return quantize(model, layers="int8", head="int8")
+@torch.no_grad()
+def quantize(model: nn.Module, level: str | None = "int8", *, group_size: int = 32, rescore: int = 64) -> nn.Module:
+    """In place: swap the modules of a float model for the quantised ones of `level`; returns the model.
+
+    None leaves it alone; "bf16" casts it (norm weights stay float32); "int8" / "int4" replace every
+    nn.Linear of the blocks (biases kept), the tied head `lm_head` by an int4 head re-scoring its top
+    `rescore` logits, and the embedding by its Q8_0 blocks, each computed from the float weights;
+    what is left runs in bf16. The model's forward is untouched.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"quant level {level!r}: choose from {', '.join(map(repr, LEVELS))}")
+    if level is None:
+        return model
+    if level != "bf16":
+        embedding, head = getattr(model, "embed_tokens", None), getattr(model, "lm_head", None)
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear) and child is not head:
+                    setattr(parent, name, quantized_linear(level, child.weight, child.bias, group_size))
+        if isinstance(embedding, nn.Embedding):
+            tied = isinstance(head, nn.Linear) and head.weight is embedding.weight
+            model.embed_tokens = Q8_0Embedding.from_weight(embedding.weight)
+            if tied:
+                model.lm_head = quantized_head(model.embed_tokens, rescore, group_size)
+    return cast_activations(model, torch.bfloat16)
 
 
 def weight_bytes_per_token(model: nn.Module) -> int:
-    """Bytes of weights one decode step reads: every parameter and buffer once (memory shared by
-    several tensors counted once), except the embedding table, of which a step gathers a single
-    row (the head, tied or quantised, reads all of it). Accepts a Gemma or a FastDecoder."""
-    inner = model.model if isinstance(model, FastDecoder) else model
+    """Bytes of weights one decode step reads: every parameter and buffer once (storage shared by
+    several tensors counted once), except the embedding table, of which a step gathers a single row
+    (a head tied to it reads all of it)."""
     storages = {}
     for t in list(model.parameters()) + list(model.buffers()):
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    embed = inner.embed_tokens.weight
-    table = embed.numel() * embed.element_size()
-    tied_head = table if getattr(inner, "lm_head", None) is None else 0
-    return sum(storages.values()) - table + embed.shape[1] * embed.element_size() + tied_head
-
-
-# ----------------------------------------------------------------------------------------------
-# A lean one-token decode step
-# ----------------------------------------------------------------------------------------------
-def concat_rows(linears: list[nn.Module]) -> nn.Module | None:
-    """One linear layer computing the concatenated outputs of `linears` (same input), or None.
-
-    Stacking weight rows is the same maths: [x W_q^T, x W_k^T, x W_v^T] = x [W_q; W_k; W_v]^T,
-    and int8's per-row scales stack with their rows, so the results are the same numbers from
-    one kernel call instead of three. The original layers are rebound to views of the stacked
-    weight, so nothing is stored twice. Works for bias-free nn.Linear and Int8Linear; returns
-    None for anything else (e.g. Int4Linear, whose packed layout is the kernel's own).
-    """
-    if all(type(m) is nn.Linear and m.bias is None for m in linears):
-        w = torch.cat([m.weight.detach() for m in linears])  # (sum N, K)
-        fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-        fused.weight = nn.Parameter(w, requires_grad=False)
-        start = 0
-        for m in linears:
-            n = m.weight.shape[0]
-            m.weight = nn.Parameter(w[start:start + n], requires_grad=False)
-            start += n
-        return fused
-    if all(type(m) is Int8Linear for m in linears):
-        fused = Int8Linear(torch.cat([m.q for m in linears]), torch.cat([m.scale for m in linears]))
-        start = 0
-        for m in linears:
-            n = m.q.shape[0]
-            m.q, m.scale = fused.q[start:start + n], fused.scale[start:start + n]
-            start += n
-        return fused
-    return None
-
-
-class FastDecoder(nn.Module):
-    """A Gemma whose one-token decode step runs the same maths with far fewer PyTorch ops.
-
-    Same interface as `Gemma` (forward, new_cache, config), so `generate_ids(FastDecoder(model), ...)`
-    works. A step with one new token per row, a cache and no padding mask runs `step`; everything
-    else (the prompt, padded batches, calls without a cache) runs the wrapped model unchanged,
-    with the same cache objects.
-
-    What `step` does differently, and why (each removes Python/dispatch work, not arithmetic):
-      * q, k, v come from one matrix product, gate and up from another (`concat_rows`);
-      * RoPE cos/sin are rows of tables computed once with `rope_cos_sin` for every position up
-        to max_len, instead of recomputing the frequencies and angles in every layer and step;
-      * QK-norm and RoPE treat the H query heads and K key heads as one (B, H + K, D) tensor,
-        in float32 with one cast to bf16 at the end (the model casts after each op);
-        rotate_half is a roll by D/2 with the sign folded into the sin table;
-      * one mask per step, `slot <= position`, serves every layer: a global cache's slot is the
-        token's index, and a ring fills its slots in order, so before it wraps the same test
-        holds and after it every slot is a live key of the last W tokens (their order inside
-        the ring does not matter to softmax); attention is then one fused
-        `F.scaled_dot_product_attention` call;
-      * RMSNorm is one `F.rms_norm` call on the float32 input with (1 + w) precomputed.
-    The step is a function of tensors whose shapes do not change from step to step (the position
-    is a tensor, caches are whole static buffers), so with compile=True `torch.compile` builds it
-    once (fusing the small element-wise ops; the int8/int4 kernels stay as they are). Compiled
-    caches are rounded up to a multiple of 256 slots so that prompts of similar length share one
-    compiled step. Numbers differ from the model's own step only by float rounding order
-    (tests/test_quant.py). Built from the model in any dtype; the cache needs max_len.
-    """
-
-    def __init__(self, model: nn.Module, compile: bool = False):
-        super().__init__()
-        self.model, self.config = model, model.config
-        self.qkv, self.gate_up = nn.ModuleList(), nn.ModuleList()
-        self.norms = []  # per layer: the four (1 + w) in float32
-        self.qk_norm = []  # per layer: (H + K, D) float32, q_norm's (1 + w) for H heads then k_norm's for K
-        for layer in model.layers:
-            a, mlp = layer.self_attn, layer.mlp
-            self.qkv.append(concat_rows([a.q_proj, a.k_proj, a.v_proj]) or _Separate(a.q_proj, a.k_proj, a.v_proj))
-            self.gate_up.append(concat_rows([mlp.gate_proj, mlp.up_proj]) or _Separate(mlp.gate_proj, mlp.up_proj))
-            self.norms.append([1.0 + n.weight.detach().float() for n in (
-                layer.input_layernorm, layer.post_attention_layernorm,
-                layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm)])
-            if a.qk_norm:
-                self.qk_norm.append(torch.cat([(1.0 + a.q_norm.weight.detach().float()).expand(a.n_heads, -1),
-                                               (1.0 + a.k_norm.weight.detach().float()).expand(a.n_kv_heads, -1)]))
-            else:
-                self.qk_norm.append(None)
-        self.final_norm = 1.0 + model.norm.weight.detach().float()
-        self.rope = {}  # (base, scaling) -> (cos, sin with rotate_half's sign) tables (max_len, D)
-        self.compiled = compile
-        self._decode_fn = torch.compile(self._decode, dynamic=False) if compile else self._decode
-
-    def new_cache(self, batch: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None,
-                  device=None) -> list:
-        """The model's cache, static (max_len is required), with RoPE tables for max_len positions."""
-        if max_len is None:
-            raise ValueError("FastDecoder needs a static cache: pass max_len (prompt + new tokens)")
-        if self.compiled:
-            max_len = -(-max_len // 256) * 256  # a few shapes, a few compilations
-        self._rope_tables(max_len)
-        return self.model.new_cache(batch, max_len, dtype, device)
-
-    def _rope_tables(self, max_len: int) -> None:
-        for layer in self.model.layers:
-            a = layer.self_attn
-            key = (a.rope_base, a.rope_scaling)
-            if key in self.rope and self.rope[key][0].shape[0] == max_len:
-                continue
-            cos, sin = rope_cos_sin(torch.arange(max_len), rope_frequencies(a.head_dim, *key))  # (max_len, D)
-            half = a.head_dim // 2
-            sign = torch.cat([-torch.ones(half), torch.ones(half)])  # rotate_half(x) = roll(x, D/2) * sign
-            self.rope[key] = (cos, sin * sign)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, cache: list | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """As `Gemma.forward`; one-token steps on a static cache without a mask go through `step`."""
-        if (cache is not None and input_ids.dim() == 2 and input_ids.shape[1] == 1 and attention_mask is None
-                and positions is None and cache[0].max_len is not None):
-            return self.step(input_ids, cache)
-        return self.model(input_ids, attention_mask, positions, cache, last_only)
-
-    def step(self, input_ids: torch.Tensor, cache: list) -> torch.Tensor:
-        """input_ids (B, 1): the next token of each row -> logits (B, 1, V); appends to the cache."""
-        pos = cache[0].length  # sequence index (= RoPE position: no padding) of the new token
-        if pos >= cache[0].max_len:
-            raise ValueError(f"KV cache is full: {pos + 1} tokens do not fit in max_len={cache[0].max_len}")
-        self._rope_tables(cache[0].max_len)  # (already there unless the cache came from model.new_cache)
-        logits = self._decode_fn(input_ids, torch.tensor(pos), [c.k for c in cache], [c.v for c in cache])
-        for c in cache:
-            c.length = pos + 1
-        return logits
-
-    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Gemma's RMSNorm in float32 (w is 1 + weight), back to x's dtype."""
-        return F.rms_norm(x.float(), w.shape, w, self.config.rms_norm_eps).to(x.dtype)
-
-    def _decode(self, input_ids: torch.Tensor, pos: torch.Tensor, ks: list, vs: list) -> torch.Tensor:
-        """The step on tensors only: input_ids (B, 1), pos () long, each layer's k and v buffers (B, K, S, D)."""
-        m, B = self.model, input_ids.shape[0]
-        x = m.embed_tokens(input_ids) * embedding_scale(self.config.hidden_size, m.embed_tokens.weight.dtype)
-        at = pos.reshape(1)
-        masks, rope = {}, {}  # per buffer length S: (1, S) True = live key; per RoPE base: cos, sin (1, D)
-        for i, layer in enumerate(m.layers):
-            a, k_buf, v_buf = layer.self_attn, ks[i], vs[i]
-            H, K, D, S = a.n_heads, a.n_kv_heads, a.head_dim, ks[i].shape[2]
-            n_in, n_post, n_pre_ff, n_post_ff = self.norms[i]
-            # attention
-            qkv = self.qkv[i](self._norm(x, n_in))  # (B, 1, (H + 2K) D)
-            qk = qkv[:, 0, :(H + K) * D].reshape(B, H + K, D).float()
-            v = qkv[:, 0, (H + K) * D:].reshape(B, K, 1, D)
-            if self.qk_norm[i] is not None:
-                qk = F.rms_norm(qk, (D,), eps=self.config.rms_norm_eps) * self.qk_norm[i]
-            key = (a.rope_base, a.rope_scaling)
-            if key not in rope:
-                rope[key] = [t.index_select(0, at) for t in self.rope[key]]
-            cos, sin = rope[key]
-            qk = (qk * cos + qk.roll(D // 2, -1) * sin).to(x.dtype)  # RoPE
-            q = qk[:, :H].reshape(B, K, H // K, D)  # a kv head's H/K query heads are adjacent
-            slot = at % S if a.window is not None else at  # the ring's slot / the static buffer's index
-            k_buf.index_copy_(2, slot, qk[:, H:].reshape(B, K, 1, D))
-            v_buf.index_copy_(2, slot, v)
-            if S not in masks:
-                masks[S] = (torch.arange(S, device=pos.device) <= pos)[None, :]  # (1, S)
-            if a.softcap:  # Gemma 2: soft-capped logits, so no fused kernel
-                scores = soft_cap((q @ k_buf.transpose(-2, -1)).float() * a.scale, a.softcap)
-                o = scores.masked_fill(~masks[S], float("-inf")).softmax(-1).to(x.dtype) @ v_buf
-            else:  # the H/K query heads of a group act as H/K queries against its keys
-                o = F.scaled_dot_product_attention(q, k_buf, v_buf, attn_mask=masks[S], scale=a.scale)  # (B, K, H/K, D)
-            x = x + self._norm(a.o_proj(o.reshape(B, 1, H * D)), n_post)
-            # MLP
-            gate, up = self.gate_up[i](self._norm(x, n_pre_ff)).chunk(2, dim=-1)
-            x = x + self._norm(layer.mlp.down_proj(gelu_tanh(gate) * up), n_post_ff)
-        x = self._norm(x, self.final_norm)
-        logits = x @ m.embed_tokens.weight.T if m.lm_head is None else m.lm_head(x)  # (B, 1, V)
-        return soft_cap(logits, self.config.final_logit_softcapping)
-
-
-class _Separate(nn.Module):
-    """Fallback for `concat_rows`: call each layer and concatenate the outputs."""
-
-    def __init__(self, *linears: nn.Module):
-        super().__init__()
-        self.parts = list(linears)  # not registered: they belong to the model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([m(x) for m in self.parts], dim=-1)
+    embed = model.embed_tokens
+    table = embed.blocks if isinstance(embed, Q8_0Embedding) else embed.weight
+    table_bytes = table.numel() * table.element_size()
+    row = table_bytes // embed.num_embeddings
+    tied = isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is getattr(embed, "weight", None)
+    return sum(storages.values()) - table_bytes + row + (table_bytes if tied else 0)

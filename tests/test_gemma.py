@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig  # noqa: E402
 
-from minigemma.attention import KVCache, SlidingKVCache, index_mask, sliding_window_mask  # noqa: E402
+from minigemma.attention import KVCache, RingKVCache, index_mask, make_positions, sliding_window_mask  # noqa: E402
 from minigemma.gemma import (  # noqa: E402
     FULL, PRESETS, SLIDING, Gemma, GemmaConfig, kv_cache_bytes, layer_pattern, preset,
 )
@@ -140,12 +140,12 @@ def test_each_decoder_layer_matches_hf(family, tmp_path):
     finally:
         for h in handles:
             h.remove()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     real = mask.bool()
+    pos = make_positions(ids, None, real, None)  # what Gemma.forward hands every layer
     for i, layer in enumerate(ours.layers):
         x, expected = seen[i]
         with torch.no_grad():
-            got = layer(x, positions, attention_mask=real)
+            got = layer(x, pos)
         diff = (got - expected).abs()[real].max().item()
         assert diff <= ATOL, f"layer {i} ({layer.layer_type}): max |diff| {diff:.3g}"
 
@@ -310,7 +310,7 @@ def test_index_mask_is_the_chapter_01_masks():
 
 
 def test_ring_buffer_holds_the_last_window():
-    cache = SlidingKVCache(1, 1, 2, window=4)
+    cache = RingKVCache(1, 1, 2, window=4)
     for step in range(11):
         k = torch.full((1, 1, 1, 2), float(step))
         _, _, k_idx = cache.update(k, k)

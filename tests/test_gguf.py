@@ -19,6 +19,7 @@ import torch
 
 from minigemma.generation import generate_ids
 from minigemma.weights import fetch
+from minigemma.weights.hf import unfused_state_dict
 from minigemma.weights.gguf import (
     GGML_TYPES, CheckpointError, bits_per_weight, dequantize_q4_k, dequantize_q8_0, gguf_name_table, load_gguf,
     read_gguf)
@@ -214,7 +215,8 @@ def test_every_weight_equals_hf(ours, hf):
     the same bytes with the same float32 operations, and both subtract 1 in float32)."""
     theirs = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
     assert torch.equal(theirs.pop("lm_head.weight"), theirs["embed_tokens.weight"])  # tied in both
-    mine = ours.state_dict()
+    mine = unfused_state_dict(ours)  # q/k/v and gate/up under HF's separate names
+    assert mine.pop("lm_head.weight").data_ptr() == ours.embed_tokens.weight.data_ptr()  # tied: one tensor
     assert set(mine) == set(theirs)
     for name, w in mine.items():
         assert torch.equal(w, theirs[name]), name
@@ -366,7 +368,7 @@ def _write_tiny(p, tensors, arch="gemma3"):
 def test_tiny_gguf_round_trip(tmp_path):
     tensors = _tiny_tensors(np.random.default_rng(0))
     model = load_gguf(_write_tiny(tmp_path / "tiny.gguf", tensors))
-    sd = model.state_dict()
+    sd = unfused_state_dict(model)
     table = gguf_name_table(TINY["layers"])
     for name, arr in tensors.items():
         want = torch.from_numpy(arr) - (1.0 if "norm" in name else 0.0)

@@ -30,7 +30,7 @@ from minigemma.griffin import (
     ATTENTION, PRESETS, RECURRENT, Griffin, GriffinConfig, associative_combine, causal_conv1d, from_hf,
     param_count, scan_associative, scan_sequential, state_bytes,
 )
-from minigemma.weights.hf import CheckpointError
+from minigemma.weights.hf import CheckpointError, unfused_state_dict
 
 ATOL = 1e-4
 
@@ -102,7 +102,7 @@ def official_model(rg, ours: Griffin):
         embeddings_scale_by_sqrt_dim=True, attention_window_size=cfg.attention_window_size,
         logits_soft_cap=cfg.logits_soft_cap, lru_width=cfg.lru_width)
     model = rg.Griffin(ocfg, gradient_checkpointing=False).eval()
-    sd = ours.state_dict()
+    sd = unfused_state_dict(ours)  # q/k/v and gate/up under their own names
     out = {"embedder.input_embedding": sd["embed_tokens.weight"], "final_norm.scale": sd["final_norm.weight"]}
     for i, kind in enumerate(cfg.block_types):
         o, m = f"blocks.{i}.", f"layers.{i}."
@@ -171,7 +171,7 @@ def test_segment_resets_match_official(rg):
     ids2 = ids.clone()
     ids2[0, :11] = (ids2[0, :11] + 1) % ours.config.vocab_size
     with torch.no_grad():
-        got2 = ours(ids2, segment_pos=pos)
+        got2 = ours(ids2, positions=pos)
     torch.testing.assert_close(got2[0, 11:], got[0, 11:], atol=1e-5, rtol=0)
 
 
@@ -308,13 +308,15 @@ def test_state_is_fixed_size_and_state_bytes_counts_it():
     cfg = tiny_config()
     model = Griffin(cfg)
     cache = model.new_cache(2, dtype=torch.bfloat16)
-    sizes = [t.numel() * t.element_size() for t in cache.state_tensors()]
+    sizes = [t.numel() * t.element_size() for t in cache.tensors()]
     assert sum(sizes) == state_bytes(cfg, 10 ** 6, batch=2, dtype=torch.bfloat16)
     with torch.no_grad():
         model.to(torch.bfloat16)(_ids(cfg, 2, 20, seed=9), cache=cache)  # run past the window
-    assert [t.numel() * t.element_size() for t in cache.state_tensors()] == sizes
-    # below the window only min(T, W) keys count; past it, nothing grows
-    assert state_bytes(cfg, 4) < state_bytes(cfg, 8) == state_bytes(cfg, 8000)
+    assert [t.numel() * t.element_size() for t in cache.tensors()] == sizes
+    # below the window only min(T, W + 1) keys count (the official edge); past it, nothing grows
+    keys = cfg.attention_window_size + 1
+    assert state_bytes(cfg, 4) < state_bytes(cfg, keys) == state_bytes(cfg, 8000)
+    assert state_bytes(cfg, keys - 1) < state_bytes(cfg, keys)
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,20 +356,20 @@ def test_combine_is_associative_and_not_commutative():
 def test_conv_cache_equals_full_conv():
     g = torch.Generator().manual_seed(0)
     x, w, bias = torch.randn(2, 9, 6, generator=g), torch.randn(4, 6, generator=g), torch.randn(6, generator=g)
-    full, _, _ = causal_conv1d(x, w, bias)
+    full, _ = causal_conv1d(x, w, bias)
     # written out: y_t = b + sum_s w[3-s] x_{t-s}
     xp = torch.cat([torch.zeros(2, 3, 6), x], 1)
     expected = bias + sum(w[3 - s] * xp[:, 3 - s: 12 - s] for s in range(4))
     torch.testing.assert_close(full, expected)
     cache, outs = None, []
     for t in range(9):
-        y, cache, _ = causal_conv1d(x[:, t:t + 1], w, bias, cache)
+        y, cache = causal_conv1d(x[:, t:t + 1], w, bias, cache)
         outs.append(y)
     torch.testing.assert_close(torch.cat(outs, 1), full)
-    # segment ids: a document starting at t = 4 sees none of the tokens before it
-    seg = torch.tensor([[0] * 4 + [1] * 5] * 2)
-    masked, _, _ = causal_conv1d(x, w, bias, seg=seg)
-    fresh, _, _ = causal_conv1d(x[:, 4:], w, bias)
+    # positions restart at t = 4: that document sees none of the tokens before it
+    positions = torch.tensor([list(range(4)) + list(range(5))] * 2)
+    masked, _ = causal_conv1d(x, w, bias, positions=positions)
+    fresh, _ = causal_conv1d(x[:, 4:], w, bias)
     torch.testing.assert_close(masked[:, 4:], fresh)
     torch.testing.assert_close(masked[:, :4], full[:, :4])
 
@@ -459,7 +461,7 @@ def test_bad_config_is_named():
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         tiny_config(lru_width=66)
     with pytest.raises(ValueError, match="positions must have shape"):
-        Griffin(tiny_config())(torch.zeros(2, 5, dtype=torch.long), segment_pos=torch.zeros(2, 4))
+        Griffin(tiny_config())(torch.zeros(2, 5, dtype=torch.long), positions=torch.zeros(2, 4))
 
 
 # --------------------------------------------------------------------------------------------

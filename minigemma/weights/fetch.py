@@ -332,9 +332,6 @@ def path(name: str, progress: bool = False) -> Path:
     return _location(ck)
 
 
-ensure = path
-
-
 def _location(ck: Checkpoint) -> Path:
     root = cache_dir() / ck.name
     return root / ck.entry if ck.entry else root

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .hf import CheckpointError, load_state_strict
+from .hf import CheckpointError, Lazy, empty_model, load_state_strict
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -253,9 +253,15 @@ class GGUFFile:
     _mm: np.ndarray = field(repr=False, default=None)
 
     def raw(self, name: str) -> torch.Tensor:
-        """The stored bytes of tensor `name` as a uint8 tensor (a copy)."""
+        """The stored bytes of tensor `name` as a uint8 tensor (a copy, read from the file: the memory
+        map is kept for the header only, so its pages do not count twice in the process's memory)."""
         info = self.tensors[name]
-        return torch.from_numpy(np.array(self._mm[info.offset:info.offset + info.n_bytes]))
+        out = torch.empty(info.n_bytes, dtype=torch.uint8)
+        with open(self.path, "rb") as fh:
+            fh.seek(info.offset)
+            if fh.readinto(out.numpy()) != info.n_bytes:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is cut short: truncated file")
+        return out
 
     def tensor(self, name: str) -> torch.Tensor:
         """Tensor `name`, dequantised to float32, in PyTorch order."""
@@ -263,6 +269,19 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: no tensor {name!r}")
         info = self.tensors[name]
         return dequantize(self.raw(name), info.type, info.shape)
+
+    def rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Rows start..end-1 of a 2-D tensor, dequantised to float32 (a row is whole blocks, so its
+        bytes are contiguous and nothing else is read)."""
+        info = self.tensors[name]
+        n_rows, n_cols = info.shape
+        row_bytes = info.n_bytes // n_rows
+        out = torch.empty((end - start) * row_bytes, dtype=torch.uint8)
+        with open(self.path, "rb") as fh:
+            fh.seek(info.offset + start * row_bytes)
+            if fh.readinto(out.numpy()) != out.numel():
+                raise CheckpointError(f"{self.path}: tensor {name!r} is cut short: truncated file")
+        return dequantize(out, info.type, (end - start, n_cols))
 
 
 class _Cursor:
@@ -436,30 +455,93 @@ def gemma3_config(f: GGUFFile):
     )
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
-    """A Gemma 3 GGUF file -> minigemma `Gemma` in `dtype`, every weight dequantised.
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quant: str | None = None):
+    """A Gemma 3 GGUF file -> minigemma's `Gemma`.
+
+    quant None:     every weight dequantised to `dtype` (float32: the reference).
+    quant "bf16":   the same in bfloat16 (norm weights stay float32).
+    quant "int8", "int4": the quantised model of `minigemma.quant.quantize`, built one tensor at a
+                    time straight from the file's blocks (no float32 copy of the model ever exists):
+                    each linear from its dequantised weight, the embedding from the file's own Q8_0
+                    blocks, the head as an int4 copy of them with exact re-scoring. Equal, tensor for
+                    tensor, to quantize(load_gguf(path), quant) (tests/test_quant.py).
 
     Raises CheckpointError for a truncated or corrupt file, another architecture, and (listing
     every offender) missing, unexpected or wrongly shaped tensors.
     """
     from ..gemma import Gemma
+    from ..quant import LEVELS
 
+    if quant not in LEVELS:
+        raise ValueError(f"quant {quant!r}: choose from {', '.join(map(repr, LEVELS))}")
     f = read_gguf(path)
     config = gemma3_config(f)
-    with torch.device("meta"):  # no memory and no random init for weights we overwrite anyway
-        model = Gemma(config).to(dtype)
-    model = model.to_empty(device="cpu")
     table = gguf_name_table(config.num_hidden_layers)
-    ours = set(model.state_dict())
 
-    def load(name):  # dequantise lazily: a bad name is reported, not dequantised
-        return f.tensor(name) if table.get(name) in ours else torch.empty(f.tensors[name].shape, device="meta")
+    def name_map(name):
+        return table.get(name, f"<unmapped> {name}")
 
-    tensors = {name: load(name) for name in f.tensors}
-    minus_one = {ours_name: (lambda w: w - 1.0) for ours_name in ours if is_norm(ours_name)}
-    load_state_strict(model, tensors, lambda name: table.get(name, f"<unmapped> {name}"),
-                      where=str(path), transforms=minus_one)
+    minus_one = {ours: (lambda w: w - 1.0) for ours in table.values() if is_norm(ours)}
+    if quant in ("int8", "int4"):
+        return _load_gguf_quantized(f, config, name_map, minus_one, quant)
+    model = empty_model(Gemma, config, torch.bfloat16 if quant == "bf16" else dtype)
+    if quant == "bf16":
+        for m in model.modules():  # the norms compute in float32: keep their weights exact
+            if m.__class__.__name__ == "RMSNorm":
+                m.weight.data = m.weight.data.float()
+    # dequantise lazily, one tensor at a time while copying
+    tensors = {name: Lazy(info.shape, lambda name=name: f.tensor(name)) for name, info in f.tensors.items()}
+    load_state_strict(model, tensors, name_map, where=str(f.path), transforms=minus_one)
     return model.eval()
+
+
+def _load_gguf_quantized(f: GGUFFile, config, name_map, minus_one, level: str):
+    """The int8/int4 model of `load_gguf`, module by module (see its docstring)."""
+    from ..gemma import Gemma
+    from ..layers import RMSNorm
+    from ..quant import Q8_0Embedding, cast_activations, quantized_head, quantized_linear
+    from .hf import fused_parts, match_names
+
+    with torch.device("meta"):
+        model = Gemma(config)  # the skeleton: shapes and names only, no memory
+    plan = match_names(model, {n: i.shape for n, i in f.tensors.items()}, name_map, str(f.path))
+    checkpoint_name = {ours: ck for ck, ours in plan.items()}
+    parts_of: dict[str, list[str]] = {}
+    for part, (fused, lo, _) in sorted(fused_parts(model).items(), key=lambda kv: kv[1][1]):
+        parts_of.setdefault(fused, []).append(part)
+
+    def weight(ours: str) -> torch.Tensor:  # a small float32 tensor, dequantised from the file
+        w = f.tensor(checkpoint_name[ours])
+        return minus_one[ours](w) if ours in minus_one else w
+
+    def row_chunks(ours: str, rows: int = 256):  # a big matrix, a few rows at a time (its parts in order)
+        for part in parts_of.get(ours, [ours]):
+            name = checkpoint_name[part]
+            n = f.tensors[name].shape[0]
+            for r in range(0, n, rows):
+                yield f.rows(name, r, min(n, r + rows))
+
+    with torch.no_grad():
+        for prefix, parent in list(model.named_modules()):
+            p = f"{prefix}." if prefix else ""
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear) and child is not model.lm_head:
+                    ours = f"{p}{name}.weight"
+                    chunks = (row_chunks(ours), child.out_features, child.in_features)
+                    setattr(parent, name, quantized_linear(level, chunks))
+                elif isinstance(child, RMSNorm):
+                    child.weight = torch.nn.Parameter(weight(f"{p}{name}.weight"))
+        embd = f.tensors[checkpoint_name["embed_tokens.weight"]]
+        if embd.type.name == "Q8_0":  # keep the file's own blocks: exactly the float32 model's rows
+            V, C = embd.shape
+            model.embed_tokens = Q8_0Embedding(f.raw(embd.name).reshape(V, C // 32, 34))
+        else:
+            model.embed_tokens = Q8_0Embedding.from_weight(weight("embed_tokens.weight"))
+        model.lm_head = quantized_head(model.embed_tokens)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{f.path}: tensors left unloaded: {left}")
+    return cast_activations(model, torch.bfloat16).eval()
 
 
 def gguf_vocabulary(f: GGUFFile) -> list[str]:
@@ -470,8 +552,8 @@ def gguf_vocabulary(f: GGUFFile) -> list[str]:
     return list(tokens)
 
 
-def load_gemma3_270m(dtype: torch.dtype = torch.float32):
-    """The course's real checkpoint: (Gemma 3 270M from the Q4_K_M GGUF, Tokenizer).
+def load_gemma3_270m(dtype: torch.dtype = torch.float32, quant: str | None = None):
+    """The course's real checkpoint: (Gemma 3 270M from the Q4_K_M GGUF, Tokenizer); `quant` as in `load_gguf`.
 
     The weights come from `python -m minigemma fetch gemma3-270m`. The tokenizer is Gemma 3's
     SentencePiece model (shipped with EmbeddingGemma); its 262,144 pieces equal the GGUF's
@@ -480,5 +562,5 @@ def load_gemma3_270m(dtype: torch.dtype = torch.float32):
     from ..tokenizer import Tokenizer
     from .fetch import path
 
-    model = load_gguf(path("gemma3-270m"), dtype)
+    model = load_gguf(path("gemma3-270m"), dtype, quant)
     return model, Tokenizer.from_pretrained("gemma3-270m")
