@@ -1,4 +1,38 @@
 """Triton kernels, imported as `minigemma.kernels` (never as a top-level `kernels`, a name PyPI already uses).
 
-Each kernel sits beside its torch reference, its test and its benchmark.
+Each kernel sits beside its torch reference, its test and its benchmark:
+
+    rms_norm.py    Gemma's RMSNorm (1 + w), float32 statistics; also the QK-norm over head_dim   (chapter 12)
+    geglu.py       gelu_tanh(gate) · up from the fused (..., 2F) gate_up projection              (chapter 12)
+    rope.py        split-half RoPE from positions, per-layer base and scaling, partial rotary    (chapter 12)
+    rglru_scan.py  h_t = a_t · h_{t-1} + b_t, chunked over time, with resets (Griffin's RG-LRU)   (chapter 12)
+    interpret.py   running them on CPU in Triton's interpreter, with out-of-bounds accesses reported
+    bench.py       `python -m minigemma.kernels.bench`: the device's ceilings, then every op
+
+Without a GPU, importing this package sets TRITON_INTERPRET=1 for the process (unless it is set
+already) before any kernel below is decorated, so the same kernels run on CPU tensors in Triton's
+interpreter: right answers, meaningless speed. Tests, chapter 12 and its exercises rely on that.
+(Triton's own @triton.jit helpers, tl.sum and tl.sigmoid among them, are decorated when Triton is
+imported; `interpret.py` lets them run interpreted too if Triton was imported first.)
+
+Each module is named after its op and holds the function of that name, the autograd.Function, the
+launchers of forward and backward, and `reference` (the package's torch code it must match):
+
+    from minigemma.kernels.rms_norm import rms_norm     # y = rms_norm(x, weight, eps)
 """
+
+import os
+
+# Found by accident as a top-level `kernels` (a process started in the repository's root has it on
+# sys.path, and transformers probes `import kernels` looking for PyPI's package): stay an empty module
+# there, with no version, so the probe says "not installed" and nothing is imported twice.
+if __name__ == "minigemma.kernels":
+    import torch
+
+    if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"  # must precede every @triton.jit below
+
+    from . import geglu, rglru_scan, rms_norm, rope  # noqa: E402  (modules; each op is `<module>.<module>`)
+    from .interpret import INTERPRET, OutOfBoundsError, bounds_checked  # noqa: E402
+
+    __all__ = ["INTERPRET", "OutOfBoundsError", "bounds_checked", "geglu", "rglru_scan", "rms_norm", "rope"]

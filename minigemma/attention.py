@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -237,14 +238,14 @@ class Keys:
 
     first, count: their indices are first .. first + count - 1
     in_order:     True if k[..., s, :] holds index first + s (else a ring buffer's rotated slots)
-    index:        (S,) each key's index as stored (used only when not in order)
+    index:        a function giving (S,) each key's index as stored (called only when a mask needs it)
     layout:       a hashable summary, the same for every layer whose cache has this shape
     """
 
     first: int
     count: int
     in_order: bool = True
-    index: torch.Tensor | None = None
+    index: "Callable[[], torch.Tensor] | None" = None
     layout: tuple = ()
 
 
@@ -279,7 +280,7 @@ def attention_blocks(pos: Positions, keys: Keys, window: int | None, causal: boo
 
     def mask_for(q0, q1, k0, k1):
         k_idx = (torch.arange(keys.first + k0, keys.first + k1, device=device) if keys.in_order
-                 else keys.index[k0:k1])
+                 else keys.index()[k0:k1])
         docs = pos.documents
         m = index_mask(pos.index[q0:q1], k_idx, window, causal=causal,
                        q_pos=pos.positions[:, q0:q1] if pos.packed and causal else None,
@@ -312,6 +313,8 @@ def attention_blocks(pos: Positions, keys: Keys, window: int | None, causal: boo
             blocks.append(Block(q0, q1, k0, k1, causal=True))  # keys = these queries: the fused causal kernel
         elif not separate and causal and q1 - q0 == 1 and (window is None or i0 - lo < window):
             blocks.append(Block(q0, q1, k0, k1))  # one query that sees every key given to it
+        elif not separate and not causal and window is None:
+            blocks.append(Block(q0, q1, k0, k1))  # an encoder's global layer: every key, no mask
         else:
             blocks.append(Block(q0, q1, k0, k1, mask_for(q0, q1, k0, k1)))
     return blocks
@@ -327,16 +330,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: list[Block
     keys outside each query chunk's window. Gemma 2's soft-cap is not something the fused kernel
     can do, so soft-capped layers compute their scores explicitly, one block at a time.
     """
-    out = q.new_empty(q.shape)
+    B, H, T, D = q.shape
+    K = k.shape[1]
+    out = q.new_empty(q.shape) if len(blocks) > 1 else None
     for b in blocks:
-        qb, kb, vb = q[:, :, b.q0:b.q1], k[:, :, b.k0:b.k1], v[:, :, b.k0:b.k1]
+        whole = b.q0 == 0 and b.q1 == T and b.k0 == 0 and b.k1 == k.shape[2]
+        qb, kb, vb = (q, k, v) if whole else (q[:, :, b.q0:b.q1], k[:, :, b.k0:b.k1], v[:, :, b.k0:b.k1])
         if softcap:
             mask = b.mask if not b.causal else causal_mask(b.q1 - b.q0, b.k1 - b.k0, device=q.device)
             o = grouped_query_attention(qb, kb, vb, mask, scale, softcap)
+        elif b.q1 - b.q0 == 1 and not b.causal:
+            # one new token (decoding): the H/K query heads that share a K/V head are H/K queries against
+            # the same keys, so one fused call per K/V head reads each key once (~8x faster than enable_gqa)
+            mask = None if b.mask is None else b.mask.transpose(1, 2)  # (B, 1, 1, S) -> the same, per query
+            o = F.scaled_dot_product_attention(qb.reshape(B, K, H // K, D), kb, vb, attn_mask=mask, scale=scale)
+            o = o.reshape(B, H, 1, D)
         else:
             o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=b.mask, is_causal=b.causal, scale=scale,
                                                enable_gqa=True)
-        if len(blocks) == 1:
+        if out is None:
             return o
         out[:, :, b.q0:b.q1] = o
     return out
@@ -416,11 +428,11 @@ class RingKVCache:
         held = min(start, self.size)  # keys in the ring before this call
         if T == 1:  # decode: write, then attend the ring's live slots
             slot = start % self.size
-            self.k[:, :, slot] = k[:, :, 0]
-            self.v[:, :, slot] = v[:, :, 0]
+            self.k[:, :, slot:slot + 1] = k
+            self.v[:, :, slot:slot + 1] = v
             self.length = n = start + 1
             live = min(n, self.size)
-            keys = Keys(n - live, live, in_order=n <= self.size, index=self.slot_index()[:live],
+            keys = Keys(n - live, live, in_order=n <= self.size, index=self.slot_index,
                         layout=("ring", n <= self.size, live))
             return self.k[:, :, :live], self.v[:, :, :live], keys
         # a chunk: the ring's keys in index order (oldest first), then the new ones
@@ -514,8 +526,14 @@ class GroupedQueryAttention(nn.Module):
         cos, sin = pos.rope(self.rotary)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x: torch.Tensor, pos: Positions, cache: KVCache | RingKVCache | None = None) -> torch.Tensor:
-        """x (B, T, C); pos: where the T tokens sit (`Positions`); cache: this layer's, updated in place."""
+    def forward(self, x: torch.Tensor, pos: Positions | None = None,
+                cache: KVCache | RingKVCache | None = None) -> torch.Tensor:
+        """x (B, T, C); pos: where the T tokens sit (`Positions`; default: right after what the cache
+        holds, one document); cache: this layer's, updated in place."""
+        pos = pos or positions_after(cache, x.shape[0], x.shape[1], x.device)
+        if cache is not None and cache.length != pos.start:
+            raise ValueError(f"this layer's cache holds {cache.length} tokens but the new ones start at index "
+                             f"{pos.start}: the model's Cache and its layers' caches disagree")
         q, k, v = self.project(x, pos)
         if cache is None:
             keys = Keys(pos.start, x.shape[1], layout=("self", x.shape[1]))
@@ -528,6 +546,14 @@ class GroupedQueryAttention(nn.Module):
 # --------------------------------------------------------------------------------------------
 # A model's cache: one state per layer, plus what continues from call to call
 # --------------------------------------------------------------------------------------------
+def positions_after(cache, batch: int, T: int, device=None) -> Positions:
+    """`Positions` for T tokens that follow what `cache` holds (0, 1, 2, ... without one), one
+    document per row: what a layer called on its own (`layer(x)`, `layer(x, cache=c)`) assumes."""
+    start = 0 if cache is None else cache.length
+    index = torch.arange(start, start + T, device=device)
+    return Positions(start, index, index.expand(batch, T))
+
+
 class Cache(list):
     """Everything a model keeps between calls: a list with one state per layer (a KVCache, a
     RingKVCache or Griffin's RecurrentState), plus where the next token continues:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .attention import Cache, GroupedQueryAttention, Positions, make_positions
+from .attention import Cache, GroupedQueryAttention, Positions, make_positions, positions_after
 from .layers import GeGLU, RMSNorm, activation_dtype, check_token_ids, embedding_scale, soft_cap
 from .weights.hf import CheckpointError, empty_model, load_state_strict, read_safetensors
 
@@ -102,8 +102,7 @@ class GemmaConfig:
 
         if cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
             raise CheckpointError(f"config.json: hidden_activation {cfg['hidden_activation']!r} is not supported")
-        for key, ok in (("tie_word_embeddings", True), ("attention_bias", False),
-                        ("use_bidirectional_attention", False)):
+        for key, ok in (("tie_word_embeddings", True), ("attention_bias", False)):
             if bool(cfg.get(key, ok)) != ok:
                 raise CheckpointError(f"config.json: {key}={cfg[key]!r} is not supported (Gemma uses {ok})")
 
@@ -132,6 +131,7 @@ class GemmaConfig:
             final_logit_softcapping=cfg.get("final_logit_softcapping"),
             use_qk_norm=gemma3,
             max_position_embeddings=cfg.get("max_position_embeddings", 8192),
+            bidirectional=bool(cfg.get("use_bidirectional_attention", False)),  # EmbeddingGemma
         )
 
 
@@ -220,10 +220,13 @@ class DecoderLayer(nn.Module):
         c = config
         self.layer_type = c.layer_types[layer_idx]
         local = self.layer_type == SLIDING
+        # A decoder's local query sees its last W keys. An encoder's sees the band |i - j| <= W // 2
+        # (HF's EmbeddingGemma: window W // 2 + 1, exclusive; checked in tests/test_encoder.py).
+        window = (c.sliding_window // 2 + 1 if c.bidirectional else c.sliding_window) if local else None
         self.self_attn = GroupedQueryAttention(
             c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
             scale=c.query_pre_attn_scalar ** -0.5,
-            window=c.sliding_window if local else None,
+            window=window,
             causal=not c.bidirectional,
             softcap=c.attn_logit_softcapping,
             qk_norm=c.use_qk_norm, eps=c.rms_norm_eps,
@@ -237,8 +240,10 @@ class DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_feedforward_layernorm = post_norm()
 
-    def forward(self, x: torch.Tensor, pos: Positions, cache=None) -> torch.Tensor:
-        """x (B, T, C); pos: where the tokens sit; cache: this layer's KV cache (or None)."""
+    def forward(self, x: torch.Tensor, pos: Positions | None = None, cache=None) -> torch.Tensor:
+        """x (B, T, C); pos: where the tokens sit (default: after what the cache holds); cache: this
+        layer's KV cache (or None)."""
+        pos = pos or positions_after(cache, x.shape[0], x.shape[1], x.device)
         h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), pos, cache))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 

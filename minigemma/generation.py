@@ -4,7 +4,7 @@
     minigemma.generate(model, tok, "The capital of France is", max_new_tokens=16)
     minigemma.generate(model, tok, ["Hi", "A longer prompt"], temperature=0.8, top_p=0.95, seed=0)
 
-The loop (chapter 05):
+The loop (chapter 06):
 
     prefill  the whole (left-padded) prompt goes through the model once, filling every layer's
              cache; only the last position's logits are computed (the 262k-way head is costly)
@@ -19,7 +19,11 @@ Griffin): `model(input_ids, attention_mask=..., cache=..., last_only=True) -> (B
 Command line (prints only the completion on stdout, streamed; progress goes to stderr):
 
     python -m minigemma generate "PROMPT" [--model gemma3-270m|DIR] [--max-new-tokens N]
-        [--temperature T] [--top-k K] [--top-p P] [--seed S] [--dtype float32|bfloat16]
+        [--temperature T] [--top-k K] [--top-p P] [--seed S] [--quant none|bf16|int8|int4]
+        [--dtype float32|bfloat16]
+
+By default it runs the fast path (int8, see `minigemma.quant`) and says so on stderr; `--dtype float32`
+gives the float32 reference.
 """
 
 from __future__ import annotations
@@ -229,6 +233,13 @@ def generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int
 # Command line
 # ----------------------------------------------------------------------------------------------
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+QUANT_NAMES = {
+    None: "float32 (the reference)",
+    "bf16": "bfloat16 weights",
+    "int8": "int8 layers, an int4 head whose top 64 logits are exact, bf16 activations",
+    "int4": "int4 layers, an int4 head whose top 64 logits are exact, bf16 activations",
+}
+DEFAULT_QUANT = "int8"  # the fastest variant that keeps the reference's greedy tokens on the test prompts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,7 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    ap.add_argument("--quant", choices=["none", "bf16", "int8", "int4"], default=None,
+                    help=f"weights (default {DEFAULT_QUANT}: the fast path; none: the float32 reference)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default=None,
+                    help="unquantised weights in this dtype; --dtype float32 is the reference")
     args = ap.parse_args(argv)
     if args.temperature < 0:
         ap.error("--temperature must be >= 0")
@@ -249,17 +263,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--top-k must be positive")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         ap.error("--top-p must be in (0, 1]")
+    if args.dtype is not None and args.quant not in (None, "none"):
+        ap.error("--dtype selects unquantised weights; do not combine it with --quant")
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    if args.dtype is not None:
+        quant = "bf16" if args.dtype == "bfloat16" else None
+    else:
+        quant = None if args.quant == "none" else (args.quant or DEFAULT_QUANT)
 
     from .pretrained import load_pretrained
 
     t0 = time.perf_counter()
-    model, tokenizer = load_pretrained(args.model, dtype=DTYPES[args.dtype])
+    model, tokenizer = load_pretrained(args.model, quant=quant)
     if tokenizer is None:
         print(f"error: {args.model} has no tokenizer.model", file=sys.stderr)
         return 2
-    print(f"[loaded {args.model} ({args.dtype}) in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    hint = "; --dtype float32 for the reference" if quant is not None else ""
+    print(f"[loaded {args.model} as {QUANT_NAMES[quant]} in {time.perf_counter() - t0:.1f} s{hint}]", file=sys.stderr)
 
     def stream(row, piece):
         sys.stdout.write(piece)
@@ -276,4 +297,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.flush()
     print(f"[{len(text)} characters in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     return 0
-

@@ -54,9 +54,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half of head_dim this way. The product runs in float32 and is cast back to x's dtype once.
     """
     d = cos.shape[-1]
-    x_rot, x_pass = x[..., :d], x[..., d:]
-    out = (x_rot.float() * cos + rotate_half(x_rot).float() * sin).to(x.dtype)
-    return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out
+    if d < x.shape[-1]:  # partial rotary: rotate the first d dimensions, pass the rest through
+        return torch.cat([apply_rope(x[..., :d], cos, sin), x[..., d:]], dim=-1)
+    x32 = x.float()
+    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -100,8 +101,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x / sqrt(mean(x²) + ε), in float32
-        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+        # x / sqrt(mean(x²) + ε) · (1 + w), in float32 (one fused call), back to x's dtype
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float() + 1.0, self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps:g}"

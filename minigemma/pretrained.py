@@ -35,8 +35,11 @@ def _gemma3_270m(dtype: torch.dtype, quant: str | None):
 
 
 def _embeddinggemma_300m(dtype: torch.dtype, quant: str | None):
-    raise NotImplementedError("embeddinggemma-300m: the encoder chapter (10) has not been built yet; "
-                              "its weights are fetched, only its tokenizer is used so far")
+    from .encoder import load_embeddinggemma
+    from .weights.fetch import path
+
+    model = load_embeddinggemma(path("embeddinggemma-300m"), dtype, quant)
+    return model, model.tokenizer
 
 
 # model_type in an HF config.json -> loader(path, config_dict, dtype) -> model

@@ -396,3 +396,50 @@ def test_kv_cache_bytes_matches_hand_arithmetic_for_270m():
     MiB = 2 ** 20
     assert kv_cache_bytes(cfg, 32_768) == 103.5 * MiB
     assert kv_cache_bytes(preset("gemma3-270m", layer_types=[FULL] * 18), 32_768) == 576 * MiB
+
+
+# --------------------------------------------------------------------------------------------
+# Attention blocks: chunked local prompts, mask-free decode steps
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("padded", [False, True])
+def test_local_layers_read_only_their_window_in_query_chunks(monkeypatch, padded):
+    """A local layer's long prompt is cut into chunks of queries that each read only the keys inside
+    their window; the logits must equal the unchunked forward (HF parity above covers that one)."""
+    from minigemma import attention
+
+    model = _random_gemma(_tiny_config())  # W = 4
+    ids, mask = _left_padded(B=2, T=23, seed=9, pad=(0, 5))
+    mask = mask.bool() if padded else None
+    with torch.no_grad():
+        whole = model(ids, attention_mask=mask)
+        monkeypatch.setattr(attention, "QUERY_CHUNK", 3)
+        chunked = model(ids, attention_mask=mask)
+    real = mask if padded else torch.ones_like(ids, dtype=torch.bool)
+    assert (chunked - whole).abs()[real].max() <= 1e-5
+    pos = make_positions(ids, None, mask, None)
+    blocks = attention.attention_blocks(pos, attention.Keys(0, 23), window=4)
+    assert len(blocks) == 8  # ceil(23 / 3) chunks
+    assert all(b.k1 - b.k0 <= 4 - 1 + (b.q1 - b.q0) for b in blocks)  # W - 1 keys before the chunk, no more
+    assert [b.k0 for b in blocks] == [max(0, b.q0 - 3) for b in blocks]
+
+
+def test_decode_steps_need_no_mask_and_prompts_no_square_mask():
+    """The plans the fast paths rely on: a global layer's unpadded prompt is one causal block (no T x T
+    mask is built), a decode step against every key it may see has no mask at all, in a global cache and
+    in a ring that has wrapped; padding always brings a mask."""
+    from minigemma import attention
+
+    model = _random_gemma(_tiny_config())
+    cache = model.new_cache(batch=1, max_len=12)
+    prompt = make_positions(torch.zeros(1, 6, dtype=torch.long), cache, None, None)
+    (glob,) = prompt.blocks(attention.Keys(0, 6, layout=("self", 6)), window=None)
+    assert glob.causal and glob.mask is None
+    for t in range(6, 11):  # steps past the ring's wrap (W = 4)
+        step = make_positions(torch.zeros(1, 1, dtype=torch.long), cache, None, None)
+        ring = attention.RingKVCache(1, 1, 2, window=4)
+        ring.length = t
+        _, _, keys = ring.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
+        assert [b.mask for b in step.blocks(keys, window=4)] == [None]
+        assert [b.mask for b in step.blocks(attention.Keys(0, t + 1, layout=("kv", t + 1)), window=None)] == [None]
+    padded = make_positions(torch.zeros(2, 5, dtype=torch.long), None, torch.tensor([[0, 1, 1, 1, 1]] * 2).bool(), None)
+    assert padded.packed and padded.blocks(attention.Keys(0, 5), window=None)[0].mask is not None

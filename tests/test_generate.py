@@ -203,14 +203,26 @@ def test_real_prompt_longer_than_context(real):
 
 
 def test_cli_prints_only_the_completion(real):
+    """The CLI runs the fast path by default and says which on stderr; --dtype float32 is the reference."""
+    import minigemma
+
     model, tok = real
-    want = generate(model, tok, "The capital of France is", 6)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "minigemma", "generate", "The capital of France is",
-                        "--max-new-tokens", "6"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == want + "\n"
-    assert "loaded" in r.stderr
+
+    def cli(*extra):
+        r = subprocess.run([sys.executable, "-m", "minigemma", "generate", "The capital of France is",
+                            "--max-new-tokens", "6", *extra], capture_output=True, text=True, env=env, cwd=ROOT,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    ref = cli("--dtype", "float32")
+    assert ref.stdout == generate(model, tok, "The capital of France is", 6) + "\n"
+    assert "float32 (the reference)" in ref.stderr
+    fast = cli()
+    int8, _ = minigemma.load_pretrained("gemma3-270m", quant="int8")
+    assert fast.stdout == generate(int8, tok, "The capital of France is", 6) + "\n"
+    assert "int8 layers" in fast.stderr and "--dtype float32 for the reference" in fast.stderr
     bad = subprocess.run([sys.executable, "-m", "minigemma", "generate", "x", "--top-p", "2"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert bad.returncode != 0 and "top-p" in bad.stderr and bad.stdout == ""

@@ -498,7 +498,8 @@ def test_generate_cli_with_a_griffin_checkpoint(tmp_path, capsys):
                                                           intermediate_size=64, num_hidden_layers=3))
     hf.save_pretrained(tmp_path)
     shutil.copy(spm, tmp_path / "tokenizer.model")
-    assert gen.main(["The capital of France is", "--model", str(tmp_path), "--max-new-tokens", "6"]) == 0
+    assert gen.main(["The capital of France is", "--model", str(tmp_path), "--max-new-tokens", "6",
+                     "--dtype", "float32"]) == 0
     printed = capsys.readouterr().out
     model, tok = load_pretrained(tmp_path)
     expected = gen.generate(model, tok, "The capital of France is", 6)

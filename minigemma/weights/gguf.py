@@ -171,6 +171,60 @@ def dequantize_q4_k(raw, shape) -> torch.Tensor:
     return (scale * q - offset).reshape(shape)
 
 
+def integer_codes(raw, t: int | str | GGMLType, shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A block-quantised 2-D tensor as integer codes on a grid of 32-weight groups: w = a · v + b.
+
+    Returns v (N, K) int16 and a, b (N, K/32) float32, so that a · v + b is exactly `dequantize`'s
+    output for Q4_K (v in [0, 15], a = d·scale_j, b = -dmin·min_j), Q5_0 (v = q - 16, a = d, b = 0)
+    and Q8_0 (v = q, a = d, b = 0). Q6_K stores a scale per 16 weights; two of them share a group
+    here, so the group takes the larger step, a = d·max|scale|, and the half with the smaller scale is
+    rounded to that grid (v in [-32, 31]): the one tensor type that is not kept exactly (measured in
+    tests/test_gguf.py). These are what `quant.Int4Linear.from_codes` runs on torch's int4 kernel.
+    """
+    t = ggml_type(t)
+    N, K = shape
+    blocks, n = _blocks(raw, t.type_size, shape)
+    G = K // 32  # groups of 32 per row
+    if t.name == "Q8_0":
+        d = _fp16(blocks[:, :2]).reshape(N, G)
+        v = blocks[:, 2:].contiguous().view(torch.int8).reshape(N, K).to(torch.int16)
+        return v, d, torch.zeros_like(d)
+    if t.name == "Q5_0":
+        d = _fp16(blocks[:, :2]).reshape(N, G)
+        qh = blocks[:, 2:6].contiguous().view(torch.int32)  # (n, 1): bit j is element j's fifth bit
+        bits = (qh >> torch.arange(32, dtype=torch.int32)) & 1  # (n, 32)
+        qs = blocks[:, 6:].to(torch.int32)  # 16 bytes: element j in the low nibble, j + 16 in the high one
+        low = torch.cat([qs & 15, qs >> 4], dim=1)  # (n, 32)
+        v = (low | (bits << 4)) - 16
+        return v.reshape(N, K).to(torch.int16), d, torch.zeros_like(d)
+    if t.name == "Q4_K":
+        S = blocks.shape[0]  # super-blocks of 256 = 8 groups
+        d, dmin = _fp16(blocks[:, 0:2]), _fp16(blocks[:, 2:4])  # (S, 1)
+        sc, m = q4_k_scales(blocks[:, 4:16])  # (S, 8)
+        qs = blocks[:, 16:].reshape(S, 4, 1, 32)
+        v = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(S, 8, 32)  # group 2g: low nibbles, 2g + 1: high
+        a = (d * sc.float()).reshape(N, G)
+        b = -(dmin * m.float()).reshape(N, G)
+        return v.reshape(N, K).to(torch.int16), a, b
+    if t.name == "Q6_K":
+        S = blocks.shape[0]
+        ql, qh = blocks[:, :128].to(torch.int32), blocks[:, 128:192].to(torch.int32)
+        scales = blocks[:, 192:208].contiguous().view(torch.int8).float()  # (S, 16): one per 16 weights
+        d = _fp16(blocks[:, 208:210])  # (S, 1)
+        # ggml's layout: two halves of 128; in each, 32 lanes l give elements l, l+32, l+64, l+96
+        ql = ql.reshape(S, 2, 1, 64) >> torch.tensor([0, 4]).reshape(1, 1, 2, 1)
+        ql = (ql & 0xF).reshape(S, 2, 2, 2, 32)  # [half, nibble, byte-half, lane]
+        qh = (qh.reshape(S, 2, 1, 32) >> torch.tensor([0, 2, 4, 6]).reshape(1, 1, 4, 1)) & 3  # [half, shift, lane]
+        lowbits = torch.stack([ql[:, :, 0, 0], ql[:, :, 0, 1], ql[:, :, 1, 0], ql[:, :, 1, 1]], dim=2)  # l, l+32, l+64, l+96
+        q = (lowbits | (qh << 4)).reshape(S, 256) - 32  # in [-32, 31]
+        step = (d * scales).repeat_interleave(16, dim=1)  # (S, 256): d · scale of each weight's 16
+        w = step * q
+        a = (d.abs() * scales.abs()).reshape(S, 8, 2).amax(-1).reshape(N, G)  # the larger step of each 32
+        v = torch.round(w.reshape(N, G, 32) / torch.where(a == 0, 1.0, a)[..., None]).clamp(-32, 31)
+        return v.reshape(N, K).to(torch.int16), a, torch.zeros_like(a)
+    raise NotImplementedError(f"integer_codes: {t.name} (types in this course's file: Q4_K, Q5_0, Q6_K, Q8_0)")
+
+
 def dequantize(raw, t: int | str | GGMLType, shape) -> torch.Tensor:
     """Any ggml type -> float32 tensor of `shape` (PyTorch order). Q8_0 and Q4_K use this
     module's code; other quantised types use the `gguf` package's reference implementation."""
@@ -482,7 +536,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quant: str |
         return table.get(name, f"<unmapped> {name}")
 
     minus_one = {ours: (lambda w: w - 1.0) for ours in table.values() if is_norm(ours)}
-    if quant in ("int8", "int4"):
+    if quant in ("int8", "int4", "gguf"):
         return _load_gguf_quantized(f, config, name_map, minus_one, quant)
     model = empty_model(Gemma, config, torch.bfloat16 if quant == "bf16" else dtype)
     if quant == "bf16":
@@ -499,7 +553,7 @@ def _load_gguf_quantized(f: GGUFFile, config, name_map, minus_one, level: str):
     """The int8/int4 model of `load_gguf`, module by module (see its docstring)."""
     from ..gemma import Gemma
     from ..layers import RMSNorm
-    from ..quant import Q8_0Embedding, cast_activations, quantized_head, quantized_linear
+    from ..quant import Int4Linear, Q8_0Embedding, cast_activations, quantized_head, quantized_linear
     from .hf import fused_parts, match_names
 
     with torch.device("meta"):
@@ -527,8 +581,14 @@ def _load_gguf_quantized(f: GGUFFile, config, name_map, minus_one, level: str):
             for name, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.Linear) and child is not model.lm_head:
                     ours = f"{p}{name}.weight"
-                    chunks = (row_chunks(ours), child.out_features, child.in_features)
-                    setattr(parent, name, quantized_linear(level, chunks))
+                    if level == "gguf":  # the file's own codes, exactly, on the int4 kernel
+                        parts = [Int4Linear.from_codes(*integer_codes(f.raw(checkpoint_name[n]), f.tensors[
+                            checkpoint_name[n]].type, f.tensors[checkpoint_name[n]].shape))
+                            for n in parts_of.get(ours, [ours])]
+                        setattr(parent, name, parts[0] if len(parts) == 1 else Int4Linear.cat(parts))
+                    else:
+                        chunks = (row_chunks(ours), child.out_features, child.in_features)
+                        setattr(parent, name, quantized_linear(level, chunks))
                 elif isinstance(child, RMSNorm):
                     child.weight = torch.nn.Parameter(weight(f"{p}{name}.weight"))
         embd = f.tensors[checkpoint_name["embed_tokens.weight"]]
