@@ -539,8 +539,13 @@ class GroupedQueryAttention(nn.Module):
             keys = Keys(pos.start, x.shape[1], layout=("self", x.shape[1]))
         else:
             k, v, keys = cache.update(k, v)  # (B, K, S, D): every key the new queries may need
-        out = attend(q, k, v, pos.blocks(keys, self.window, self.causal), self.scale, self.softcap)  # (B, H, T, D)
+        out = self.attention(q, k, v, pos, keys)  # (B, H, T, D)
         return self.o_proj(merge_heads(out))
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions, keys: Keys) -> torch.Tensor:
+        """softmax(q kᵀ · scale [soft-capped]) v over the keys this layer's mask lets each query see:
+        q (B, H, T, D), k and v (B, K, S, D) -> (B, H, T, D). The one place a kernel swaps in."""
+        return attend(q, k, v, pos.blocks(keys, self.window, self.causal), self.scale, self.softcap)
 
 
 # --------------------------------------------------------------------------------------------
