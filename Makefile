@@ -10,13 +10,15 @@ STAMP   := $(VENV)/.minigemma-installed
 PORT    ?= 8888
 PYTEST_ARGS ?=
 
-.PHONY: lab test setup weights exercises bench clean-venv help
+.PHONY: lab test setup weights exercises bench bench-kernels mutation clean-venv help
 
 help:
 	@echo "make lab        set up if needed, then start JupyterLab on chapters/"
 	@echo "make test       set up if needed, then run the whole test suite (notebooks included)"
 	@echo "make exercises  regenerate exercises/ from solutions/"
 	@echo "make bench      CPU generation benchmark on the real Gemma 3 270M"
+	@echo "make mutation   mutation-test the exercise checks (mutmut); writes docs/mutation.md"
+	@echo "make bench-kernels  Triton kernels vs torch eager/compile/Liger (a GPU; without one it says so)"
 
 setup: $(STAMP)
 
@@ -33,6 +35,7 @@ $(STAMP): pyproject.toml
 
 weights: $(STAMP)
 	$(PY) -m minigemma fetch all
+	$(PY) -m minigemma.data fetch
 
 lab: weights
 	$(VENV)/bin/jupyter lab --allow-root --no-browser --port=$(PORT) --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/chapters
@@ -45,6 +48,15 @@ exercises: $(STAMP)
 
 bench: weights
 	$(PY) -m minigemma bench generate
+
+# Liger-Kernel, the optional comparison, comes with the [bench] extra: .venv/bin/pip install -e '.[bench]'
+bench-kernels: $(STAMP)
+	$(PY) -m minigemma.kernels.bench --save docs/benchmarks
+
+# Mutation testing of the exercise checks: mutmut mutates a copy of the references in build/mutation/
+# and runs each exercise's check on every mutant (tools/mutation/run.py); the table goes to docs/mutation.md.
+mutation: $(STAMP)
+	$(PY) tools/mutation/run.py --write-doc
 
 clean-venv:
 	rm -rf $(VENV)

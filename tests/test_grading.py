@@ -1,8 +1,10 @@
 """The grading machinery, and proof that every exercise check bites.
 
 - every registered exercise has mutants (plausible wrong answers), and its check fails each one,
-  on several fresh seeds;
+  on every seed; right answers written another way (CORRECT) pass on every seed;
 - the reference itself passes its own check (a sanity check of the cases);
+- the grading core checks dtypes and ints where a statement fixes them, honours a case's own
+  tolerance, and shows the smallest failing case;
 - the solutions score full marks and the untouched exercises score zero, through the real
   grader (`python -m minigemma grade`) executing the notebooks in a kernel;
 - exercises/ is exactly what `make exercises` generates from solutions/.
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import tests.mutants as mutants_pkg
 from minigemma.grading import core, notebooks
@@ -23,14 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 12345)
 
 
-def _all_mutants():
+def _collect(attr):
     out = {}
     for m in pkgutil.iter_modules(mutants_pkg.__path__):
-        out.update(importlib.import_module(f"tests.mutants.{m.name}").MUTANTS)
+        out.update(getattr(importlib.import_module(f"tests.mutants.{m.name}"), attr, {}))
     return out
 
 
-MUTANTS = _all_mutants()
+MUTANTS = _collect("MUTANTS")
+CORRECT = _collect("CORRECT")
 core.get("00.softmax")  # registers every exercise
 EXERCISES = sorted(core.EXERCISES)
 
@@ -49,13 +53,32 @@ def test_reference_passes_its_own_check(name):
         assert r.passed, r.failure
 
 
+def test_softmax_reference_is_torch_softmax():
+    from minigemma.grading.checks.ch00 import softmax_reference
+
+    for seed in SEEDS:
+        for case in core.get("00.softmax").cases(seed):
+            x = case.args[0]
+            torch.testing.assert_close(softmax_reference(x), torch.softmax(x, dim=-1), atol=1e-7, rtol=1e-6)
+
+
 @pytest.mark.parametrize("name,label,fn", [(n, lab, f) for n, ms in sorted(MUTANTS.items()) for lab, f in ms],
                          ids=lambda x: x if isinstance(x, str) else "")
 def test_check_catches_mutant(name, label, fn):
     for seed in SEEDS:
-        r = core.run_check(name, fn, seed=seed)
+        f = fn.new() if isinstance(fn, mutants_pkg.fresh) else fn  # a stateful mutant starts empty
+        r = core.run_check(name, f, seed=seed)
         assert not r.passed, f"{name}: mutant '{label}' passed the check with seed {seed}"
         assert r.failure and r.failure.get("case"), "a failure must name its case"
+
+
+@pytest.mark.parametrize("name,label,fn", [(n, lab, f) for n, ms in sorted(CORRECT.items()) for lab, f in ms],
+                         ids=lambda x: x if isinstance(x, str) else "")
+def test_check_accepts_a_correct_variant(name, label, fn):
+    """Right answers written differently (another order of operations, float64, torch's own op) pass."""
+    for seed in SEEDS:
+        r = core.run_check(name, fn, seed=seed)
+        assert r.passed, f"{name}: the right answer '{label}' failed with seed {seed}: {core.format_result(r)}"
 
 
 def test_check_reports_error_and_timeout():
@@ -77,6 +100,67 @@ def test_check_reports_error_and_timeout():
     finally:
         ex.timeout_s = old
     assert not r.passed and "longer than" in r.failure["error"]
+
+
+# --------------------------------------------------------------------------------------------
+# The grading core: types, tolerances, the smallest failing case
+# --------------------------------------------------------------------------------------------
+def test_compare_checks_types_only_where_the_statement_fixes_them():
+    x = torch.ones(3)
+    assert core.compare(x, x.half(), 1e-5, 1e-4) is None  # values agree; no dtype asked for
+    assert "dtype float16 != expected float32" in core.compare(x, x.half(), 1e-5, 1e-4, exact_types=True)
+    assert core.compare(x, x.clone(), 1e-5, 1e-4, exact_types=True) is None
+    assert core.compare(12, 12.0, 0, 0) is None
+    assert "expected an int, got float" in core.compare(12, 12.0, 0, 0, exact_types=True)
+    assert "expected an int" in core.compare(12, torch.tensor(12), 0, 0, exact_types=True)
+    assert "expected an int" in core.compare(1, True, 0, 0, exact_types=True)
+    assert core.compare(12, 12, 0, 0, exact_types=True) is None
+    assert "boolean" in core.compare(torch.ones(2, dtype=torch.bool), torch.ones(2), 0, 0)
+    # where the mismatch is, and which non-finite values differ
+    why = core.compare(torch.tensor([0.0, 1.0, 2.0]), torch.tensor([0.0, 1.0, 2.5]), 1e-5, 1e-4)
+    assert "index (2,)" in why and "expected 2" in why and "got 2.5" in why
+    inf = float("inf")
+    assert "non-finite" in core.compare(torch.tensor([inf, 1.0]), torch.tensor([-inf, 1.0]), 1e-5, 1e-4)
+    nan = torch.tensor([float("nan"), 1.0])
+    assert core.compare(nan, nan.clone(), 1e-5, 1e-4) is None
+
+
+@pytest.fixture
+def sized_exercise():
+    """A throwaway exercise whose cases come in mixed sizes, removed afterwards."""
+    def cases(seed):
+        return [core.Case(f"n={n}", (torch.arange(n, dtype=torch.float32),)) for n in (50, 3, 200, 1, 12)]
+
+    ex = core.register(core.Exercise("99.sized", cases, lambda x: x * 2))
+    yield ex
+    del core.EXERCISES["99.sized"]
+
+
+def test_the_failure_shown_is_the_smallest_failing_case(sized_exercise):
+    r = core.run_check("99.sized", lambda x: x * 3, seed=0)  # wrong everywhere except at 0
+    assert r.failure["case"].startswith("n=3") and "smallest of 4 failing cases" in r.failure["case"]
+    assert (r.n_passed, r.n_cases) == (1, 5)  # n=1 is [0.]: 0 * 3 = 0 * 2
+    r = core.run_check("99.sized", lambda x: x * 2 if len(x) < 100 else x, seed=0)
+    assert r.failure["case"] == "n=200" and r.n_passed == 4  # the only failing case, alone
+    r = core.run_check("99.sized", lambda x: 1 / 0 if len(x) == 12 else x * 2, seed=0)
+    assert r.failure["case"] == "n=12" and "ZeroDivisionError" in r.failure["error"]
+
+
+def test_a_case_can_carry_its_own_tolerance(sized_exercise):
+    sized_exercise.cases = lambda seed: [core.Case("loose", (torch.ones(4),), atol=0.1),
+                                         core.Case("strict", (torch.ones(4),))]
+    r = core.run_check("99.sized", lambda x: x * 2 + 0.05, seed=0)
+    assert r.n_passed == 1 and r.failure["case"] == "strict"
+
+
+def test_check_prints_its_report_once_in_a_notebook(capsys):
+    r = core.check("00.softmax", lambda x: torch.softmax(x, -1), seed=0)
+    assert capsys.readouterr().out.count("PASS 00.softmax") == 1
+    r._ipython_display_()  # what IPython does with a cell's last value: nothing more to show
+    assert capsys.readouterr().out == ""
+    bare = core.run_check("00.softmax", lambda x: x, seed=0)
+    bare._ipython_display_()  # a Result from run_check shows its report
+    assert "FAIL 00.softmax" in capsys.readouterr().out
 
 
 def test_exercises_are_up_to_date():
@@ -113,7 +197,8 @@ def test_solutions_score_full_marks():
 
 
 def test_untouched_exercises_score_zero():
-    rows = _grade([ROOT / "exercises" / p.name for p in SOLUTIONS])
+    rows = _grade([])  # no notebook named: every exercises/NN_*.ipynb
+    assert {r["notebook"] for r in rows} == {p.name for p in SOLUTIONS}
     passed = [r["exercise"] for r in rows if r["passed"]]
     assert not passed, f"untouched exercises passed: {passed}"
     assert all(r["note"] for r in rows)

@@ -85,3 +85,14 @@ def test_ci_run_calls_the_readme_test_command():
     lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()
              if ln.strip() and not ln.strip().startswith("#")]
     assert lines[-1] == "make test", lines
+
+
+def test_a_process_started_in_the_repository_can_import_transformers():
+    """From the repository's root, `kernels/` is on sys.path as a top-level `kernels`, the name of a PyPI
+    package that transformers probes (and imports) at import time. It must stay an empty module there:
+    no version (so transformers treats it as absent) and none of our Triton modules imported twice."""
+    code = ("import kernels, transformers.models.gemma3.modeling_gemma3; "
+            "print(sorted(n for n in vars(kernels) if not n.startswith('_')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "['os']"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import os
 import signal
 import threading
@@ -25,11 +26,17 @@ REPORT_ENV = "MINIGEMMA_GRADE_REPORT"  # the grader sets it; check() appends one
 
 @dataclass
 class Case:
-    """One call of the learner's function: positional args, keyword args, and a label."""
+    """One call of the learner's function: positional args, keyword args, and a label.
+
+    atol/rtol: this case's own tolerance, where reduced precision is the point of the case (a
+    bfloat16 input, say); None keeps the exercise's.
+    """
 
     label: str
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    atol: float | None = None
+    rtol: float | None = None
 
 
 @dataclass
@@ -41,7 +48,11 @@ class Exercise:
                run sees fresh inputs but a failure can be reproduced.
     reference: the package's implementation, called with the same arguments.
     atol/rtol: tolerance for tensor outputs (float32 references; the tolerance covers
-               summation-order differences, not algorithmic ones).
+               summation-order differences, not algorithmic ones). A Case may set its own.
+    exact_types: the statement fixes the output's type: a floating tensor must have the
+               reference's dtype ("a float32 tensor", "in x's dtype") and an int must be a
+               Python int, not 1.0 ("return an int"). Off, only values and shapes count.
+    hint:      revealed on request by `hint(name)`; it nudges, it does not give the answer.
     """
 
     name: str
@@ -51,6 +62,8 @@ class Exercise:
     rtol: float = 1e-4
     timeout_s: float = 30.0
     description: str = ""
+    exact_types: bool = False
+    hint: str = ""
 
 
 @dataclass
@@ -59,11 +72,17 @@ class Result:
     passed: bool
     n_cases: int
     n_passed: int
-    failure: dict | None = None  # the first failing case: label, inputs, expected, got / error
+    failure: dict | None = None  # the smallest failing case: label, inputs, expected, got / error
+    printed: bool = field(default=False, repr=False, compare=False)  # check() has shown it already
 
     def summary(self) -> str:
         status = "PASS" if self.passed else "FAIL"
         return f"{status} {self.name}: {self.n_passed}/{self.n_cases} cases"
+
+    def _ipython_display_(self) -> None:
+        """A notebook shows the report, once: `check(...)` as a cell's last line prints it already."""
+        if not self.printed:
+            print(format_result(self))
 
 
 EXERCISES: dict[str, Exercise] = {}
@@ -94,8 +113,11 @@ def get(name: str) -> Exercise:
 # --------------------------------------------------------------------------------------------
 # Comparing outputs
 # --------------------------------------------------------------------------------------------
-def compare(expected: Any, got: Any, atol: float, rtol: float) -> str | None:
-    """None if `got` matches `expected`, else a short reason. Tensors compare with a tolerance."""
+def compare(expected: Any, got: Any, atol: float, rtol: float, exact_types: bool = False) -> str | None:
+    """None if `got` matches `expected`, else a short reason. Tensors compare with a tolerance.
+
+    exact_types: a floating tensor must also have the expected dtype, and an int must be an int.
+    """
     if isinstance(expected, torch.Tensor):
         if not isinstance(got, torch.Tensor):
             return f"expected a tensor, got {type(got).__name__}"
@@ -103,23 +125,33 @@ def compare(expected: Any, got: Any, atol: float, rtol: float) -> str | None:
             return f"shape {tuple(got.shape)} != expected {tuple(expected.shape)}"
         if expected.dtype == torch.bool and got.dtype != torch.bool:
             return f"expected a boolean tensor, got dtype {got.dtype}"
+        if exact_types and got.dtype != expected.dtype:
+            return f"dtype {_dtype(got)} != expected {_dtype(expected)}"
         if expected.dtype == torch.bool or not expected.is_floating_point():
             return None if torch.equal(got.to(expected.dtype), expected) else "values differ"
+        if got.dtype == torch.bool:
+            return f"expected a {_dtype(expected)} tensor, got a boolean one"
         g, e = got.detach().double(), expected.detach().double()
         finite = torch.isfinite(e)
         if not torch.equal(finite, torch.isfinite(g)):
-            return "non-finite values (inf/nan) in different places"
+            idx = tuple(int(i) for i in (finite != torch.isfinite(g)).nonzero()[0])
+            return (f"non-finite values (inf/nan) in different places: at index {idx} expected "
+                    f"{e[idx].item():.5g}, got {g[idx].item():.5g}")
+        if not (torch.equal(e.isnan(), g.isnan()) and torch.equal(e.isposinf(), g.isposinf())):
+            return "non-finite values differ (inf where nan or -inf is expected, or the other way round)"
         if not torch.allclose(g[finite], e[finite], atol=atol, rtol=rtol):
             diff = torch.where(finite, (g - e).abs(), torch.zeros_like(g))
-            idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
-            return (f"values differ: max abs error {diff[idx].item():.3g} at index {idx}: expected "
-                    f"{e[idx].item():.5g}, got {g[idx].item():.5g} (atol {atol:g}, rtol {rtol:g})")
+            excess = torch.where(finite, diff - atol - rtol * e.abs(), torch.full_like(g, -1.0))
+            idx = tuple(int(i) for i in torch.unravel_index(excess.argmax(), excess.shape))  # the worst miss
+            return (f"values differ: at index {idx} expected {e[idx].item():.5g}, got {g[idx].item():.5g} "
+                    f"(error {diff[idx].item():.3g}; allowed atol {atol:g} + rtol {rtol:g}·|expected|; "
+                    f"{int((excess > 0).sum())} of {e.numel()} values off)")
         return None
     if isinstance(expected, (tuple, list)):
         if not isinstance(got, (tuple, list)) or len(got) != len(expected):
-            return f"expected a sequence of {len(expected)}, got {type(got).__name__}"
+            return f"expected a sequence of {len(expected)}, got {_kind(got)}"
         for i, (e, g) in enumerate(zip(expected, got)):
-            why = compare(e, g, atol, rtol)
+            why = compare(e, g, atol, rtol, exact_types)
             if why:
                 return f"item {i}: {why}"
         return None
@@ -128,9 +160,33 @@ def compare(expected: Any, got: Any, atol: float, rtol: float) -> str | None:
             return f"expected a number, got {type(got).__name__}"
         g = float(got)
         return None if abs(g - expected) <= atol + rtol * abs(expected) else f"{g!r} != {expected!r}"
+    if exact_types and isinstance(expected, int) and not isinstance(expected, bool):
+        if isinstance(got, bool) or not isinstance(got, numbers.Integral):
+            return f"expected an int, got {_kind(got)} {got!r}"
     if isinstance(got, torch.Tensor) and got.numel() == 1:
         got = got.item()
     return None if got == expected else f"{got!r} != {expected!r}"
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _kind(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {_dtype(x)} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def _size(x: Any) -> int:
+    """How big a case is, to show the smallest failing one: numbers in tensors and sequences."""
+    if isinstance(x, torch.Tensor):
+        return x.numel()
+    if isinstance(x, (tuple, list)):
+        return sum(_size(v) for v in x)
+    if isinstance(x, dict):
+        return sum(_size(v) for v in x.values())
+    return 1
 
 
 def _describe(x: Any, limit: int = 6) -> str:
@@ -187,35 +243,52 @@ def _clone(x: Any) -> Any:
 
 
 def run_check(name: str, fn: Callable[..., Any], seed: int | None = None) -> Result:
-    """Run every case of exercise `name` on `fn`; stop at the first failure. Never raises."""
+    """Run every case of exercise `name` on `fn` and report the smallest failing one. Never raises.
+
+    Cases run from small to large (the size of inputs and expected output; ties keep the
+    exercise's order), so the failure shown is the smallest case that fails.
+    """
     ex = get(name)
     seed = int(time.time_ns() % 2**31) if seed is None else seed
     cases = ex.cases(seed)
-    n_passed = 0
+    n_passed, failure, n_failed = 0, None, 0
     try:
         with _time_limit(ex.timeout_s):
-            for case in cases:
+            prepared = []
+            for i, case in enumerate(cases):
                 expected = ex.reference(*_clone(case.args), **_clone(case.kwargs))
-                try:
-                    got = fn(*_clone(case.args), **_clone(case.kwargs))
-                except ExerciseTimeout:
-                    raise
-                except BaseException as e:  # noqa: BLE001 - the learner's error is a failed case
-                    if isinstance(e, KeyboardInterrupt):
-                        raise
-                    tb = traceback.format_exception_only(type(e), e)[-1].strip()
-                    return Result(name, False, len(cases), n_passed, {
-                        "case": case.label, "inputs": _describe((case.args, case.kwargs)),
-                        "expected": _describe(expected), "error": tb, "seed": seed})
-                why = compare(expected, got, ex.atol, ex.rtol)
-                if why:
-                    return Result(name, False, len(cases), n_passed, {
-                        "case": case.label, "inputs": _describe((case.args, case.kwargs)),
-                        "expected": _describe(expected), "got": _describe(got), "why": why, "seed": seed})
-                n_passed += 1
+                prepared.append((_size((case.args, case.kwargs, expected)), i, case, expected))
+            prepared.sort(key=lambda item: item[:2])
+            for _, _, case, expected in prepared:
+                why = _run_case(ex, case, expected, fn)
+                if why is None:
+                    n_passed += 1
+                    continue
+                n_failed += 1
+                if failure is None:
+                    failure = {"case": case.label, "inputs": _describe((case.args, case.kwargs)),
+                               "expected": _describe(expected), **why, "seed": seed}
     except ExerciseTimeout as e:
-        return Result(name, False, len(cases), n_passed, {"case": "(time limit)", "error": str(e), "seed": seed})
-    return Result(name, True, len(cases), n_passed)
+        failure = {"case": "(time limit)", "error": str(e), "seed": seed}
+    if failure is not None and n_failed > 1:
+        failure["case"] += f"  (the smallest of {n_failed} failing cases)"
+    return Result(name, failure is None, len(cases), n_passed, failure)
+
+
+def _run_case(ex: Exercise, case: Case, expected: Any, fn: Callable[..., Any]) -> dict | None:
+    """None if `fn` passes `case`, else what went wrong: {"got", "why"} or {"error"}."""
+    try:
+        got = fn(*_clone(case.args), **_clone(case.kwargs))
+    except ExerciseTimeout:
+        raise
+    except BaseException as e:  # noqa: BLE001 - the learner's error is a failed case
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return {"error": traceback.format_exception_only(type(e), e)[-1].strip()}
+    atol = ex.atol if case.atol is None else case.atol
+    rtol = ex.rtol if case.rtol is None else case.rtol
+    why = compare(expected, got, atol, rtol, ex.exact_types)
+    return None if why is None else {"got": _describe(got), "why": why}
 
 
 def _report(result: Result) -> None:
@@ -232,6 +305,8 @@ def format_result(result: Result) -> str:
         for key in ("case", "inputs", "expected", "got", "why", "error", "seed"):
             if key in result.failure:
                 lines.append(f"   {key:>8}: {result.failure[key]}")
+        if get(result.name).hint:
+            lines.append(f'   stuck? hint("{result.name}") gives a hint')
     return "\n".join(lines)
 
 
@@ -240,4 +315,11 @@ def check(name: str, fn: Callable[..., Any], seed: int | None = None) -> Result:
     result = run_check(name, fn, seed)
     _report(result)
     print(format_result(result))
+    result.printed = True
     return result
+
+
+def hint(name: str) -> None:
+    """Print the hint of exercise `name` (e.g. hint("01.rope"))."""
+    ex = get(name)
+    print(f"💡 {name}: {ex.hint or 'no hint for this one: re-read the statement above the cell.'}")

@@ -6,11 +6,16 @@ code between `### BEGIN SOLUTION` and `### END SOLUTION` becomes `# YOUR CODE HE
 
 `grade` executes notebooks in a fresh kernel, collects what each `check(...)` reported, and
 scores every exercise of the notebook's chapter. A learner's exception, a cell that never ran,
-or a time-out is that exercise's failure; it never stops the grader.
+or a time-out is that exercise's failure; it never stops the grader. With no notebook named it
+grades every exercise notebook and prints the learner's progress.
+
+`reset_exercise` puts one exercise of a learner's notebook back to its untouched state (the stub
+generated from solutions/), leaving every other cell and function as the learner left it.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -158,23 +163,180 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_progress(rows: list[dict], width: int = 20) -> str:
+    """Progress per notebook and overall, as bars."""
+    by_nb: dict[str, list[dict]] = {}
+    for r in rows:
+        by_nb.setdefault(r["notebook"], []).append(r)
+    w = max(len(nb) for nb in by_nb)
+    lines = ["progress:"]
+    for nb, rs in by_nb.items():
+        done = sum(r["passed"] for r in rs)
+        bar = "█" * round(width * done / len(rs)) + "·" * (width - round(width * done / len(rs)))
+        lines.append(f"  {nb:<{w}}  {bar}  {done}/{len(rs)}")
+    done = sum(r["passed"] for r in rows)
+    lines.append(f"overall: {done}/{len(rows)} exercises passed ({100 * done / len(rows):.0f}%)")
+    todo = [r["exercise"] for r in rows if not r["passed"]]
+    if todo:
+        lines.append(f"next up: {todo[0]} (python -m minigemma grade shows why; hint(\"{todo[0]}\") helps)")
+    return "\n".join(lines)
+
+
+def exercises_dir() -> Path:
+    """The learner's exercises/: the one in the current folder, else the repository's."""
+    here = Path.cwd() / "exercises"
+    return here if here.is_dir() else ROOT / "exercises"
+
+
 def grade_main(argv: list[str]) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m minigemma grade",
-                                description="Execute exercise notebooks and print a score table.")
-    p.add_argument("notebooks", nargs="+", type=Path)
+                                description="Execute exercise notebooks and print a score table. With no "
+                                            "notebook named, grade every exercises/NN_*.ipynb and show progress.")
+    p.add_argument("notebooks", nargs="*", type=Path)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per cell (default 120)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = p.parse_args(argv)
-    rows = []
+    every = not args.notebooks
+    if every:
+        args.notebooks = sorted(exercises_dir().glob("[0-9][0-9]_*.ipynb"))
+        if not args.notebooks:
+            print(f"error: no exercise notebooks in {exercises_dir()}", file=sys.stderr)
+            return 2
     for nb in args.notebooks:
         if not nb.is_file():
             print(f"error: {nb}: no such notebook", file=sys.stderr)
             return 2
+    rows = []
+    for nb in args.notebooks:
+        if every and not args.json:
+            print(f"grading {nb.name} ...", file=sys.stderr, flush=True)
         rows += grade_notebook(nb, args.timeout)
-    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(format_table(rows))
+        if every or len(args.notebooks) > 1:
+            print()
+            print(format_progress(rows))
     return 0 if all(r["passed"] for r in rows) else 1
+
+
+# --------------------------------------------------------------------------------------------
+# Resetting one exercise
+# --------------------------------------------------------------------------------------------
+_CHECK_CALL = re.compile(r"""check\(\s*["']([0-9]{2}\.\w+)["']\s*,\s*([A-Za-z_]\w*)""")
+
+
+def _source(cell: dict) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def _set_source(cell: dict, text: str) -> None:
+    cell["source"] = text.splitlines(keepends=True) if isinstance(cell["source"], list) else text
+
+
+def _def_span(src: str, func: str) -> tuple[int, int] | None:
+    """Line span [start, end) of the top-level `def func` in `src` (decorators and the indented
+    comments that close its body included), or None."""
+    lines = src.splitlines(keepends=True)
+    start = None
+    try:
+        tree = ast.parse(src)
+    except SyntaxError:  # the learner's cell does not parse: find the def by its indentation
+        start = next((i for i, line in enumerate(lines)
+                      if re.match(rf"(async\s+)?def\s+{re.escape(func)}\s*\(", line)), None)
+        end = None if start is None else start + 1
+    else:
+        node = next((n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                     and n.name == func), None)
+        if node is not None:
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+            end = node.end_lineno
+    if start is None:
+        return None
+    while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t)"):
+        end += 1  # the body goes on while lines are indented (a closing `### END SOLUTION` comment too)
+    while end > start + 1 and not lines[end - 1].strip():
+        end -= 1
+    return start, end
+
+
+def _exercise_function(pristine: dict, name: str) -> tuple[str, str]:
+    """(exercise name, function name) for `name`, which may be either, from the check(...) calls."""
+    pairs = [m for cell in pristine["cells"] if cell["cell_type"] == "code"
+             for m in _CHECK_CALL.findall(_source(cell))]
+    for ex, func in pairs:
+        if name in (ex, func):
+            return ex, func
+    known = ", ".join(f"{ex} ({func})" for ex, func in pairs)
+    raise NotebookError(f"no exercise {name!r} in this notebook; its exercises are: {known}")
+
+
+def reset_exercise(path: Path, name: str, solutions: Path = ROOT / "solutions") -> str:
+    """Restore exercise `name` ("01.rope" or "rope") of the learner's notebook `path` to its stub.
+
+    Only that function's lines change (and its cell's outputs are cleared); a deleted function's
+    cell comes back just before the cell that checks it. The file is replaced atomically.
+    """
+    path = Path(path)
+    src = Path(solutions) / path.name
+    if not src.is_file():
+        raise NotebookError(f"{path.name}: no solutions/{path.name} to restore from")
+    pristine = exercise_notebook(json.loads(src.read_text()), src.name)
+    ex_name, func = _exercise_function(pristine, name)
+    stub_cell = next(c for c in pristine["cells"] if c["cell_type"] == "code" and _def_span(_source(c), func))
+    stub_src = _source(stub_cell)
+    s0, s1 = _def_span(stub_src, func)
+    stub = "".join(stub_src.splitlines(keepends=True)[s0:s1]).rstrip("\n")
+
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        text = _source(cell)
+        span = _def_span(text, func)
+        if span is None:
+            continue
+        lines = text.splitlines(keepends=True)
+        tail = "".join(lines[span[1]:])
+        new = "".join(lines[:span[0]]) + stub + ("\n" + tail if tail else "")
+        _set_source(cell, new)
+        cell["outputs"], cell["execution_count"] = [], None
+        where = "restored"
+        break
+    else:  # the function is gone: put its cell back before the check that needs it
+        checks = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"
+                  and any(ex == ex_name for ex, _ in _CHECK_CALL.findall(_source(c)))]
+        cell = json.loads(json.dumps(stub_cell))
+        cell.pop("id", None)
+        nb["cells"].insert(checks[0] if checks else len(nb["cells"]), cell)
+        where = "re-inserted"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(_dump(nb))
+    os.replace(tmp, path)
+    return (f"{where} `{func}` (exercise {ex_name}) in {path}; every other cell is as you left it. "
+            f"If the notebook is open, reload it (File > Reload Notebook from Disk) before saving.")
+
+
+def reset_main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m minigemma reset",
+                                description="Restore one exercise of a notebook to its untouched state.")
+    p.add_argument("notebook", type=Path)
+    p.add_argument("name", help='the exercise ("01.rope") or its function ("rope")')
+    args = p.parse_args(argv)
+    if not args.notebook.is_file():
+        print(f"error: {args.notebook}: no such notebook", file=sys.stderr)
+        return 2
+    try:
+        print(reset_exercise(args.notebook, args.name))
+    except NotebookError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def exercises_main(argv: list[str]) -> int:

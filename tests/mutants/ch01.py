@@ -1,14 +1,47 @@
 import math
 
 import torch
+import torch.nn.functional as F
 
 from minigemma.attention import causal_mask, merge_heads, split_heads
+
+from . import fresh
 
 
 def _attn(q, k, v, mask, scale=None, fill=float("-inf"), dim=-1):
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = (q @ k.transpose(-2, -1)) * scale
     return torch.softmax(s.masked_fill(~mask, fill), dim=dim) @ v
+
+
+def _own_softmax(s, how):
+    if how == "no max":  # exp of scores in the hundreds overflows: inf / inf
+        e = s.exp()
+        return e / e.sum(-1, keepdim=True)
+    if how == "global max":  # one max for the whole batch: rows far below it underflow to 0 / 0
+        e = (s - s.amax()).exp()
+        return e / e.sum(-1, keepdim=True)
+    # "streaming": flash-attention's running max from -inf, unguarded: nan while keys are masked
+    m = torch.full_like(s[..., 0], float("-inf"))
+    d = torch.zeros_like(m)
+    for j in range(s.shape[-1]):
+        m_new = torch.maximum(m, s[..., j])
+        d = d * (m - m_new).exp() + (s[..., j] - m_new).exp()
+        m = m_new
+    return (s - m[..., None]).exp() / d[..., None]
+
+
+def _attn_own_softmax(q, k, v, mask, how):
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    return _own_softmax(s.masked_fill(~mask, float("-inf")), how) @ v
+
+
+def _attn_decode_unmasked(q, k, v, mask):  # "a single new token may see the whole cache"
+    return _attn(q, k, v, torch.ones_like(mask) if q.shape[-2] == 1 else mask)
+
+
+def _attn_assumes_causal(q, k, v, mask):
+    return _attn(q, k, v, causal_mask(q.shape[-2], k.shape[-2]))
 
 
 def _rope_interleaved(x, pos, base):
@@ -20,14 +53,48 @@ def _rope_interleaved(x, pos, base):
     return out.flatten(-2)
 
 
-def _rope_split(x, pos, base, exponent_den=None, sign=1.0):
+def _rope_split(x, pos, base, exponent_den=None, sign=1.0, angle_dtype=None, pos_dtype=torch.float32):
     D = x.shape[-1]
     den = D if exponent_den is None else exponent_den
     inv = 1.0 / base ** (torch.arange(0, D, 2).float() / den)
-    ang = torch.cat([pos.float()[:, None] * inv] * 2, -1)
+    ang = torch.cat([pos.to(pos_dtype)[:, None] * inv] * 2, -1)
+    if angle_dtype is not None:
+        ang = ang.to(angle_dtype)
     x1, x2 = x.chunk(2, -1)
     rot = torch.cat([-x2, x1], -1)
     return x * ang.cos() + sign * rot * ang.sin()
+
+
+def _rope_cached_on_shape():
+    """Angles cached on (T, D), the first positions and base they saw kept for good."""
+    cache = {}
+
+    def rope(x, pos, base):
+        key = (x.shape[-2], x.shape[-1])
+        if key not in cache:
+            cache[key] = (pos.clone(), base)
+        return _rope_split(x, *cache[key])
+    return rope
+
+
+def _rope_theta_variants(x, pos, base, how):
+    """Right answers that compute θ another way in float32 (it may differ in its last bit)."""
+    D = x.shape[-1]
+    i2 = torch.arange(0, D, 2, dtype=torch.float32)
+    theta = {"neg power": lambda: base ** (-i2 / D),
+             "exp log": lambda: torch.exp(-math.log(base) * i2 / D),
+             "float64 then float32": lambda: (1.0 / base ** (i2.double() / D)).float()}[how]()
+    ang = pos.float()[:, None] * theta
+    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1)
+
+
+def _rope_rotate_pairs_complex(x, pos, base):
+    """Right, another way: the halves as the real and imaginary parts of complex numbers."""
+    D = x.shape[-1]
+    ang = pos.float()[:, None] * (1.0 / base ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    z = torch.complex(x[..., : D // 2].float(), x[..., D // 2:].float()) * torch.polar(torch.ones_like(ang), ang)
+    return torch.cat([z.real, z.imag], -1)
 
 
 MUTANTS = {
@@ -45,6 +112,12 @@ MUTANTS = {
         ("softmax over queries", lambda q, k, v, m: _attn(q, k, v, m, dim=-2)),
         ("masked by zeroing weights after softmax",
          lambda q, k, v, m: (torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1]), -1) * m) @ v),
+        ("own softmax without the max (overflows)", lambda q, k, v, m: _attn_own_softmax(q, k, v, m, "no max")),
+        ("one max over the whole batch", lambda q, k, v, m: _attn_own_softmax(q, k, v, m, "global max")),
+        ("streaming softmax, nan while the first keys are masked",
+         lambda q, k, v, m: _attn_own_softmax(q, k, v, m, "streaming")),
+        ("a T=1 decode step ignores the mask", _attn_decode_unmasked),
+        ("every mask assumed causal", _attn_assumes_causal),
     ],
     "01.split_heads": [
         ("heads split in the wrong order", lambda x, H: x.reshape(x.shape[0], H, x.shape[1], -1)),
@@ -59,5 +132,29 @@ MUTANTS = {
         ("frequencies with d/2 in the exponent", lambda x, p, b: _rope_split(x, p, b, exponent_den=x.shape[-1] // 2)),
         ("rotation in the wrong direction", lambda x, p, b: _rope_split(x, p, b, sign=-1.0)),
         ("positions ignored (all at 0)", lambda x, p, b: x),
+        ("positions assumed contiguous from the first",
+         lambda x, p, b: _rope_split(x, p[0] + torch.arange(len(p)), b)),
+        ("positions assumed 0..T-1", lambda x, p, b: _rope_split(x, torch.arange(len(p)), b)),
+        ("base ignored (10000)", lambda x, p, b: _rope_split(x, p, 10_000.0)),
+        ("angles cached on (T, D)", fresh(_rope_cached_on_shape)),
+        ("angles in x's dtype", lambda x, p, b: _rope_split(x, p, b, angle_dtype=x.dtype)),
+        ("positions in x's dtype", lambda x, p, b: _rope_split(x, p, b, pos_dtype=x.dtype)),
+        ("positions in float16", lambda x, p, b: _rope_split(x, p, b, pos_dtype=torch.float16)),
+    ],
+}
+
+CORRECT = {
+    "01.masked_attention": [
+        ("masked_fill with -1e9", lambda q, k, v, m: _attn(q, k, v, m, fill=-1e9)),
+        ("torch's scaled_dot_product_attention", lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m)),
+        ("computed in float64", lambda q, k, v, m: _attn(q.double(), k.double(), v.double(), m).float()),
+    ],
+    "01.rope": [
+        ("the statement's formula, float32 output for any x", lambda x, p, b: _rope_split(x, p, b)),
+        ("rounded back to x's dtype", lambda x, p, b: _rope_split(x, p, b).to(x.dtype)),
+        ("complex multiplication", _rope_rotate_pairs_complex),
+        ("θ = base ** (-2i/D)", lambda x, p, b: _rope_theta_variants(x, p, b, "neg power")),
+        ("θ = exp(-2i/D · ln base)", lambda x, p, b: _rope_theta_variants(x, p, b, "exp log")),
+        ("θ in float64, rounded to float32", lambda x, p, b: _rope_theta_variants(x, p, b, "float64 then float32")),
     ],
 }

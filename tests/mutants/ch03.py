@@ -2,13 +2,14 @@ import torch
 import torch.nn.functional as F
 
 
-def _rms(x, w, eps, one_plus=True, fp32=True, center=False, eps_outside=False):
+def _rms(x, w, eps, one_plus=True, fp32=True, center=False, eps_outside=False, cast_back=True):
     y = x.float() if fp32 else x
     if center:
         y = y - y.mean(-1, keepdim=True)
     ms = y.pow(2).mean(-1, keepdim=True)
     y = y / (ms.sqrt() + eps) if eps_outside else y * torch.rsqrt(ms + eps)
-    return (y * ((1 + w.float()) if one_plus else w.float())).to(x.dtype)
+    y = y * ((1 + w.float()) if one_plus else w.float())
+    return y.to(x.dtype) if cast_back else y
 
 
 def _geglu(x, wg, wu, wd, act=lambda t: F.gelu(t, approximate="tanh"), swap=False):
@@ -30,11 +31,33 @@ MUTANTS = {
         ("LayerNorm-style centring", lambda x, w, eps: _rms(x, w, eps, center=True)),
         ("eps added after the sqrt", lambda x, w, eps: _rms(x, w, eps, eps_outside=True)),
         ("no eps", lambda x, w, eps: _rms(x, w, 0.0)),
+        ("eps hard-coded to 1e-6", lambda x, w, eps: _rms(x, w, 1e-6)),
+        ("returned in float32, not x's dtype", lambda x, w, eps: _rms(x, w, eps, cast_back=False)),
+        ("returned in float64", lambda x, w, eps: _rms(x.double(), w, eps)),
     ],
     "03.geglu": [
         ("exact (erf) GELU instead of tanh", lambda x, wg, wu, wd: _geglu(x, wg, wu, wd, act=F.gelu)),
         ("gate and up swapped", lambda x, wg, wu, wd: _geglu(x, wg, wu, wd, swap=True)),
         ("SiLU (SwiGLU)", lambda x, wg, wu, wd: _geglu(x, wg, wu, wd, act=F.silu)),
         ("no gate: down(gelu(up(x)))", lambda x, wg, wu, wd: F.gelu(x @ wu.T, approximate="tanh") @ wd.T),
+    ],
+}
+
+CORRECT = {
+    "03.soft_cap": [
+        ("clamp-free tanh in float64", lambda x, cap: x if cap is None else (cap * torch.tanh(x.double() / cap)).to(x.dtype)),
+    ],
+    "03.rms_norm": [
+        ("normalised, rounded to x's dtype, then scaled (and rounded again)",
+         lambda x, w, eps: ((x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+                            * (1 + w.float())).to(x.dtype)),
+        ("x / sqrt(mean + eps) in float64, returned in x's dtype",
+         lambda x, w, eps: (x.double() / (x.double().pow(2).mean(-1, keepdim=True) + eps).sqrt()
+                            * (1 + w.double())).to(x.dtype)),
+    ],
+    "03.geglu": [
+        ("the tanh formula written out", lambda x, wg, wu, wd: _geglu(
+            x, wg, wu, wd, act=lambda g: 0.5 * g * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (g + 0.044715 * g ** 3))))),
+        ("F.linear", lambda x, wg, wu, wd: F.linear(F.gelu(F.linear(x, wg), approximate="tanh") * F.linear(x, wu), wd)),
     ],
 }

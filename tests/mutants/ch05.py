@@ -1,19 +1,21 @@
 import torch
 
 
-def _q8(raw, shape, scale_dtype=torch.float16, signed=True, scale_last=False):
+def _q8(raw, shape, scale_dtype=torch.float16, signed=True, scale_last=False, out=torch.float32):
     b = raw.reshape(-1, 34)
     d_bytes, q_bytes = (b[:, 32:], b[:, :32]) if scale_last else (b[:, :2], b[:, 2:])
-    d = d_bytes.contiguous().view(scale_dtype).float()
-    q = q_bytes.contiguous().view(torch.int8 if signed else torch.uint8).float()
+    d = d_bytes.contiguous().view(scale_dtype).to(out)
+    q = q_bytes.contiguous().view(torch.int8 if signed else torch.uint8).to(out)
     return (q * d).reshape(shape)
 
 
-def _q4k(raw, shape, min_sign=-1.0, nibbles="grouped", top_bits=True, min_scale="dmin"):
+def _q4k(raw, shape, min_sign=-1.0, nibbles="grouped", top_bits=True, min_scale="dmin", abs_scales=False):
     b = raw.reshape(-1, 144)
     N = b.shape[0]
     d = b[:, 0:2].contiguous().view(torch.float16).float()
     dmin = b[:, 2:4].contiguous().view(torch.float16).float()
+    if abs_scales:
+        d, dmin = d.abs(), dmin.abs()
     s = b[:, 4:16].to(torch.int32)
     lo_sc, lo_m, hi = s[:, 0:4], s[:, 4:8], s[:, 8:12]
     if top_bits:
@@ -36,11 +38,33 @@ MUTANTS = {
         ("scale read as bfloat16, not float16", lambda r, s: _q8(r, s, scale_dtype=torch.bfloat16)),
         ("quants read as unsigned bytes", lambda r, s: _q8(r, s, signed=False)),
         ("scale taken from the end of the block", lambda r, s: _q8(r, s, scale_last=True)),
+        ("multiplied in float16 (forgot .float())", lambda r, s: _q8(r, s, out=torch.float16)),
+        ("returned in float64", lambda r, s: _q8(r, s, out=torch.float64)),
     ],
     "05.dequantize_q4_k": [
         ("min added instead of subtracted", lambda r, s: _q4k(r, s, min_sign=1.0)),
         ("nibbles interleaved byte by byte", lambda r, s: _q4k(r, s, nibbles="interleaved")),
         ("top 2 bits of scales/mins 4-7 dropped", lambda r, s: _q4k(r, s, top_bits=False)),
         ("min scaled by d instead of dmin", lambda r, s: _q4k(r, s, min_scale="d")),
+        ("returned in float64", lambda r, s: _q4k(r, s).double()),
+        ("d and dmin read as magnitudes (abs)", lambda r, s: _q4k(r, s, abs_scales=True)),
     ],
 }
+
+CORRECT = {
+    "05.dequantize_q8_0": [
+        ("numpy frombuffer", lambda r, s: _q8_numpy(r, s)),
+    ],
+    "05.dequantize_q4_k": [
+        ("scales unpacked from the low and high byte groups", lambda r, s: _q4k(r, s)),
+    ],
+}
+
+
+def _q8_numpy(raw, shape):
+    import numpy as np
+
+    b = raw.numpy().reshape(-1, 34)
+    d = np.ascontiguousarray(b[:, :2]).view(np.float16).astype(np.float32)
+    q = np.ascontiguousarray(b[:, 2:]).view(np.int8).astype(np.float32)
+    return torch.from_numpy(d * q).reshape(shape)

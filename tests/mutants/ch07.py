@@ -5,7 +5,8 @@ import torch.nn.functional as F
 def _rglru(x, r, i, lam, h_prev, reset, c=8.0, norm="sqrt", a_form="power", reset_a=True, reset_mult=True,
            lam_sign=1.0):
     sig = torch.sigmoid(lam_sign * lam)
-    a = sig ** (c * r) if a_form == "power" else sig * c * r
+    a = {"power": lambda: sig ** (c * r), "product": lambda: sig * c * r,
+         "precedence": lambda: sig ** c * r}[a_form]()
     mult = {"sqrt": torch.sqrt(1 - a ** 2), "none": torch.ones_like(a), "linear": 1 - a}[norm]
     if reset_a:
         a = torch.where(reset[:, None], torch.zeros_like(a), a)
@@ -36,6 +37,46 @@ def _scan(a, b, h0, combine_order="right", rounds_short=False, exclusive=False, 
     return b, b[:, -1]
 
 
+def _scan_fixed_rounds(a, b, h0, rounds=4):
+    """Hillis-Steele with a fixed number of rounds: each state sees only the last 2^rounds steps."""
+    B, T, D = a.shape
+    if h0 is not None:
+        b = torch.cat([b[:, :1] + a[:, :1] * h0[:, None], b[:, 1:]], 1)
+    for r in range(rounds):
+        d = 2 ** r
+        if d >= T:
+            break
+        a, b = torch.cat([a[:, :d], a[:, d:] * a[:, :-d]], 1), torch.cat([b[:, :d], a[:, d:] * b[:, :-d] + b[:, d:]], 1)
+    return b, b[:, -1]
+
+
+def _scan_log_space(a, b, h0):
+    """h_t = A_t (h0 + Σ_s b_s / A_s) with A_t = exp(Σ log a): nan for a zero or a negative a."""
+    logA = torch.cumsum(torch.log(a), 1)
+    A = logA.exp()
+    h = A * ((0 if h0 is None else h0[:, None]) + torch.cumsum(b / A, 1))
+    return h, h[:, -1]
+
+
+def _scan_cumprod(a, b, h0):
+    """The same closed form with cumprod: dividing by a product that underflows (or hits 0)."""
+    A = torch.cumprod(a, 1)
+    h = A * ((0 if h0 is None else h0[:, None]) + torch.cumsum(b / A, 1))
+    return h, h[:, -1]
+
+
+def _scan_sequential(a, b, h0, clamp=False):
+    """Right, another way (a loop over time; the statement asks for rounds, but the values agree)."""
+    if clamp:  # "a is a decay": clamped to [0, 1]
+        a = a.clamp(0, 1)
+    h = torch.zeros_like(b[:, 0]) if h0 is None else h0
+    hs = []
+    for t in range(a.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        hs.append(h)
+    return torch.stack(hs, 1), h
+
+
 def _conv(x, w, bias, x_prev, flip=False, use_bias=True, use_cache=True, tail="ok"):
     B, T, D = x.shape
     W = w.shape[0]
@@ -45,7 +86,7 @@ def _conv(x, w, bias, x_prev, flip=False, use_bias=True, use_cache=True, tail="o
     for s in range(W):
         k = w[s] if flip else w[W - 1 - s]
         y = y + k * xs[:, W - 1 - s: W - 1 - s + T]
-    new = {"ok": xs[:, -(W - 1):], "stale": x_prev, "first": xs[:, :W - 1]}[tail]
+    new = {"ok": xs[:, T:], "negative slice": xs[:, -(W - 1):], "stale": x_prev, "first": xs[:, :W - 1]}[tail]
     return y, new
 
 
@@ -58,11 +99,14 @@ MUTANTS = {
         ("state not reset (a kept at a document start)", lambda *a: _rglru(*a, reset_a=False)),
         ("reset forgets h but still scales the input", lambda *a: _rglru(*a, reset_mult=False)),
         ("sigmoid(-Λ) (the a_param sign slip)", lambda *a: _rglru(*a, lam_sign=-1.0)),
+        ("a = σ(Λ)^8 · r (operator precedence)", lambda *a: _rglru(*a, a_form="precedence")),
     ],
     "07.associative_combine": [
         ("operands swapped: (a1·a2, a1·b2 + b1)", lambda e1, e2: (e1[0] * e2[0], e1[0] * e2[1] + e1[1])),
         ("b parts added: (a2·a1, b1 + b2)", lambda e1, e2: (e2[0] * e1[0], e1[1] + e2[1])),
         ("a2 applied to b2 too: (a2·a1, a2·(b1 + b2))", lambda e1, e2: (e2[0] * e1[0], e2[0] * (e1[1] + e2[1]))),
+        ("a multiplied in log space", lambda e1, e2: ((e1[0].log() + e2[0].log()).exp(), e2[0] * e1[1] + e2[1])),
+        ("a taken as a magnitude", lambda e1, e2: (e2[0].abs() * e1[0].abs(), e2[0].abs() * e1[1] + e2[1])),
     ],
     "07.associative_scan": [
         ("operator applied in the wrong order", lambda a, b, h0: _scan(a, b, h0, combine_order="left")),
@@ -70,6 +114,10 @@ MUTANTS = {
         ("exclusive scan (h_{t-1} instead of h_t)", lambda a, b, h0: _scan(a, b, h0, exclusive=True)),
         ("h0 ignored", lambda a, b, h0: _scan(a, b, None)),
         ("h0 added to every b", lambda a, b, h0: _scan(a, b, h0, h0_everywhere=True)),
+        ("a fixed 4 rounds (remembers 16 steps)", _scan_fixed_rounds),
+        ("closed form in log space", _scan_log_space),
+        ("closed form with cumprod", _scan_cumprod),
+        ("a clamped to [0, 1] (assumed a decay)", lambda a, b, h0: _scan_sequential(a, b, h0, clamp=True)),
     ],
     "07.conv1d_with_cache": [
         ("kernel flipped (w[s] on x_{t-s})", lambda x, w, b, p: _conv(x, w, b, p, flip=True)),
@@ -77,5 +125,27 @@ MUTANTS = {
         ("cache ignored (zeros before every chunk)", lambda x, w, b, p: _conv(x, w, b, p, use_cache=False)),
         ("cache never updated", lambda x, w, b, p: _conv(x, w, b, p, tail="stale")),
         ("oldest inputs kept as the cache", lambda x, w, b, p: _conv(x, w, b, p, tail="first")),
+        ("new cache as xs[:, -(W-1):] (all of xs when W = 1)", lambda x, w, b, p: _conv(x, w, b, p, tail="negative slice")),
     ],
 }
+
+CORRECT = {
+    "07.rglru_step": [
+        ("sigmoid then power, in float32", lambda *a: _rglru(*a)),
+    ],
+    "07.associative_scan": [
+        ("a loop over time", _scan_sequential),
+        ("a loop over time in float64", lambda a, b, h0: tuple(
+            t.float() for t in _scan_sequential(a.double(), b.double(), None if h0 is None else h0.double()))),
+    ],
+    "07.conv1d_with_cache": [
+        ("F.conv1d with groups = D", lambda x, w, b, p: _conv_torch(x, w, b, p)),
+    ],
+}
+
+
+def _conv_torch(x, w, bias, x_prev):
+    T, W, D = x.shape[1], w.shape[0], x.shape[2]
+    xs = torch.cat([x_prev, x], 1)  # (B, W-1+T, D)
+    y = F.conv1d(xs.transpose(1, 2), w.T[:, None, :], bias, groups=D).transpose(1, 2)  # w.T[:, None]: (D, 1, W)
+    return y, xs[:, T:]

@@ -4,6 +4,8 @@ import torch
 
 from ..core import Case, Exercise, register
 
+NEG_INF = float("-inf")
+
 
 def _softmax_cases(seed: int) -> list[Case]:
     g = torch.Generator().manual_seed(seed)
@@ -11,15 +13,34 @@ def _softmax_cases(seed: int) -> list[Case]:
         Case("one row", (torch.tensor([1.0, 2.0, 3.0]),)),
         Case("batch of rows, odd size", (torch.randn(3, 7, generator=g),)),
         Case("single element (T=1)", (torch.randn(4, 1, generator=g),)),
+        Case("square batch (keepdim matters)", (torch.randn(5, 5, generator=g) * 3,)),
         Case("large logits (overflow in a naive exp)", (torch.tensor([[1000.0, 999.0, 0.0]]),)),
-        Case("-inf entries (masked positions)", (torch.tensor([[0.5, float("-inf"), 1.5, float("-inf")]]),)),
+        Case("very negative logits (underflow in a naive exp)", (torch.tensor([[-1000.0, -1001.5, -1003.0]]),)),
+        # one max over the whole batch sends every exp of the small row to 0: 0/0
+        Case("rows of very different scale in one batch",
+             (torch.stack([torch.randn(6, generator=g) * 500, torch.randn(6, generator=g)]),)),
+        Case("-inf entries (masked positions)", (torch.tensor([[0.5, NEG_INF, 1.5, NEG_INF]]),)),
+        # a running max that starts from the first element computes -inf - (-inf) = nan
+        Case("rows that start with -inf", (torch.tensor([[NEG_INF, 2.0, 0.5], [NEG_INF, NEG_INF, -3.0]]),)),
         Case("4-D input, last dim", (torch.randn(2, 3, 5, 6, generator=g) * 10,)),
     ]
+
+
+def softmax_reference(x: torch.Tensor) -> torch.Tensor:
+    """exp(x - max) / sum over the last dimension, written out so that mutation testing can change
+    it (tools/mutation/); tests/test_grading.py checks it against torch.softmax on every case."""
+    z = x - x.amax(dim=-1, keepdim=True)
+    e = z.exp()
+    return e / e.sum(dim=-1, keepdim=True)
 
 
 register(Exercise(
     name="00.softmax",
     cases=_softmax_cases,
-    reference=lambda x: torch.softmax(x, dim=-1),
+    reference=softmax_reference,
     description="Numerically stable softmax over the last dimension.",
+    hint="softmax(x) = softmax(x - c) for any constant c per row. Take c = the row's own maximum "
+         "(`x.amax(dim=-1, keepdim=True)`): the largest exponent is then exp(0) = 1, nothing overflows, "
+         "and exp(-inf) = 0 gives masked positions their zero. Normalise by the sum over the same dimension, "
+         "keepdim=True so it broadcasts against every row.",
 ))

@@ -9,7 +9,7 @@ from ..core import Case, Exercise, register
 
 def _pattern_cases(seed):
     return [Case(f"{n} layers, every {k}", (n, k)) for n, k in
-            [(26, 2), (18, 6), (7, 6), (5, 6), (3, 1), (1, 2), (13, 4)]]
+            [(26, 2), (18, 6), (7, 6), (5, 6), (3, 1), (1, 2), (13, 4), (12, 3), (4, 4)]]
 
 
 def layer_mask_reference(T, layer_idx, window, every):
@@ -26,12 +26,19 @@ def _mask_cases(seed):
         ("local layer 4, W=4 (Gemma 3 pattern)", (10, 4, 4, 6)),
         ("global layer 5 (Gemma 3 pattern)", (10, 5, 4, 6)),
         ("local layer 6 starts a new group", (8, 6, 2, 6)),
+        # each branch of `every`, where a hard-coded Gemma 2 or Gemma 3 pattern answers wrongly
+        ("local layer 1 when every=6 (global under Gemma 2's pattern)", (7, 1, 2, 6)),
+        ("local layer 5 when every=4 (global under Gemma 3's pattern)", (7, 5, 2, 4)),
+        ("global layer 2 when every=3", (6, 2, 2, 3)),
+        ("local layer 3 when every=3", (6, 3, 2, 3)),
+        ("every=1: every layer is global", (6, 0, 2, 1)),
+        ("every=8: layer 5 is local", (6, 5, 2, 8)),
         ("T=1", (1, 0, 3, 2)),
         ("window 1: a query sees only itself", (5, 0, 1, 2)),
         ("window larger than T", (4, 0, 16, 6)),
     ]]
-    T, W, every = int(torch.randint(5, 14, (1,), generator=g)), int(torch.randint(2, 6, (1,), generator=g)), 6
-    layer = int(torch.randint(0, 12, (1,), generator=g))
+    T, W = int(torch.randint(5, 14, (1,), generator=g)), int(torch.randint(2, 6, (1,), generator=g))
+    every, layer = int(torch.randint(1, 8, (1,), generator=g)), int(torch.randint(0, 12, (1,), generator=g))
     cases.append(Case(f"random: T={T}, layer {layer}, W={W}, every {every}", (T, layer, W, every)))
     return cases
 
@@ -52,7 +59,7 @@ def _bytes_cases(seed):
     cases = []
     for name, T, batch, dtype in [("gemma3-270m", 32_768, 1, torch.bfloat16), ("gemma3-1b", 100, 1, torch.bfloat16),
                                   ("gemma2-2b", 8192, 2, torch.float32), ("gemma3-27b", 131_072, 1, torch.bfloat16),
-                                  ("gemma3-4b", 1, 4, torch.float16)]:
+                                  ("gemma3-4b", 1, 4, torch.float16), ("gemma3-1b", 600, 3, torch.float8_e4m3fn)]:
         cases.append(Case(f"{name}, T={T}, batch {batch}, {dtype}", (PRESETS[name], T, batch, dtype)))
     tiny = _tiny(g)
     W = tiny.sliding_window
@@ -63,9 +70,21 @@ def _bytes_cases(seed):
     return cases
 
 
-register(Exercise("04.layer_types", _pattern_cases, layer_pattern,
-                  description="['sliding_attention' | 'full_attention'] per layer: layer i is global iff (i+1) % every == 0."))
-register(Exercise("04.layer_mask", _mask_cases, layer_mask_reference,
-                  description="(T, T) bool mask of layer `layer_idx`: i - W < j <= i on local layers, j <= i on global ones."))
-register(Exercise("04.kv_cache_bytes", _bytes_cases, kv_cache_bytes,
-                  description="bytes of K and V after T tokens: global layers keep T, local layers min(T, W)."))
+register(Exercise(
+    "04.layer_types", _pattern_cases, layer_pattern,
+    description="['sliding_attention' | 'full_attention'] per layer: layer i is global iff (i+1) % every == 0.",
+    hint="Layers count from 0, so layer i is the (i+1)-th: it is global when (i + 1) % every == 0. "
+         "A list comprehension over range(num_layers) does it; read `every`, don't assume 2 or 6."))
+register(Exercise(
+    "04.layer_mask", _mask_cases, layer_mask_reference,
+    description="(T, T) bool mask of layer `layer_idx`: i - W < j <= i on local layers, j <= i on global ones.",
+    hint="Start from the causal mask j <= i (index grids i = arange(T)[:, None], j = arange(T)[None, :]). "
+         "Decide the layer's type from `every` exactly as in layer_types, (layer_idx + 1) % every == 0 means "
+         "global. On a local layer also require j > i - window: `window` keys, the query's own included."))
+register(Exercise(
+    "04.kv_cache_bytes", _bytes_cases, kv_cache_bytes, exact_types=True,
+    description="bytes of K and V after T tokens: global layers keep T, local layers min(T, W). An int.",
+    hint="Per token, one layer stores 2 (k and v) · batch · num_key_value_heads · head_dim · dtype.itemsize "
+         "bytes. A global layer holds all T tokens, a local one min(T, sliding_window). Count the layers of "
+         "each type in config.layer_types. Multiply ints only (no / and no float bits / 8) so the answer "
+         "stays an int."))

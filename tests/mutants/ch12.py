@@ -1,0 +1,226 @@
+"""Wrong kernel bodies for chapter 12's exercises, each run through its exercise's launcher.
+
+Plain functions written against triton.language: the launcher runs them in Triton's interpreter,
+as it runs the learner's @triton.jit kernels.
+"""
+
+import triton.language as tl
+
+from minigemma.grading.checks.ch12 import launch
+
+
+# 1. vector add ---------------------------------------------------------------------------------
+def add_no_mask(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs) + tl.load(y_ptr + offs))
+
+
+def add_mask_one_too_far(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs <= n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=m) + tl.load(y_ptr + offs, mask=m), mask=m)
+
+
+def add_block_starts_one_late(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + 1 + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=m) + tl.load(y_ptr + offs, mask=m), mask=m)
+
+
+# 2. scale columns ------------------------------------------------------------------------------
+def _scale(x_ptr, s_ptr, out_ptr, M, N, stride_x, BLOCK_M, BLOCK_N, x_stride="ok", row_mask=True, swap=False,
+           out_stride="ok"):
+    pid_r, pid_c = (tl.program_id(1), tl.program_id(0)) if swap else (tl.program_id(0), tl.program_id(1))
+    rows = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = ((rows < M)[:, None] if row_mask else (rows >= 0)[:, None]) & (cols < N)[None, :]
+    sx = N if x_stride == "width" else stride_x
+    x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=mask)
+    s = tl.load(s_ptr + cols, mask=cols < N)
+    so = stride_x if out_stride == "input's" else N
+    tl.store(out_ptr + rows[:, None] * so + cols[None, :], x * s[None, :], mask=mask)
+
+
+def scale_row_stride_is_width(x_ptr, s_ptr, out_ptr, M, N, stride_x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    _scale(x_ptr, s_ptr, out_ptr, M, N, stride_x, BLOCK_M, BLOCK_N, x_stride="width")
+
+
+def scale_no_row_mask(x_ptr, s_ptr, out_ptr, M, N, stride_x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    _scale(x_ptr, s_ptr, out_ptr, M, N, stride_x, BLOCK_M, BLOCK_N, row_mask=False)
+
+
+def scale_program_axes_swapped(x_ptr, s_ptr, out_ptr, M, N, stride_x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    _scale(x_ptr, s_ptr, out_ptr, M, N, stride_x, BLOCK_M, BLOCK_N, swap=True)
+
+
+def scale_output_with_input_stride(x_ptr, s_ptr, out_ptr, M, N, stride_x, BLOCK_M: tl.constexpr,
+                                   BLOCK_N: tl.constexpr):
+    _scale(x_ptr, s_ptr, out_ptr, M, N, stride_x, BLOCK_M, BLOCK_N, out_stride="input's")
+
+
+# 3. RMSNorm rows -------------------------------------------------------------------------------
+def _rms(x_ptr, w_ptr, out_ptr, N, stride_x, eps, BLOCK, divide_by="N", one_plus=True, use_eps=True, mask_on=True):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N if mask_on else cols >= 0
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    mean = tl.sum(x * x, axis=0) / (N if divide_by == "N" else BLOCK)
+    rstd = 1.0 / tl.sqrt(mean + eps if use_eps else mean)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * N + cols, x * rstd * ((1.0 + w) if one_plus else w), mask=mask)
+
+
+def rms_mean_over_block(x_ptr, w_ptr, out_ptr, N, stride_x, eps, BLOCK: tl.constexpr):
+    _rms(x_ptr, w_ptr, out_ptr, N, stride_x, eps, BLOCK, divide_by="BLOCK")
+
+
+def rms_w_not_one_plus_w(x_ptr, w_ptr, out_ptr, N, stride_x, eps, BLOCK: tl.constexpr):
+    _rms(x_ptr, w_ptr, out_ptr, N, stride_x, eps, BLOCK, one_plus=False)
+
+
+def rms_no_eps(x_ptr, w_ptr, out_ptr, N, stride_x, eps, BLOCK: tl.constexpr):
+    _rms(x_ptr, w_ptr, out_ptr, N, stride_x, eps, BLOCK, use_eps=False)
+
+
+def rms_no_mask(x_ptr, w_ptr, out_ptr, N, stride_x, eps, BLOCK: tl.constexpr):
+    _rms(x_ptr, w_ptr, out_ptr, N, stride_x, eps, BLOCK, mask_on=False)
+
+
+# 4. GeGLU rows ---------------------------------------------------------------------------------
+def _geglu(gu_ptr, out_ptr, F, stride_gu, BLOCK, swap=False, up_at="F", act="tanh", mask_on=True):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < F if mask_on else cols >= 0
+    first = tl.load(gu_ptr + row * stride_gu + cols, mask=mask)
+    second = tl.load(gu_ptr + row * stride_gu + (F if up_at == "F" else BLOCK) + cols, mask=mask)
+    gate, up = (second, first) if swap else (first, second)
+    if act == "tanh":
+        u = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        y = 0.5 * gate * (2.0 * tl.sigmoid(2.0 * u)) * up
+    else:  # the exact, erf GELU
+        y = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)) * up
+    tl.store(out_ptr + row * F + cols, y, mask=mask)
+
+
+def geglu_gate_and_up_swapped(gu_ptr, out_ptr, F, stride_gu, BLOCK: tl.constexpr):
+    _geglu(gu_ptr, out_ptr, F, stride_gu, BLOCK, swap=True)
+
+
+def geglu_up_at_block_not_f(gu_ptr, out_ptr, F, stride_gu, BLOCK: tl.constexpr):
+    _geglu(gu_ptr, out_ptr, F, stride_gu, BLOCK, up_at="BLOCK")
+
+
+def geglu_erf_gelu(gu_ptr, out_ptr, F, stride_gu, BLOCK: tl.constexpr):
+    _geglu(gu_ptr, out_ptr, F, stride_gu, BLOCK, act="erf")
+
+
+def geglu_no_mask(gu_ptr, out_ptr, F, stride_gu, BLOCK: tl.constexpr):
+    _geglu(gu_ptr, out_ptr, F, stride_gu, BLOCK, mask_on=False)
+
+
+# 5. linear scan --------------------------------------------------------------------------------
+def _scan(a_ptr, b_ptr, h0_ptr, h_ptr, T, D, BLOCK_D, carry=True, time_stride="D", use_h0=True, store="after"):
+    seq = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = d < D
+    h0 = tl.load(h0_ptr + seq * D + d, mask=mask, other=0.0)
+    h = h0 if use_h0 else h0 * 0.0
+    for t in range(T):
+        off = (seq * T + t) * D + d if time_stride == "D" else seq * T * D + t + d
+        prev = h if carry else h0
+        new = tl.load(a_ptr + off, mask=mask) * prev + tl.load(b_ptr + off, mask=mask)
+        tl.store(h_ptr + off, new if store == "after" else h, mask=mask)
+        h = new
+
+
+def scan_state_not_carried(a_ptr, b_ptr, h0_ptr, h_ptr, T, D, BLOCK_D: tl.constexpr):
+    _scan(a_ptr, b_ptr, h0_ptr, h_ptr, T, D, BLOCK_D, carry=False)
+
+
+def scan_time_stride_one(a_ptr, b_ptr, h0_ptr, h_ptr, T, D, BLOCK_D: tl.constexpr):
+    _scan(a_ptr, b_ptr, h0_ptr, h_ptr, T, D, BLOCK_D, time_stride="1")
+
+
+def scan_h0_ignored(a_ptr, b_ptr, h0_ptr, h_ptr, T, D, BLOCK_D: tl.constexpr):
+    _scan(a_ptr, b_ptr, h0_ptr, h_ptr, T, D, BLOCK_D, use_h0=False)
+
+
+def scan_stores_the_previous_state(a_ptr, b_ptr, h0_ptr, h_ptr, T, D, BLOCK_D: tl.constexpr):
+    _scan(a_ptr, b_ptr, h0_ptr, h_ptr, T, D, BLOCK_D, store="before")
+
+
+# right answers written differently ------------------------------------------------------------
+def add_with_other_and_where(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    start = tl.program_id(0) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    y = tl.load(y_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr + offs, tl.where(offs < n, x + y, 0.0), mask=offs < n)
+
+
+def scale_with_pointer_blocks_built_separately(x_ptr, s_ptr, out_ptr, M, N, stride_x, BLOCK_M: tl.constexpr,
+                                               BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]  # (BLOCK_M, 1)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # (1, BLOCK_N)
+    inside = (rows < M) & (cols < N)
+    x = tl.load(x_ptr + rows * stride_x + cols, mask=inside, other=0.0)
+    s = tl.load(s_ptr + cols, mask=cols < N, other=0.0)
+    tl.store(out_ptr + rows * N + cols, s * x, mask=inside)
+
+
+def rms_with_rsqrt_and_mean_of_squares(x_ptr, w_ptr, out_ptr, N, stride_x, eps, BLOCK: tl.constexpr):
+    cols = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + tl.program_id(0) * stride_x + cols, mask=cols < N, other=0.0).to(tl.float32)
+    ms = tl.sum(x * x) / N
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0)
+    tl.store(out_ptr + tl.program_id(0) * N + cols, (x * tl.rsqrt(ms + eps)) * w + x * tl.rsqrt(ms + eps),
+             mask=cols < N)
+
+
+def geglu_tanh_from_exp(gu_ptr, out_ptr, F, stride_gu, BLOCK: tl.constexpr):
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    row = gu_ptr + tl.program_id(0) * stride_gu
+    gate = tl.load(row + cols, mask=cols < F, other=0.0)
+    up = tl.load(row + F + cols, mask=cols < F, other=0.0)
+    u = 0.7978845608028654 * gate * (1.0 + 0.044715 * gate * gate)
+    e = tl.exp(-2.0 * tl.abs(u))
+    tanh = tl.where(u >= 0, (1.0 - e) / (1.0 + e), (e - 1.0) / (1.0 + e))
+    tl.store(out_ptr + tl.program_id(0) * F + cols, up * (0.5 * gate + 0.5 * gate * tanh), mask=cols < F)
+
+
+def scan_with_moving_pointers(a_ptr, b_ptr, h0_ptr, h_ptr, T, D, BLOCK_D: tl.constexpr):
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = d < D
+    base = tl.program_id(0) * T * D + d
+    a_p, b_p, h_p = a_ptr + base, b_ptr + base, h_ptr + base
+    h = tl.load(h0_ptr + tl.program_id(0) * D + d, mask=m, other=0.0)
+    for _ in range(T):
+        h = tl.load(b_p, mask=m, other=0.0) + tl.load(a_p, mask=m, other=0.0) * h
+        tl.store(h_p, h, mask=m)
+        a_p += D
+        b_p += D
+        h_p += D
+
+
+def _m(name, *kernels):
+    return [(k.__name__.replace("_", " "), launch(name, k)) for k in kernels]
+
+
+MUTANTS = {
+    "12.vector_add": _m("12.vector_add", add_no_mask, add_mask_one_too_far, add_block_starts_one_late),
+    "12.scale_columns": _m("12.scale_columns", scale_row_stride_is_width, scale_no_row_mask,
+                           scale_program_axes_swapped, scale_output_with_input_stride),
+    "12.rms_norm_rows": _m("12.rms_norm_rows", rms_mean_over_block, rms_w_not_one_plus_w, rms_no_eps, rms_no_mask),
+    "12.geglu_rows": _m("12.geglu_rows", geglu_gate_and_up_swapped, geglu_up_at_block_not_f, geglu_erf_gelu,
+                        geglu_no_mask),
+    "12.linear_scan": _m("12.linear_scan", scan_state_not_carried, scan_time_stride_one, scan_h0_ignored,
+                         scan_stores_the_previous_state),
+}
+
+CORRECT = {
+    "12.vector_add": _m("12.vector_add", add_with_other_and_where),
+    "12.scale_columns": _m("12.scale_columns", scale_with_pointer_blocks_built_separately),
+    "12.rms_norm_rows": _m("12.rms_norm_rows", rms_with_rsqrt_and_mean_of_squares),
+    "12.geglu_rows": _m("12.geglu_rows", geglu_tanh_from_exp),
+    "12.linear_scan": _m("12.linear_scan", scan_with_moving_pointers),
+}
