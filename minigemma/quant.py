@@ -471,3 +471,80 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     row = table_bytes // embed.num_embeddings
     tied = isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is getattr(embed, "weight", None)
     return sum(storages.values()) - table_bytes + row + (table_bytes if tied else 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and loading a quantised model (safetensors): what makes a second start fast
+# ----------------------------------------------------------------------------------------------
+def save_quantized(model: nn.Module, path, metadata: dict[str, str]) -> None:
+    """Write every tensor of a quantised model to a safetensors file, atomically (a `.partial` file
+    renamed into place), with `metadata` (strings) in its header."""
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    head = getattr(model, "lm_head", None)
+    meta = dict(metadata, rescore=str(head.k) if isinstance(head, RescoredHead) else "")
+    tmp = path.with_name(path.name + ".partial")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_quantized(skeleton: nn.Module, path, metadata: dict[str, str]) -> nn.Module | None:
+    """Rebuild a quantised model saved by `save_quantized` into `skeleton` (the float model built on
+    the meta device: names and shapes only). Each quantised module is recognised by its tensors:
+    `packed` + `scale_zero` is an Int4Linear, `q` + `scale` an Int8Linear, `blocks` a Q8_0Embedding,
+    `lm_head.approx.*` the re-scored head. Returns None, and removes the file, if it is unreadable or
+    was written for other `metadata` (another file, level or format): the caller builds it again."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as fh:
+            stored = fh.metadata() or {}
+        if any(stored.get(k) != v for k, v in metadata.items()):
+            raise ValueError(f"written for {stored}, wanted {metadata}")
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        path.unlink(missing_ok=True)
+        return None
+
+    def int4(prefix):
+        packed, sz = state[f"{prefix}.packed"], state[f"{prefix}.scale_zero"]
+        return Int4Linear(packed, sz, packed.shape[2] * 2 // sz.shape[1], state.get(f"{prefix}.bias"))
+
+    model = skeleton
+    for name, parent in list(model.named_modules()):
+        p = f"{name}." if name else ""
+        for child_name, child in list(parent.named_children()):
+            prefix = f"{p}{child_name}"
+            if isinstance(child, nn.Linear) and f"{prefix}.packed" in state:
+                setattr(parent, child_name, int4(prefix))
+            elif isinstance(child, nn.Linear) and f"{prefix}.q" in state:
+                setattr(parent, child_name, Int8Linear(state[f"{prefix}.q"], state[f"{prefix}.scale"],
+                                                       state.get(f"{prefix}.bias")))
+    model.embed_tokens = Q8_0Embedding(state["embed_tokens.blocks"])
+    model.lm_head = RescoredHead(int4("lm_head.approx"), model.embed_tokens, int(stored["rescore"]))
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t is not None and t.is_meta:
+                module_name, _, attr = name.rpartition(".")
+                module = model.get_submodule(module_name)
+                value = state[name]
+                if isinstance(t, nn.Parameter):
+                    setattr(module, attr, nn.Parameter(value, requires_grad=False))
+                else:
+                    setattr(module, attr, value)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t is not None and t.is_meta]
+    if left:
+        raise RuntimeError(f"{path}: no tensors for {left}")
+    return model.eval()

@@ -58,7 +58,7 @@ class Tokenizer:
 
         key = str(name_or_path)
         if key in fetch.REGISTRY:
-            folder = fetch.path(_TOKENIZER_FROM.get(key, key))
+            folder = fetch.path(_TOKENIZER_FROM.get(key, key), files=["tokenizer.model"])  # verify only what we read
             model = folder / "tokenizer.model"
         else:
             p = Path(name_or_path).expanduser()

@@ -294,12 +294,14 @@ def _file_ok(p: Path, sha256: str, size: int, bar: tqdm | None = None) -> bool:
     return h.hexdigest() == sha256
 
 
-def _problems(ck: Checkpoint, progress: bool = False) -> list[tuple[str, str]]:
-    """Check every finished file: a list of (relative path, "missing" | "corrupt"), empty if all good."""
+def _problems(ck: Checkpoint, progress: bool = False, only: list[str] | None = None) -> list[tuple[str, str]]:
+    """Check the finished files (all, or `only` these): a list of (relative path, "missing" | "corrupt"),
+    empty if all good."""
     root = cache_dir() / ck.name
     out = []
-    with _bar(sum(s for _, s in ck.files.values()), f"verify {ck.name}", progress) as bar:
-        for rel, (sha, size) in ck.files.items():
+    files = {rel: v for rel, v in ck.files.items() if only is None or rel in only}
+    with _bar(sum(s for _, s in files.values()), f"verify {ck.name}", progress) as bar:
+        for rel, (sha, size) in files.items():
             p = root / rel
             if not p.is_file():
                 out.append((rel, "missing"))
@@ -309,16 +311,21 @@ def _problems(ck: Checkpoint, progress: bool = False) -> list[tuple[str, str]]:
     return out
 
 
-def path(name: str, progress: bool = False) -> Path:
+def path(name: str, progress: bool = False, files: list[str] | None = None) -> Path:
     """The verified location of checkpoint ``name``: the GGUF file for ``gemma3-270m``, the folder
     for ``embeddinggemma-300m``.
 
-    Re-hashes every finished file on each call (about a second for EmbeddingGemma). Raises
-    ``FetchError`` if a file is missing (run the fetch command) or corrupt (names the file).
+    Re-hashes every finished file on each call (about a second for EmbeddingGemma), or only ``files``
+    (paths relative to the checkpoint's folder) when the caller reads only those (the tokenizer reads
+    ``tokenizer.model`` alone). Raises ``FetchError`` if a file is missing (run the fetch command) or
+    corrupt (names the file).
     """
     ck = _checkpoint(name)
     root = cache_dir() / ck.name
-    problems = _problems(ck, progress)
+    unknown = sorted(set(files or ()) - set(ck.files))
+    if unknown:
+        raise ValueError(f"{name} has no file(s) {unknown}; it has {sorted(ck.files)}")
+    problems = _problems(ck, progress, files)
     missing = [rel for rel, what in problems if what == "missing"]
     corrupt = [rel for rel, what in problems if what == "corrupt"]
     if corrupt:

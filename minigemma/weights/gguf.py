@@ -509,7 +509,11 @@ def gemma3_config(f: GGUFFile):
     )
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quant: str | None = None):
+QUANTIZED_FORMAT = "1"  # bump when the quantised modules' tensors change: older saved files are rebuilt
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quant: str | None = None,
+              cache_key: str | None = None):
     """A Gemma 3 GGUF file -> minigemma's `Gemma`.
 
     quant None:     every weight dequantised to `dtype` (float32: the reference).
@@ -519,6 +523,12 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quant: str |
                     each linear from its dequantised weight, the embedding from the file's own Q8_0
                     blocks, the head as an int4 copy of them with exact re-scoring. Equal, tensor for
                     tensor, to quantize(load_gguf(path), quant) (tests/test_quant.py).
+
+    cache_key:      the file's SHA-256, when known: the quantised model built from it is then saved beside
+                    the file (`quantized/<name>.<level>.safetensors`, written atomically, with the hash, the
+                    level and a format number in its header) and read from there next time, which takes a
+                    fraction of a second instead of seconds. A saved file for another hash, level or
+                    format, or an unreadable one, is rebuilt.
 
     Raises CheckpointError for a truncated or corrupt file, another architecture, and (listing
     every offender) missing, unexpected or wrongly shaped tensors.
@@ -537,7 +547,20 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quant: str |
 
     minus_one = {ours: (lambda w: w - 1.0) for ours in table.values() if is_norm(ours)}
     if quant in ("int8", "int4", "gguf"):
-        return _load_gguf_quantized(f, config, name_map, minus_one, quant)
+        if cache_key is None:
+            return _load_gguf_quantized(f, config, name_map, minus_one, quant)
+        from ..gemma import Gemma
+        from ..quant import load_quantized, save_quantized
+
+        saved = Path(path).parent / "quantized" / f"{Path(path).stem}.{quant}.safetensors"
+        meta = {"gguf_sha256": cache_key, "level": quant, "format": QUANTIZED_FORMAT}
+        with torch.device("meta"):
+            skeleton = Gemma(config)
+        model = load_quantized(skeleton, saved, meta)
+        if model is None:
+            model = _load_gguf_quantized(f, config, name_map, minus_one, quant)
+            save_quantized(model, saved, meta)
+        return model
     model = empty_model(Gemma, config, torch.bfloat16 if quant == "bf16" else dtype)
     if quant == "bf16":
         for m in model.modules():  # the norms compute in float32: keep their weights exact
@@ -622,5 +645,9 @@ def load_gemma3_270m(dtype: torch.dtype = torch.float32, quant: str | None = Non
     from ..tokenizer import Tokenizer
     from .fetch import path
 
-    model = load_gguf(path("gemma3-270m"), dtype, quant)
+    from .fetch import REGISTRY
+
+    gguf = path("gemma3-270m")  # verified against its SHA-256
+    sha = REGISTRY["gemma3-270m"].files[gguf.name][0]
+    model = load_gguf(gguf, dtype, quant, cache_key=sha)
     return model, Tokenizer.from_pretrained("gemma3-270m")

@@ -1,0 +1,214 @@
+"""The training loop (minigemma/train.py): schedule, accumulation, checkpoints, resume, the CLI.
+
+Models are tiny (vocabulary 64, width 16) and the data a synthetic stream, so each run is a
+fraction of a second; the Shakespeare corpus is used only by the CLI test.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigemma import train as T
+from minigemma.gemma import GemmaConfig, layer_pattern
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_spec(kind="gemma3"):
+    if kind == "griffin":
+        return {"model": "griffin", "config": dict(vocab_size=64, width=16, num_layers=3, num_heads=2,
+                                                   mlp_expanded_width=32, attention_window_size=8,
+                                                   scan="associative")}
+    return {"model": "gemma3", "config": dict(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                              head_dim=8, layer_types=layer_pattern(2, 2), sliding_window=8,
+                                              query_pre_attn_scalar=8, use_qk_norm=True)}
+
+
+def stream(n=5000, seed=0):
+    """A learnable synthetic stream: a noisy counter mod 60, with BOS (2) now and then."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.arange(n) * 7 + torch.randint(0, 3, (n,), generator=g)) % 60 + 3
+    x[torch.rand(n, generator=g) < 0.01] = 2
+    return x
+
+
+def cfg(**kw):
+    base = dict(steps=8, batch_size=4, seq_len=16, lr=1e-2, warmup=2, eval_every=4, eval_windows=8, ckpt_every=3)
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    peak, warm, total, ratio = 1.0, 10, 110, 0.1
+    lrs = [T.lr_at(s, peak, warm, total, ratio) for s in range(130)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # (step + 1) / warmup
+    assert all(b > a for a, b in zip(lrs[:10], lrs[1:10]))
+    assert lrs[10] == pytest.approx(1.0)  # the cosine starts at the peak
+    assert lrs[60] == pytest.approx(0.55)  # half-way: (peak + min) / 2
+    assert all(b <= a for a, b in zip(lrs[10:110], lrs[11:111]))
+    assert lrs[110] == pytest.approx(0.1) and lrs[129] == pytest.approx(0.1)
+    # an independent form of the cosine: min + (peak - min) cos²(π p / 2)
+    for s in (17, 42, 99):
+        p = (s - warm) / (total - warm)
+        assert lrs[s] == pytest.approx(0.1 + 0.9 * math.cos(math.pi * p / 2) ** 2)
+
+
+def test_accumulated_gradients_equal_the_full_batch():
+    torch.manual_seed(0)
+    w = torch.randn(5, 7, requires_grad=True)
+    x, y = torch.randn(11, 5), torch.randint(0, 7, (11,))
+    full = torch.nn.functional.cross_entropy(x @ w, y)
+    g_full, = torch.autograd.grad(full, w)
+    loss_sum = lambda idx: torch.nn.functional.cross_entropy(x[idx] @ w, y[idx], reduction="sum")
+    for split in ([torch.arange(11)], list(torch.arange(11).split(4)), [torch.arange(0, 2), torch.arange(2, 11)]):
+        w.grad = None
+        mean = T.accumulate_gradients(loss_sum, split, 11)
+        assert mean == pytest.approx(float(full.detach()), rel=1e-6)
+        torch.testing.assert_close(w.grad, g_full, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "griffin"])
+def test_resume_is_bit_exact(tmp_path, kind):
+    data, val = stream(), stream(800, seed=1)
+    spec = tiny_spec(kind)
+    a = T.build_model(spec)
+    h_a = T.train(a, data, val, cfg(), out_dir=tmp_path / "a", spec=spec, progress=False)
+    b = T.build_model(spec)
+    T.train(b, data, val, cfg(), out_dir=tmp_path / "b", spec=spec, progress=False, stop_at=5)
+    assert [p.name for p in T.list_checkpoints(tmp_path / "b")] == ["step-0000003.safetensors",
+                                                                    "step-0000005.safetensors"]
+    c = T.build_model(spec, seed=99)  # different weights: everything must come from the checkpoint
+    h_c = T.train(c, data, val, cfg(), out_dir=tmp_path / "b", spec=spec, progress=False, resume=True)
+    assert h_c["loss"] == h_a["loss"] and h_c["val_loss"] == h_a["val_loss"]
+    for (name, p), q in zip(a.state_dict().items(), c.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert h_a["loss"][-1] < h_a["loss"][0]
+
+
+def test_checkpoint_holds_config_optimizer_and_rebuilds_the_model(tmp_path):
+    spec = tiny_spec()
+    m = T.build_model(spec)
+    T.train(m, stream(), None, cfg(steps=3), out_dir=tmp_path, spec=spec, progress=False)
+    ck = T.read_checkpoint(T.latest_checkpoint(tmp_path))
+    assert ck["step"] == 3 and ck["spec"] == spec and ck["train"]["lr"] == 1e-2
+    assert "lm_head.weight" in ck["model"] and ck["model"]["lm_head.weight"] is ck["model"]["embed_tokens.weight"]
+    st = ck["optim"]["state"]["layers.0.self_attn.qkv_proj.weight"]
+    assert set(st) == {"step", "exp_avg", "exp_avg_sq"} and float(st["step"]) == 3
+    back = T.load_trained(tmp_path)
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), m.eval()(ids), rtol=0, atol=0)
+    assert json.loads((tmp_path / "history.json").read_text())["step"] == [1, 2, 3]
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import sys, time, torch
+    from minigemma import train as T
+    sys.path.insert(0, {tests!r})
+    from test_train import tiny_spec, stream, cfg
+
+    def slow_save(tensors, path, metadata=None):   # a writer killed half-way through the file
+        with open(path, "wb") as f:
+            f.write(b"\\x00" * 1000)
+            f.flush()
+            print("WRITING", flush=True)
+            time.sleep(60)
+
+    spec = tiny_spec()
+    m = T.build_model(spec)
+    T.train(m, stream(), None, cfg(steps=6, ckpt_every=3), out_dir={out!r}, spec=spec, progress=False, stop_at=3)
+    import safetensors.torch
+    safetensors.torch.save_file = slow_save
+    T.train(m, stream(), None, cfg(steps=6, ckpt_every=3), out_dir={out!r}, spec=spec, progress=False, resume=True)
+""")
+
+
+def test_a_checkpoint_write_killed_midway_leaves_the_previous_one(tmp_path):
+    out = tmp_path / "run"
+    script = tmp_path / "w.py"
+    script.write_text(KILLED_WRITER.format(tests=str(ROOT / "tests"), out=str(out)))
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.time() + 120
+        line = ""
+        while "WRITING" not in line and time.time() < deadline:
+            line = p.stdout.readline()
+            if not line and p.poll() is not None:
+                break
+        assert "WRITING" in line, "the writer never started"
+        os.kill(p.pid, signal.SIGKILL)
+    finally:
+        p.kill()
+        p.wait()
+    assert list(out.glob("*.tmp")), "the half-written file exists under its temporary name"
+    assert T.latest_checkpoint(out).name == "step-0000003.safetensors"
+    spec = tiny_spec()
+    m = T.build_model(spec)
+    h = T.train(m, stream(), None, cfg(steps=6, ckpt_every=3), out_dir=out, spec=spec, progress=False, resume=True)
+    assert h["step"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_latest_checkpoint_skips_a_damaged_file(tmp_path):
+    spec = tiny_spec()
+    T.train(T.build_model(spec), stream(), None, cfg(steps=3, ckpt_every=3), out_dir=tmp_path, spec=spec,
+            progress=False)
+    (tmp_path / "step-0000009.safetensors").write_bytes(b"garbage")
+    assert T.latest_checkpoint(tmp_path).name == "step-0000003.safetensors"
+    with pytest.raises(ValueError, match="not a minigemma training checkpoint"):
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
+        T.read_checkpoint(tmp_path / "x.safetensors")
+
+
+def test_bad_batch_split_is_a_clear_error():
+    with pytest.raises(ValueError, match="micro-batches"):
+        T.train(T.build_model(tiny_spec()), stream(), None, cfg(batch_size=6, grad_accum=4), progress=False)
+
+
+def test_spec_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="neither a preset"):
+        T.load_spec("no-such-preset")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model": "llama", "config": {}}))
+    with pytest.raises(ValueError, match="'model' must be"):
+        T.load_spec(str(bad))
+
+
+def test_presets_have_about_the_same_size():
+    sizes = {name: sum(p.numel() for p in T.build_model(T.load_spec(name)).parameters()) for name in T.PRESETS}
+    assert 1.5e6 < sizes["tiny-gemma3"] < 2.5e6
+    assert abs(sizes["tiny-griffin"] / sizes["tiny-gemma3"] - 1) < 0.1, sizes
+
+
+def test_cli_trains_and_resumes(tmp_path):
+    """`python -m minigemma train` on the real corpus: a small JSON spec, 3 steps, then --resume to 5."""
+    spec = T.load_spec("tiny-gemma3")
+    spec["config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, layer_types=["full_attention"],
+                          num_attention_heads=2, head_dim=16, query_pre_attn_scalar=16)
+    spec["train"] = {"batch_size": 2, "seq_len": 32, "eval_windows": 4, "warmup": 1}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    run = [sys.executable, "-m", "minigemma", "train", str(path), "--steps", "5", "--out", str(tmp_path / "run"),
+           "--quiet", "--eval-every", "0"]
+    r = subprocess.run(run + ["--stop-at", "3"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "step 3: train loss" in r.stdout
+    r = subprocess.run(run + ["--resume"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "step 5: train loss" in r.stdout and "val loss" in r.stdout
+    h = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert h["step"] == [1, 2, 3, 4, 5]
+    r = subprocess.run([sys.executable, "-m", "minigemma", "train", "nope", "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "neither a preset" in r.stderr
