@@ -90,7 +90,7 @@ def test_int4_packing_in_row_chunks_equals_packing_at_once(monkeypatch):
     at_once = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     monkeypatch.setattr(quant, "ROWS_PER_PACK", 128)  # chunks of 128 rows, the last of 64
     chunked = Int4Linear.from_weight(w, 32)
-    assert torch.equal(chunked.packed, at_once)
+    assert torch.equal(chunked.packed[0], at_once)  # plane 0
     with pytest.raises(ValueError, match="divisible by 64"):
         Int4Linear.from_rows([w[:48], w[48:96]], 96, 64)
 
@@ -213,7 +213,7 @@ def test_weight_bytes_count_one_embedding_row_and_the_head():
     n_int8 = sum(m.q.numel() + 2 * m.q.shape[0] for m in model.modules() if isinstance(m, Int8Linear))
     norms = sum(p.numel() * 4 for n, p in model.named_parameters() if "norm" in n)
     head = model.lm_head.approx
-    head_bytes = head.packed.numel() + head.scale_zero.numel() * 2
+    head_bytes = head.packed.numel() + head.scale_zero.numel() * 2  # (one plane)
     assert q8 == n_int8 + norms + head_bytes + (C // 32) * 34  # + one Q8_0 row of the embedding
 
 
