@@ -11,6 +11,7 @@ _LAZY = {
     "load_pretrained": "minigemma.pretrained",
     "generate": "minigemma.generation",
     "check": "minigemma.grading",
+    "use_triton": "minigemma.kernels.swap",
 }
 
 __all__ = list(_LAZY)

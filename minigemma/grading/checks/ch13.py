@@ -133,7 +133,7 @@ def key_range_spec(T, S, q_start, k_first, window, causal):
     the block sees under `index_mask(q, k, window, causal=causal)`."""
     q_idx = torch.arange(q_start, q_start + T)
     k_idx = torch.arange(k_first, k_first + S)
-    seen = index_mask(q_idx, k_idx, window, causal=causal)  # (T, S)
+    seen = index_mask(q_idx, k_idx, window, causal=causal).expand(T, S)  # (T, S)
     out = []
     for b in range(0, T, KR_BLOCK_M):
         cols = seen[b:b + KR_BLOCK_M].any(dim=0).nonzero()[:, 0]
