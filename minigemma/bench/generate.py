@@ -206,6 +206,57 @@ def _child(system: str, n_prompt: int, n_decode: int) -> None:
     print("RESULT " + json.dumps(r), flush=True)
 
 
+def _profile_child(system: str, n_prompt: int, n_steps: int = 5) -> None:
+    """Where one decode step's time goes: torch.profiler over a few steps after an L-token prompt."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import minigemma
+    from minigemma.tokenizer import Tokenizer
+
+    level = system.split("-", 1)[1]
+    model, _ = minigemma.load_pretrained("gemma3-270m", quant=None if level == "float32" else level)
+    ids = torch.tensor([prompt_ids(Tokenizer.from_pretrained("gemma3-270m"), n_prompt)])
+    cache = model.new_cache(1, n_prompt + 2 * n_steps + 8)
+    with torch.inference_mode():
+        token = model(ids, cache=cache, last_only=True)[:, -1:].argmax(-1)
+        for _ in range(n_steps):  # warm-up steps, not profiled
+            token = model(token, cache=cache, last_only=True)[:, -1:].argmax(-1)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(n_steps):
+                token = model(token, cache=cache, last_only=True)[:, -1:].argmax(-1)
+    events = prof.key_averages()
+    ms = lambda us: us / n_steps / 1e3  # noqa: E731  (per step)
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)
+    r = dict(system=system, prompt_tokens=n_prompt, steps=n_steps,
+             self_cpu_ms=ms(sum(e.self_cpu_time_total for e in events)),
+             ops_per_step=sum(e.count for e in events) / n_steps,
+             gemv_ms=ms(sum(e.self_cpu_time_total for e in events if "pack_mm" in e.key or e.key in ("aten::mm", "aten::addmm"))),
+             top=[dict(op=e.key, ms=ms(e.self_cpu_time_total), calls=e.count / n_steps) for e in top[:10]])
+    print("RESULT " + json.dumps(r), flush=True)
+
+
+def profile_step(system: str, n_prompt: int) -> dict | None:
+    cmd = [sys.executable, "-m", "minigemma.bench.generate", "--profile-child", system, str(n_prompt)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if p.returncode != 0 or line is None:
+        print(f"[profile of {system} @ {n_prompt} failed]\n{p.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(line[len("RESULT "):])
+
+
+def format_profile(prof: dict) -> str:
+    lines = [f"One decode step of {prof['system']} after {prof['prompt_tokens']} prompt tokens (torch.profiler, "
+             f"the mean over {prof['steps']} steps, self CPU time): {prof['self_cpu_ms']:.1f} ms in "
+             f"{prof['ops_per_step']:.0f} operator calls; the weight products (int8/int4 GEMVs) take "
+             f"{prof['gemv_ms']:.1f} ms, the other {prof['self_cpu_ms'] - prof['gemv_ms']:.1f} ms is everything else "
+             "(attention, norms, casts, copies, the per-call cost of eager PyTorch).", "",
+             "| operator | ms / step | calls / step |", "|---|---|---|"]
+    lines += [f"| `{t['op']}` | {t['ms']:.2f} | {t['calls']:.0f} |" for t in prof["top"]]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # The driver
 # ----------------------------------------------------------------------------------------------
@@ -275,9 +326,16 @@ def run(systems: list[str], contexts: list[int], n_decode: int) -> dict:
         if ref is not None:
             r["first_difference_vs_float32"] = _first_difference(r["tokens"], ref["tokens"])
         r["roofline_tok_s"] = bw * 1e9 / r["weight_bytes"]
+    profiles = []
+    for system in ("minigemma-gguf", "minigemma-int8"):
+        if system in systems and 512 in contexts:
+            print(f"[profiling one decode step of {system} at 512 tokens ...]", file=sys.stderr, flush=True)
+            prof = profile_step(system, 512)
+            if prof is not None:
+                profiles.append(prof)
     return dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), machine=_machine(), python=platform.python_version(),
                 memory_bandwidth_gb_s=bw, contexts=contexts, decode_tokens=n_decode, results=results,
-                versions=_versions())
+                profiles=profiles, versions=_versions())
 
 
 def _versions() -> dict:
@@ -339,7 +397,12 @@ def format_table(report: dict) -> str:
     lines = [f"{report['machine']}, {report['date']}, " + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
              + f"; memory read bandwidth ~{report['memory_bandwidth_gb_s']:.1f} GB/s; "
              f"decode = 1 / median step time over {report['decode_tokens']} steps after an L-token prompt.",
-             "", *rows, "", targets(report)]
+             "", *rows]
+    for fast in ("minigemma-gguf", "minigemma-int8"):
+        if any(r["system"] == fast for r in report["results"]):
+            lines += ["", targets(report, fast)]
+    for prof in report.get("profiles", []):
+        lines += ["", format_profile(prof)]
     return "\n".join(lines)
 
 
@@ -412,5 +475,7 @@ def _atomic_write(path: Path, text: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--child":
         _child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--profile-child":
+        _profile_child(sys.argv[2], int(sys.argv[3]))
     else:
         sys.exit(main())

@@ -64,6 +64,9 @@ class Exercise:
     description: str = ""
     exact_types: bool = False
     hint: str = ""
+    # diagnose(fn, case, expected) -> str | None: run on the smallest failing case to say what broke it
+    # (the capstone swaps the learner's functions in one at a time and names the one that breaks the text)
+    diagnose: Callable[[Callable[..., Any], Case, Any], str | None] | None = None
 
 
 @dataclass
@@ -268,6 +271,12 @@ def run_check(name: str, fn: Callable[..., Any], seed: int | None = None) -> Res
                 if failure is None:
                     failure = {"case": case.label, "inputs": _describe((case.args, case.kwargs)),
                                "expected": _describe(expected), **why, "seed": seed}
+                    failed_case = (case, expected)
+            if failure is not None and ex.diagnose is not None:
+                found = ex.diagnose(fn, *failed_case)
+                if found:  # put first in the reason, so every report (notebook, grade table) shows it
+                    key = "why" if "why" in failure else "error"
+                    failure[key] = f"{found} ({failure[key]})"
     except ExerciseTimeout as e:
         failure = {"case": "(time limit)", "error": str(e), "seed": seed}
     if failure is not None and n_failed > 1:

@@ -76,3 +76,71 @@ def _grouped(q, k, v, mask):
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     return (torch.softmax(s, -1) @ v[:, :, None]).reshape(B, H, T, D)
+
+
+# --------------------------------------------------------------------------------------------
+# 02.kv_cache_update and 02.cached_attention
+# --------------------------------------------------------------------------------------------
+def _update(ck, cv, length, k, v, at=lambda length: length, write_v=True, count=lambda end: end, swap=False):
+    T = k.shape[2]
+    s = at(length)
+    ck[:, :, s:s + T] = k
+    if write_v:
+        cv[:, :, s:s + T] = v if not swap else k
+    return ck, cv, count(length + T)
+
+
+def _grown(ck, cv, length, k, v):  # concatenates: a longer tensor, the buffer's slots past `length` lost
+    return torch.cat([ck[:, :, :length], k], 2), torch.cat([cv[:, :, :length], v], 2), length + k.shape[2]
+
+
+def _cached(q, k, v, prefill, read=lambda ck, n: ck[:, :, :n], write_first=True, prefill_mask=True,
+            decode_mask=None, update=_update):
+    B, K, T, D = k.shape
+    ck, cv = k.new_zeros(B, K, T, D), v.new_zeros(B, K, T, D)
+    ck, cv, n = update(ck, cv, 0, k[:, :, :prefill], v[:, :, :prefill])
+    m = causal_mask(prefill) if prefill_mask else None
+    outs = [_gqa(q[:, :, :prefill], read(ck, n), read(cv, n), m)]
+    for t in range(prefill, T):
+        if write_first:
+            ck, cv, n = update(ck, cv, n, k[:, :, t:t + 1], v[:, :, t:t + 1])
+            outs.append(_gqa(q[:, :, t:t + 1], read(ck, n), read(cv, n), decode_mask))
+        else:  # attends, then writes: the new token never sees itself
+            outs.append(_gqa(q[:, :, t:t + 1], read(ck, n), read(cv, n), decode_mask))
+            ck, cv, n = update(ck, cv, n, k[:, :, t:t + 1], v[:, :, t:t + 1])
+    return torch.cat(outs, dim=2)
+
+
+MUTANTS.update({
+    "02.kv_cache_update": [
+        ("writes at slot 0 every time (length ignored)", lambda ck, cv, l, k, v: _update(ck, cv, l, k, v, at=lambda l: 0)),
+        ("writes one slot too far", lambda ck, cv, l, k, v: _update(ck, cv, l, k, v, at=lambda l: l + 1)),
+        ("writes the keys only", lambda ck, cv, l, k, v: _update(ck, cv, l, k, v, write_v=False)),
+        ("writes the keys into the value buffer too", lambda ck, cv, l, k, v: _update(ck, cv, l, k, v, swap=True)),
+        ("returns the old length", lambda ck, cv, l, k, v: _update(ck, cv, l, k, v, count=lambda e: e - k.shape[2])),
+        ("returns the length as a tensor", lambda ck, cv, l, k, v: _update(ck, cv, l, k, v, count=lambda e: torch.tensor(e))),
+        ("grows by concatenation instead of writing into the buffer", _grown),
+    ],
+    "02.cached_attention": [
+        ("decode steps read the whole buffer, zeros past n included",
+         lambda q, k, v, p: _cached(q, k, v, p, read=lambda c, n: c)),
+        ("attends before writing: a decode step misses its own key",
+         lambda q, k, v, p: _cached(q, k, v, p, write_first=False)),
+        ("no causal mask in the prefill", lambda q, k, v, p: _cached(q, k, v, p, prefill_mask=False)),
+        ("decode steps attend only the newest key",
+         lambda q, k, v, p: _cached(q, k, v, p, read=lambda c, n: c[:, :, n - 1:n] if n > 0 else c[:, :, :0])),
+    ],
+})
+
+CORRECT.update({
+    "02.kv_cache_update": [
+        ("index_copy_ into the buffers", lambda ck, cv, l, k, v: (
+            ck.index_copy_(2, torch.arange(l, l + k.shape[2]), k), cv.index_copy_(2, torch.arange(l, l + k.shape[2]), v),
+            l + k.shape[2])),
+    ],
+    "02.cached_attention": [
+        ("every token one at a time (the prefill as steps too)", lambda q, k, v, p: _cached(q, k, v, 1)),
+        ("decode steps with an explicit all-True mask",
+         lambda q, k, v, p: _cached(q, k, v, p, decode_mask=torch.ones(1, 1, dtype=torch.bool))),
+    ],
+})

@@ -61,3 +61,63 @@ CORRECT = {
         ("F.linear", lambda x, wg, wu, wd: F.linear(F.gelu(F.linear(x, wg), approximate="tanh") * F.linear(x, wu), wd)),
     ],
 }
+
+
+# --------------------------------------------------------------------------------------------
+# 03.decoder_layer and 03.lm_head
+# --------------------------------------------------------------------------------------------
+def _block(x, attn, mlp, n_in, n_post_attn, n_pre_ffw, n_post_ffw, kind="right"):
+    if kind == "pre-norm only":
+        h = x + attn(n_in(x))
+        return h + mlp(n_pre_ffw(h))
+    if kind == "post-norm (norm after the residual add)":
+        h = n_post_attn(x + attn(n_in(x)))
+        return n_post_ffw(h + mlp(n_pre_ffw(h)))
+    if kind == "parallel: the MLP reads x":
+        h = x + n_post_attn(attn(n_in(x)))
+        return h + n_post_ffw(mlp(n_pre_ffw(x)))
+    if kind == "the residual carries the normed x":
+        xn = n_in(x)
+        h = xn + n_post_attn(attn(xn))
+        return h + n_post_ffw(mlp(n_pre_ffw(h)))
+    if kind == "norms mixed up (post-attention norm before the MLP)":
+        h = x + n_pre_ffw(attn(n_in(x)))
+        return h + n_post_ffw(mlp(n_post_attn(h)))
+    if kind == "no residual around the MLP":
+        h = x + n_post_attn(attn(n_in(x)))
+        return n_post_ffw(mlp(n_pre_ffw(h)))
+    h = x + n_post_attn(attn(n_in(x)))
+    return h + n_post_ffw(mlp(n_pre_ffw(h)))
+
+
+def _head(x, emb, w, eps, cap, norm=True, one_plus=True, cap_first=False, scale=1.0, default_cap=None):
+    h = _rms(x, w, eps, one_plus=one_plus) if norm else x
+    if cap_first:
+        h = h if cap is None else cap * torch.tanh(h / cap)
+    logits = (h @ emb.T) * scale
+    cap = default_cap if cap is None else cap
+    return logits if cap is None or cap_first else cap * torch.tanh(logits / cap)
+
+
+_KINDS = ["pre-norm only", "post-norm (norm after the residual add)", "parallel: the MLP reads x",
+          "the residual carries the normed x", "norms mixed up (post-attention norm before the MLP)",
+          "no residual around the MLP"]
+
+MUTANTS.update({
+    "03.decoder_layer": [(kind, lambda *a, kind=kind: _block(*a, kind=kind)) for kind in _KINDS],
+    "03.lm_head": [
+        ("no final norm", lambda x, e, w, eps, cap: _head(x, e, w, eps, cap, norm=False)),
+        ("final norm with w instead of (1 + w)", lambda x, e, w, eps, cap: _head(x, e, w, eps, cap, one_plus=False)),
+        ("soft-cap before the head", lambda x, e, w, eps, cap: _head(x, e, w, eps, cap, cap_first=True)),
+        ("logits scaled by sqrt(C) again", lambda x, e, w, eps, cap: _head(x, e, w, eps, cap, scale=x.shape[-1] ** 0.5)),
+        ("caps at 30 when cap is None", lambda x, e, w, eps, cap: _head(x, e, w, eps, cap, default_cap=30.0)),
+    ],
+})
+
+CORRECT.update({
+    "03.decoder_layer": [("as written in the statement", _block)],
+    "03.lm_head": [
+        ("F.linear and F.rms_norm", lambda x, e, w, eps, cap: (lambda l: l if cap is None else cap * torch.tanh(l / cap))(
+            F.linear(F.rms_norm(x, (x.shape[-1],), 1 + w, eps), e))),
+    ],
+})

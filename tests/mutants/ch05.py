@@ -68,3 +68,75 @@ def _q8_numpy(raw, shape):
     d = np.ascontiguousarray(b[:, :2]).view(np.float16).astype(np.float32)
     q = np.ascontiguousarray(b[:, 2:]).view(np.int8).astype(np.float32)
     return torch.from_numpy(d * q).reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# 05.gguf_header
+# --------------------------------------------------------------------------------------------
+import struct  # noqa: E402
+
+_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def _parse(data, reverse=True, absolute=True, aligned=True, read_alignment=True, str_len="<Q", counts="tensors first",
+           f32="<f"):
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        (v,) = struct.unpack_from(fmt, data, pos)
+        pos += struct.calcsize(fmt)
+        return v
+
+    def string():
+        nonlocal pos
+        n = take(str_len)
+        s = data[pos:pos + n].decode("utf-8")
+        pos += n
+        return s
+
+    def value(t):
+        if t == 8:
+            return string()
+        if t == 9:
+            et, n = take("<I"), take("<Q")
+            return [value(et) for _ in range(n)]
+        return take(f32 if t == 6 else _FMT[t])
+
+    assert data[:4] == b"GGUF"
+    pos = 4
+    version = take("<I")
+    n_tensors, n_kv = take("<Q"), take("<Q")
+    if counts == "metadata first":
+        n_tensors, n_kv = n_kv, n_tensors
+    meta = []
+    for _ in range(n_kv):
+        key = string()
+        meta.append((key, value(take("<I"))))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        n_dims = take("<I")
+        dims = [take("<Q") for _ in range(n_dims)]
+        infos.append((name, tuple(reversed(dims)) if reverse else tuple(dims), take("<I"), take("<Q")))
+    align = dict(meta).get("general.alignment", 32) if read_alignment else 32
+    start = -(-pos // align) * align if aligned else pos
+    return version, meta, [(n, s, t, (start + o) if absolute else o) for n, s, t, o in infos]
+
+
+MUTANTS.update({
+    "05.gguf_header": [
+        ("dims kept in ggml order (fastest first)", lambda d: _parse(d, reverse=False)),
+        ("offsets relative to the data start", lambda d: _parse(d, absolute=False)),
+        ("the data starts right after the header (not aligned)", lambda d: _parse(d, aligned=False)),
+        ("alignment always 32 (general.alignment ignored)", lambda d: _parse(d, read_alignment=False)),
+        ("string lengths read as u32", lambda d: _parse(d, str_len="<I")),
+        ("the two counts read in the other order", lambda d: _parse(d, counts="metadata first")),
+        ("float32 values read as float64", lambda d: _parse(d, f32="<d")),
+    ],
+})
+
+CORRECT.update({
+    "05.gguf_header": [("shapes as lists, offsets as ints", lambda d: (lambda v, m, t: (
+        v, m, [(n, list(s), ty, int(o)) for n, s, ty, o in t]))(*_parse(d)))],
+})

@@ -1,3 +1,5 @@
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -149,3 +151,82 @@ def _conv_torch(x, w, bias, x_prev):
     xs = torch.cat([x_prev, x], 1)  # (B, W-1+T, D)
     y = F.conv1d(xs.transpose(1, 2), w.T[:, None, :], bias, groups=D).transpose(1, 2)  # w.T[:, None]: (D, 1, W)
     return y, xs[:, T:]
+
+
+# --------------------------------------------------------------------------------------------
+# 07.recurrent_block, 07.local_attention and the prediction
+# --------------------------------------------------------------------------------------------
+def _gelu(t):
+    return F.gelu(t, approximate="tanh")
+
+
+def _block(x, ly, lx, conv, lru, lo, kind="right"):
+    if kind == "GELU on the recurrent branch":
+        return lo(_gelu(lru(conv(lx(x)))) * ly(x))
+    if kind == "exact (erf) GELU":
+        return lo(F.gelu(ly(x)) * lru(conv(lx(x))))
+    if kind == "the conv after the RG-LRU":
+        return lo(_gelu(ly(x)) * conv(lru(lx(x))))
+    if kind == "no conv":
+        return lo(_gelu(ly(x)) * lru(lx(x)))
+    if kind == "the branches' linears swapped":
+        return lo(_gelu(lx(x)) * lru(conv(ly(x))))
+    if kind == "branches added, not multiplied":
+        return lo(_gelu(ly(x)) + lru(conv(lx(x))))
+    if kind == "a sigmoid gate (GLU) instead of GELU":
+        return lo(torch.sigmoid(ly(x)) * lru(conv(lx(x))))
+    return lo(_gelu(ly(x)) * lru(conv(lx(x))))
+
+
+def _local(q, k, v, positions, cfg, keys=None, rotate="first", scale_dim=None, rope_k=True):
+    B, H, T, D = q.shape
+    d = int(D * cfg.partial_rotary_factor) if rotate != "all" else D
+    theta = cfg.rope_base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
+    angle = positions.float()[:, None] * theta
+    cos, sin = angle.cos(), angle.sin()
+
+    def rope(x):
+        part, rest = (x[..., :d], x[..., d:]) if rotate != "last" else (x[..., D - d:], x[..., :D - d])
+        x1, x2 = part[..., : d // 2], part[..., d // 2:]
+        r = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return torch.cat([r, rest], -1) if rotate != "last" else torch.cat([rest, r], -1)
+
+    q = rope(q)
+    k = rope(k) if rope_k else k
+    W = cfg.attention_window_size
+    n_keys = (W + 1 if cfg.window_edge == "inclusive" else W) if keys is None else keys(cfg)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    mask = (j <= i) & (i - j < n_keys)
+    n = H // k.shape[1]
+    k, v = k.repeat_interleave(n, 1), v.repeat_interleave(n, 1)
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(D if scale_dim is None else scale_dim(D, d))
+    return torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v
+
+
+_BLOCK_KINDS = ["GELU on the recurrent branch", "exact (erf) GELU", "the conv after the RG-LRU", "no conv",
+                "the branches' linears swapped", "branches added, not multiplied", "a sigmoid gate (GLU) instead of GELU"]
+
+MUTANTS.update({
+    "07.recurrent_block": [(kind, lambda *a, kind=kind: _block(*a, kind=kind)) for kind in _BLOCK_KINDS],
+    "07.local_attention": [
+        ("HF's edge always: W keys", lambda *a: _local(*a, keys=lambda c: c.attention_window_size)),
+        ("the official edge always: W + 1 keys (window_edge ignored)",
+         lambda *a: _local(*a, keys=lambda c: c.attention_window_size + 1)),
+        ("RoPE on all of head_dim", lambda *a: _local(*a, rotate="all")),
+        ("RoPE on the last half of head_dim", lambda *a: _local(*a, rotate="last")),
+        ("no RoPE on the keys", lambda *a: _local(*a, rope_k=False)),
+        ("scaled by 1/sqrt(rotary_dim)", lambda *a: _local(*a, scale_dim=lambda D, d: d)),
+    ],
+    "07.predict_rglru_halflife": [
+        ("c = 8 forgotten (a = σ(Λ)^r)", lambda: (693.0, 5545.0)),
+        ("the 1/e horizon 1 / (1 - a), not the half-life", lambda: (125.4, 1000.0)),
+        ("the half-life of h² (a² per step)", lambda: (43.3, 346.4)),
+        ("the two r swapped", lambda: (693.0, 87.0)),
+    ],
+})
+
+CORRECT.update({
+    "07.recurrent_block": [("as written in the statement", _block)],
+    "07.local_attention": [("written out", _local)],
+    "07.predict_rglru_halflife": [("ln 2 / (8 r ln(1/0.999)), not rounded", lambda: (86.6, 692.8))],
+})

@@ -118,7 +118,54 @@ def geglu_no_mask(gu_ptr, out_ptr, F, stride_gu, BLOCK: tl.constexpr):
     _geglu(gu_ptr, out_ptr, F, stride_gu, BLOCK, mask_on=False)
 
 
-# 5. linear scan --------------------------------------------------------------------------------
+# 5. online log-sum-exp ------------------------------------------------------------------------
+def _lse(z_ptr, out_ptr, V, stride_z, BLOCK, rescale=True, pad="-inf", tail=True, use_max=True, m0=float("-inf"),
+         row_stride="stride_z", mask_on=True):
+    row = tl.program_id(0)
+    m, l = m0, 0.0
+    stop = V if tail else V // BLOCK * BLOCK
+    for start in range(0, stop, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        z = tl.load(z_ptr + row * (stride_z if row_stride == "stride_z" else V) + cols,
+                    mask=cols < V if mask_on else cols >= 0, other=float("-inf") if pad == "-inf" else 0.0)
+        if use_max:
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            l = (l * tl.exp(m - m_new) if rescale else l) + tl.sum(tl.exp(z - m_new), axis=0)
+            m = m_new
+        else:
+            l = l + tl.sum(tl.exp(z), axis=0)
+    tl.store(out_ptr + row, m + tl.log(l) if use_max else tl.log(l))
+
+
+def lse_sum_not_rescaled(z_ptr, out_ptr, V, stride_z, BLOCK: tl.constexpr):
+    _lse(z_ptr, out_ptr, V, stride_z, BLOCK, rescale=False)
+
+
+def lse_tail_padded_with_zeros(z_ptr, out_ptr, V, stride_z, BLOCK: tl.constexpr):
+    _lse(z_ptr, out_ptr, V, stride_z, BLOCK, pad="0")
+
+
+def lse_last_partial_block_skipped(z_ptr, out_ptr, V, stride_z, BLOCK: tl.constexpr):
+    _lse(z_ptr, out_ptr, V, stride_z, BLOCK, tail=False)
+
+
+def lse_without_the_max(z_ptr, out_ptr, V, stride_z, BLOCK: tl.constexpr):
+    _lse(z_ptr, out_ptr, V, stride_z, BLOCK, use_max=False)
+
+
+def lse_max_starts_at_zero(z_ptr, out_ptr, V, stride_z, BLOCK: tl.constexpr):
+    _lse(z_ptr, out_ptr, V, stride_z, BLOCK, m0=0.0)
+
+
+def lse_no_mask(z_ptr, out_ptr, V, stride_z, BLOCK: tl.constexpr):
+    _lse(z_ptr, out_ptr, V, stride_z, BLOCK, mask_on=False)
+
+
+def lse_row_stride_is_v(z_ptr, out_ptr, V, stride_z, BLOCK: tl.constexpr):
+    _lse(z_ptr, out_ptr, V, stride_z, BLOCK, row_stride="V")
+
+
+# 6. linear scan --------------------------------------------------------------------------------
 def _scan(a_ptr, b_ptr, h0_ptr, h_ptr, T, D, BLOCK_D, carry=True, time_stride="D", use_h0=True, store="after"):
     seq = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -188,6 +235,19 @@ def geglu_tanh_from_exp(gu_ptr, out_ptr, F, stride_gu, BLOCK: tl.constexpr):
     tl.store(out_ptr + tl.program_id(0) * F + cols, up * (0.5 * gate + 0.5 * gate * tanh), mask=cols < F)
 
 
+def lse_max_first_then_the_sum(z_ptr, out_ptr, V, stride_z, BLOCK: tl.constexpr):
+    row_ptr = z_ptr + tl.program_id(0) * stride_z
+    m = float("-inf")
+    for start in range(0, V, BLOCK):  # pass 1: the row's max
+        cols = start + tl.arange(0, BLOCK)
+        m = tl.maximum(m, tl.max(tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")), axis=0))
+    total = 0.0
+    for start in range(0, V, BLOCK):  # pass 2: Σ exp(z - max)
+        cols = start + tl.arange(0, BLOCK)
+        total += tl.sum(tl.exp(tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")) - m), axis=0)
+    tl.store(out_ptr + tl.program_id(0), m + tl.log(total))
+
+
 def scan_with_moving_pointers(a_ptr, b_ptr, h0_ptr, h_ptr, T, D, BLOCK_D: tl.constexpr):
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = d < D
@@ -213,6 +273,9 @@ MUTANTS = {
     "12.rms_norm_rows": _m("12.rms_norm_rows", rms_mean_over_block, rms_w_not_one_plus_w, rms_no_eps, rms_no_mask),
     "12.geglu_rows": _m("12.geglu_rows", geglu_gate_and_up_swapped, geglu_up_at_block_not_f, geglu_erf_gelu,
                         geglu_no_mask),
+    "12.online_logsumexp": _m("12.online_logsumexp", lse_sum_not_rescaled, lse_tail_padded_with_zeros,
+                              lse_last_partial_block_skipped, lse_without_the_max, lse_max_starts_at_zero,
+                              lse_row_stride_is_v, lse_no_mask),
     "12.linear_scan": _m("12.linear_scan", scan_state_not_carried, scan_time_stride_one, scan_h0_ignored,
                          scan_stores_the_previous_state),
 }
@@ -222,5 +285,6 @@ CORRECT = {
     "12.scale_columns": _m("12.scale_columns", scale_with_pointer_blocks_built_separately),
     "12.rms_norm_rows": _m("12.rms_norm_rows", rms_with_rsqrt_and_mean_of_squares),
     "12.geglu_rows": _m("12.geglu_rows", geglu_tanh_from_exp),
+    "12.online_logsumexp": _m("12.online_logsumexp", lse_max_first_then_the_sum),
     "12.linear_scan": _m("12.linear_scan", scan_with_moving_pointers),
 }

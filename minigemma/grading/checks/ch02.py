@@ -1,8 +1,8 @@
-"""Chapter 02: multi-query and grouped-query attention."""
+"""Chapter 02: multi-query and grouped-query attention, and the KV cache."""
 
 import torch
 
-from ...attention import causal_mask, grouped_query_attention, repeat_kv
+from ...attention import KVCache, causal_mask, grouped_query_attention, repeat_kv
 from ..core import Case, Exercise, register
 
 
@@ -76,3 +76,82 @@ register(Exercise(
          "exactly the masked attention of chapter 01: scores / √D, masked_fill(~mask, -inf) only when a "
          "mask is given (use the mask you get: it is not always causal, and a one-token decode step can "
          "still have hidden keys), softmax over the keys, @ v."))
+
+
+# --------------------------------------------------------------------------------------------
+# The KV cache: the update, and cached attention equals full attention
+# --------------------------------------------------------------------------------------------
+def _kv_cases(seed):
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for label, (B, K, max_len, D), length, T in [
+        ("prefill 3 tokens into an empty cache", (1, 1, 5, 2), 0, 3),
+        ("one decode step (T=1) after 4 tokens", (1, 1, 6, 2), 4, 1),
+        ("T=1 into an empty cache", (2, 1, 3, 2), 0, 1),
+        ("a chunk of 3 after 2 tokens, 2 kv heads", (2, 2, 8, 3), 2, 3),
+        ("the chunk fills the buffer exactly", (1, 2, 7, 4), 4, 3),
+        ("decode step into the last free slot", (2, 2, 6, 4), 5, 1),
+    ]:
+        # every slot holds something (old values past `length` too): a write at the wrong slot shows
+        ck, cv = _randn(g, B, K, max_len, D), _randn(g, B, K, max_len, D)
+        cases.append(Case(label, (ck, cv, length, _randn(g, B, K, T, D), _randn(g, B, K, T, D))))
+    n = int(torch.randint(1, 5, (1,), generator=g))
+    length = int(torch.randint(0, 9 - n, (1,), generator=g))
+    cases.append(Case(f"random: {n} new tokens after {length}",
+                      (_randn(g, 2, 2, 10, 3), _randn(g, 2, 2, 10, 3), length, _randn(g, 2, 2, n, 3), _randn(g, 2, 2, n, 3))))
+    return cases
+
+
+def kv_cache_update_reference(cache_k, cache_v, length, k, v):
+    """`KVCache.update` on a cache holding these buffers: (the buffers after it, the new length).
+
+    What update also returns, the keys and values the new queries attend (at the indices its `Keys`
+    name; in a KVCache slot s holds index s), must be the buffers' first `length` slots: checked here,
+    so that a wrong one fails too."""
+    cache = KVCache.__new__(KVCache)  # its __init__ would allocate new zero buffers: use the case's
+    cache.k, cache.v, cache.max_len, cache.length = cache_k, cache_v, cache_k.shape[2], length
+    k_all, v_all, keys = cache.update(k, v)
+    held = torch.arange(keys.first, keys.first + keys.count)  # the token indices the keys hold
+    n = cache.length
+    if not (held.tolist() == list(range(n)) and torch.equal(k_all[:, :, held], cache.k[:, :, :n])
+            and torch.equal(v_all[:, :, held], cache.v[:, :, :n])):
+        raise AssertionError("KVCache.update returned other keys and values than the ones it holds")
+    return cache.k, cache.v, n
+
+
+def _cached_cases(seed):
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for label, (B, H, K, T, D), prefill in [
+        ("one token (prefill only)", (1, 1, 1, 1, 2), 1),
+        ("prefill 1, then 2 decode steps", (1, 1, 1, 3, 2), 1),
+        ("prefill all 4 (no decode step)", (1, 2, 1, 4, 4), 4),
+        ("prefill 2, then 3 decode steps, 4 heads / 2 kv heads", (2, 4, 2, 5, 4), 2),
+        ("MQA, prefill 3, then 5 decode steps", (2, 4, 1, 8, 8), 3),
+    ]:
+        q, k, v = _randn(g, B, H, T, D), _randn(g, B, K, T, D), _randn(g, B, K, T, D)
+        cases.append(Case(label, (q, k, v, prefill)))
+    return cases
+
+
+def cached_attention_reference(q, k, v, prefill):
+    """Full causal attention over all T tokens at once: what cached decoding must reproduce."""
+    return grouped_query_attention(q, k, v, causal_mask(q.shape[2]))
+
+
+register(Exercise(
+    "02.kv_cache_update", _kv_cases, kv_cache_update_reference, atol=0.0, rtol=0.0, exact_types=True,
+    description="Write k, v (B, K, T, D) into slots length..length+T-1 of the (B, K, max_len, D) buffers cache_k, "
+                "cache_v (in place; every other slot unchanged); return (cache_k, cache_v, length + T).",
+    hint="end = length + k.shape[2]. Assign into the slice: cache_k[:, :, length:end] = k (and the same for v): "
+         "that writes into the buffer itself, so the next call sees it. Return the two buffers and end, an int. "
+         "Nothing grows: torch.cat would make a new, longer tensor; the buffer keeps its max_len slots."))
+register(Exercise(
+    "02.cached_attention", _cached_cases, cached_attention_reference,
+    description="Causal attention over T tokens computed the cached way: prefill the first `prefill` tokens, then "
+                "one token per step through your kv_cache_update; returns (B, H, T, D), equal to full attention.",
+    hint="Allocate buffers k.new_zeros(B, K, T, D) (and for v). Prefill: write the first `prefill` keys and values "
+         "with your kv_cache_update and attend with your gqa_attention under a causal (prefill, prefill) mask. "
+         "Then for each t from prefill to T-1: write token t first (so it sees itself), and attend q[:, :, t:t+1] "
+         "to the first n slots only (cache_k[:, :, :n]: the slots after n hold zeros, not keys); all of them are "
+         "in its past, so no mask. Concatenate the outputs along the time axis (dim=2)."))

@@ -1,7 +1,12 @@
-"""Chapter 03: the Gemma 2 block's pieces."""
+"""Chapter 03: the Gemma 2 block's pieces, the block, and the tied head."""
+
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
+from ...attention import Positions
+from ...gemma import DecoderLayer
 from ...layers import GeGLU, RMSNorm, soft_cap
 from ..core import Case, Exercise, register
 
@@ -90,3 +95,108 @@ register(Exercise(
          "up = x @ w_up.T are (B, T, F); only the gate goes through GELU, the tanh form "
          "0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))) (or F.gelu(g, approximate='tanh')); then "
          "(gelu(gate) * up) @ w_down.T."))
+
+
+# --------------------------------------------------------------------------------------------
+# Assembling the block: where the four norms and the two residuals go
+# --------------------------------------------------------------------------------------------
+class Sublayer:
+    """One of a block's sub-layers, handed to the learner as a callable x -> y; a failing case shows it
+    by name. `module`: the package module it calls, if any (the reference calls it as the block does)."""
+
+    def __init__(self, name: str, fn, module=None):
+        self.name, self.fn, self.module = name, fn, module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _norm(g, name, C):
+    norm = RMSNorm(C).requires_grad_(False)
+    norm.weight.copy_(_randn(g, C, scale=0.5))  # four different weights: a norm in the wrong place shows
+    return Sublayer(name, norm)
+
+
+def _block_cases(seed):
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for label, (B, T, C), scale, post in [
+        ("B=1, T=1, C=4", (1, 1, 4), 1.0, True),
+        ("B=1, T=3, C=6", (1, 3, 6), 1.0, True),
+        ("pre-norms only: both post-norms are the identity", (1, 4, 6), 1.0, False),
+        ("batch 2, T=5, C=8", (2, 5, 8), 1.0, True),
+        ("large activations (x ~ 50): the norms bound what is added", (2, 4, 8), 50.0, True),
+    ]:
+        w_att, w_up, w_down = _randn(g, C, C, scale=C ** -0.5), _randn(g, C, 2 * C), _randn(g, 2 * C, C, scale=0.3)
+
+        def attention(x, w=w_att):  # a stand-in that mixes tokens causally: a running mean of tanh(x W)
+            h = torch.tanh(x @ w)
+            return h.cumsum(1) / torch.arange(1, x.shape[1] + 1)[:, None]
+
+        identity = Sublayer("post_norm = identity", lambda x: x)
+        cases.append(Case(label, (
+            _randn(g, B, T, C, scale=scale),
+            Sublayer("attention (a stand-in: running mean of tanh(x W))", attention),
+            Sublayer("mlp (a stand-in: gelu(x W1) W2)", lambda x, w1=w_up, w2=w_down: F.gelu(x @ w1) @ w2),
+            _norm(g, "input_norm", C),
+            _norm(g, "post_attention_norm", C) if post else identity,
+            _norm(g, "pre_feedforward_norm", C),
+            _norm(g, "post_feedforward_norm", C) if post else identity,
+        )))
+    return cases
+
+
+def decoder_layer_reference(x, attention, mlp, input_norm, post_attention_norm, pre_feedforward_norm,
+                            post_feedforward_norm):
+    """`DecoderLayer.forward` itself, run on the sub-layers given (a layer's own are its modules)."""
+    B, T, _ = x.shape
+    layer = SimpleNamespace(self_attn=lambda h, pos, cache: attention(h), mlp=mlp, input_layernorm=input_norm,
+                            post_attention_layernorm=post_attention_norm, pre_feedforward_layernorm=pre_feedforward_norm,
+                            post_feedforward_layernorm=post_feedforward_norm)
+    pos = Positions(0, torch.arange(T), torch.arange(T).expand(B, T))  # the sub-layers here do not read it
+    return DecoderLayer.forward(layer, x, pos)
+
+
+# --------------------------------------------------------------------------------------------
+# The tied head with its final soft-cap
+# --------------------------------------------------------------------------------------------
+def _head_cases(seed):
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for label, (B, T, C, V), e_scale, cap, x_scale, eps in [
+        ("Gemma 3: no final cap, C=4, V=6", (1, 1, 4, 6), 1.0, None, 3.0, 1e-6),
+        ("Gemma 2: final cap 30, C=4, V=6", (1, 2, 4, 6), 1.0, 30.0, 3.0, 1e-6),
+        # activations of ~3e-3 (mean square ~1e-5) against eps 1e-3: the eps given must be the one used
+        ("tiny activations: eps = 1e-3 matters", (1, 2, 4, 6), 1.0, None, 3e-3, 1e-3),
+        ("logits ~ 50: the cap bites", (2, 3, 8, 11), 10.0, 30.0, 3.0, 1e-6),
+        ("large logits, no cap: they stay large", (1, 3, 8, 9), 10.0, None, 3.0, 1e-6),
+        ("batch 2, T=4, C=16, V=40, cap 30", (2, 4, 16, 40), 3.0, 30.0, 3.0, 1e-6),
+    ]:
+        x = _randn(g, B, T, C, scale=x_scale)
+        cases.append(Case(label, (x, _randn(g, V, C, scale=e_scale), _randn(g, C, scale=0.5), eps, cap)))
+    return cases
+
+
+def lm_head_reference(x, embedding, norm_weight, eps, cap):
+    """`Gemma.forward` after the last layer: the final RMSNorm, the head whose weight is the embedding
+    (V, C), then the final soft-cap (tests/test_learner_hook.py checks this against a Gemma with no layers)."""
+    return soft_cap(F.linear(rms_norm_reference(x, norm_weight, eps), embedding), cap)
+
+
+register(Exercise(
+    "03.decoder_layer", _block_cases, decoder_layer_reference,
+    description="The sandwich-normed block from its sub-layers: h = x + post_attention_norm(attention(input_norm(x))); "
+                "out = h + post_feedforward_norm(mlp(pre_feedforward_norm(h))).",
+    hint="Two residual steps, each the same shape: x plus a normed-sub-layer-normed update. The residual stream "
+         "itself is never normed: x goes into the sum as it is, and only the sub-layer's input (pre-norm) and "
+         "its output (post-norm) are. The MLP reads h, the stream after the attention step, not x."))
+register(Exercise(
+    "03.lm_head", _head_cases, lm_head_reference,
+    description="logits = soft_cap(final_norm(x) @ embeddingᵀ, cap): the final RMSNorm (1 + w), the tied head "
+                "(the embedding matrix (V, C) is the head's weight), then the final soft-cap (None: no cap).",
+    hint="Three steps, in this order: your RMSNorm with (1 + norm_weight) and eps; the head, which is the "
+         "embedding matrix itself: x @ embedding.T gives (B, T, V); then cap · tanh(logits / cap) unless cap "
+         "is None. The √C scale belongs to the embedding's input side only, not to the head."))

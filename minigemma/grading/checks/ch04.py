@@ -1,9 +1,11 @@
 """Chapter 04: local and global attention, and the KV cache they need."""
 
+from types import SimpleNamespace
+
 import torch
 
-from ...attention import causal_mask, sliding_window_mask
-from ...gemma import PRESETS, SLIDING, GemmaConfig, kv_cache_bytes, layer_pattern
+from ...attention import Positions, RingKVCache, causal_mask, sliding_window_mask
+from ...gemma import FULL, PRESETS, SLIDING, DecoderLayer, GemmaConfig, kv_cache_bytes, layer_pattern
 from ..core import Case, Exercise, register
 
 
@@ -88,3 +90,160 @@ register(Exercise(
          "bytes. A global layer holds all T tokens, a local one min(T, sliding_window). Count the layers of "
          "each type in config.layer_types. Multiply ints only (no / and no float bits / 8) so the answer "
          "stays an int."))
+
+
+# --------------------------------------------------------------------------------------------
+# The ring-buffer cache of a local layer
+# --------------------------------------------------------------------------------------------
+def _randn(g, *shape):
+    return torch.randn(*shape, generator=g)
+
+
+def _ring_cases(seed):
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for label, (B, K, W, D), length, T in [
+        ("decode into an empty ring (W=3)", (1, 1, 3, 2), 0, 1),
+        ("decode, the ring not full yet (length 2, W=4)", (1, 1, 4, 2), 2, 1),
+        ("decode that wraps round to slot 0 (length 4, W=4)", (1, 1, 4, 2), 4, 1),
+        ("decode far along (length 10, W=3)", (1, 1, 3, 2), 10, 1),
+        ("a prompt of 2 into an empty ring (W=4)", (1, 1, 4, 2), 0, 2),
+        ("a chunk longer than the window (T=6, W=4): only the last 4 stay", (1, 1, 4, 2), 0, 6),
+        ("a chunk after the ring wrapped (length 5, T=3, W=4)", (2, 2, 4, 3), 5, 3),
+        ("a chunk of exactly W after 7 tokens (W=3)", (2, 1, 3, 3), 7, 3),
+    ]:
+        # every slot holds something, the ones not written yet too: a write or a read at the wrong slot shows
+        cases.append(Case(label, (_randn(g, B, K, W, D), _randn(g, B, K, W, D), length,
+                                  _randn(g, B, K, T, D), _randn(g, B, K, T, D))))
+    W, length, T = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((2, 6), (0, 20), (1, 8)))
+    cases.append(Case(f"random: W={W}, length {length}, T={T}", (_randn(g, 2, 2, W, 3), _randn(g, 2, 2, W, 3), length,
+                                                                  _randn(g, 2, 2, T, 3), _randn(g, 2, 2, T, 3))))
+    return cases
+
+
+def ring_update_reference(ring_k, ring_v, length, k, v):
+    """`RingKVCache.update` on a ring holding these buffers: (the ring after the call, and the keys and
+    values of the last min(length + T, W) tokens, oldest first, taken from what update returns and the
+    indices its `Keys` give: the window the last new query attends)."""
+    W = ring_k.shape[2]
+    ring = RingKVCache.__new__(RingKVCache)  # its __init__ would allocate new zero buffers: use the case's
+    ring.k, ring.v, ring.window, ring.size, ring.max_len, ring.length = ring_k, ring_v, W, W, None, length
+    k_all, v_all, keys = ring.update(k, v)
+    held = torch.arange(keys.first, keys.first + keys.count) if keys.in_order else keys.index()  # (S,) indices
+    window = (held > ring.length - 1 - W) & (held >= 0)  # the last W indices: the last query's window
+    order = torch.where(window)[0][held[window].argsort()]  # those keys, oldest first
+    return ring.k, ring.v, k_all[:, :, order], v_all[:, :, order]
+
+
+# --------------------------------------------------------------------------------------------
+# QK-norm and the per-layer RoPE base (Gemma 3)
+# --------------------------------------------------------------------------------------------
+def _gemma3_config(n_layers, every, H, K, D, scaling=1.0, eps=1e-6):
+    return GemmaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=n_layers,
+                       num_attention_heads=H, num_key_value_heads=K, head_dim=D,
+                       layer_types=layer_pattern(n_layers, every), sliding_window=4, query_pre_attn_scalar=D,
+                       rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, rope_scaling_factor=scaling,
+                       use_qk_norm=True, rms_norm_eps=eps)
+
+
+def _qk_cases(seed):
+    g = torch.Generator().manual_seed(seed)
+    gaps = torch.sort(torch.randint(0, 40, (5,), generator=g)).values
+    cases = []
+    for label, (n_layers, every, H, K, D, scaling), layer, positions in [
+        ("local layer 0 (base 10k), T=1", (6, 6, 1, 1, 4, 1.0), 0, torch.arange(1)),
+        ("global layer 5 of 6 (base 1M), T=3", (6, 6, 2, 1, 4, 1.0), 5, torch.arange(3)),
+        ("local layer 6, after the global one", (12, 6, 2, 1, 4, 1.0), 6, torch.arange(20, 23)),
+        ("every=3: layer 2 is global", (6, 3, 2, 2, 6, 1.0), 2, torch.arange(4)),
+        ("every=3: layer 3 is local", (6, 3, 2, 2, 6, 1.0), 3, torch.arange(4)),
+        ("4B and up: a global layer's RoPE is scaled (x8)", (6, 6, 2, 1, 8, 8.0), 5, torch.arange(30, 35)),
+        ("4B and up: a local layer is not scaled", (6, 6, 2, 1, 8, 8.0), 4, torch.arange(30, 35)),
+        ("4 heads / 2 kv heads, positions with gaps", (6, 6, 4, 2, 8, 1.0), 1, gaps),
+        # q and k of ~1e-2 (mean square ~1e-4) against rms_norm_eps 1e-2: QK-norm must use the config's eps
+        ("tiny activations: the config's eps (1e-2) matters", (6, 6, 2, 1, 4, 1.0), 1, torch.arange(3)),
+    ]:
+        tiny = label.startswith("tiny")
+        cfg = _gemma3_config(n_layers, every, H, K, D, scaling, eps=1e-2 if tiny else 1e-6)
+        T = positions.numel()
+        x = _randn(g, 2 if H > 2 else 1, T, cfg.hidden_size) * (1e-2 if tiny else 1.0)
+        w_qkv = _randn(g, (H + 2 * K) * D, cfg.hidden_size) * cfg.hidden_size ** -0.5
+        cases.append(Case(label, (x, w_qkv, 0.5 * _randn(g, D), 0.5 * _randn(g, D), positions, cfg, layer)))
+    return cases
+
+
+def qk_norm_rope_reference(x, w_qkv, q_norm_weight, k_norm_weight, positions, config, layer_idx):
+    """The attention input of layer `layer_idx` as the model computes it: `DecoderLayer` builds the layer's
+    attention with its RoPE (base and scaling by layer type) and QK-norm, and `project` applies them."""
+    attn = DecoderLayer(config, layer_idx).self_attn
+    with torch.no_grad():
+        attn.qkv_proj.weight.copy_(w_qkv)
+        attn.q_norm.weight.copy_(q_norm_weight)
+        attn.k_norm.weight.copy_(k_norm_weight)
+        B, T = x.shape[:2]
+        return attn.project(x, Positions(0, torch.arange(T), positions.expand(B, T)))
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction questions: a number first, then the code
+# --------------------------------------------------------------------------------------------
+def kv_cache_mib_reference():
+    """Gemma 3 270M's KV cache for one 32,768-token sequence in bfloat16, in MiB: as it is, and with
+    every layer global (the same config, each layer's type changed)."""
+    cfg = PRESETS["gemma3-270m"]
+    all_global = SimpleNamespace(**{**vars(cfg), "layer_types": [FULL] * cfg.num_hidden_layers})
+    return tuple(kv_cache_bytes(c, 32_768, 1, torch.bfloat16) / 2 ** 20 for c in (cfg, all_global))
+
+
+def window_reach_reference():
+    """How far back the last token of a long prompt can see through Gemma 3 270M's first local layers
+    (the ones before its first global layer): the composed sliding-window masks, computed."""
+    cfg = PRESETS["gemma3-270m"]
+    n_local, W = cfg.layer_types.index(FULL), cfg.sliding_window
+    T = n_local * W + 2  # longer than the reach, so the reach is what stops it
+    mask = sliding_window_mask(T, W).float()  # (T, T): one layer's mask
+    seen = mask[-1]  # the tokens the last one sees after one layer
+    for _ in range(n_local - 1):
+        seen = (seen @ mask).clamp(max=1.0)  # ... after one more layer: what any of those saw
+    return T - 1 - int(seen.nonzero()[0])
+
+
+def _one_question(label):
+    return lambda seed: [Case(label)]
+
+
+register(Exercise(
+    "04.ring_update", _ring_cases, ring_update_reference, atol=0.0, rtol=0.0, exact_types=True,
+    description="A local layer's ring of W slots, token i in slot i % W: write the T new tokens (in place), return "
+                "(ring_k, ring_v, keys, values of the last min(length + T, W) tokens, oldest first).",
+    hint="Token length + t goes to slot (length + t) % W. A loop over t writes them in order, so when T > W the "
+         "later tokens overwrite the earlier ones, as they should (or write only the last min(T, W)). After the "
+         "write, n = length + T; the window is indices max(0, n - W) .. n - 1, and index j sits in slot j % W: "
+         "ring_k[:, :, idx % W] with idx = torch.arange(max(0, n - W), n) reads them oldest first."))
+register(Exercise(
+    "04.qk_norm_rope", _qk_cases, qk_norm_rope_reference,
+    description="Gemma 3's attention inputs of one layer: x @ w_qkvᵀ split into q (H heads), k, v (K heads); "
+                "RMSNorm (1 + w) over head_dim on q and on k; RoPE with the layer's base (local: "
+                "rope_local_base_freq, global: rope_theta, its positions / rope_scaling_factor). Returns (q, k, v).",
+    hint="q, k, v = (x @ w_qkv.T).split([H*D, K*D, K*D], dim=-1), then (B, T, n·D) -> (B, n, T, D) as in "
+         "split_heads. The norm's weight is one (D,) vector for every head: normalise over the last dimension "
+         "of (B, H, T, D). The layer's type is config.layer_types[layer_idx]; only global layers take "
+         "config.rope_theta and the scaling (divide the positions by it); local layers use "
+         "config.rope_local_base_freq. Norm first, then RoPE; v gets neither."))
+register(Exercise(
+    "04.predict_kv_cache_mib", _one_question("Gemma 3 270M, one sequence of 32,768 tokens, bfloat16: "
+                                             "(MiB as it is, MiB if every layer were global)"),
+    kv_cache_mib_reference, atol=0.0, rtol=0.02,
+    description="Predict, then check: the MiB of Gemma 3 270M's KV cache at 32,768 tokens in bfloat16, and "
+                "with every layer global. Within 2%.",
+    hint="Per token and layer: k and v, num_key_value_heads (1) · head_dim (256) numbers each, 2 bytes per "
+         "bfloat16 number. The 270M has 18 layers, every sixth global: 3 global layers keep all 32,768 tokens, "
+         "15 local ones only the window of 512. 1 MiB = 2^20 bytes."))
+register(Exercise(
+    "04.predict_window_reach", _one_question("Gemma 3 270M's first five (local) layers, W = 512: how many "
+                                             "tokens back can the last token see?"),
+    window_reach_reference,
+    description="Predict, then check: through Gemma 3 270M's five local layers before its first global layer, "
+                "how far back can information reach the last token? An exact number of tokens.",
+    hint="One local layer lets token i see i - (W - 1) .. i: W keys, itself included, so W - 1 tokens back. Each "
+         "further layer lets those tokens pass on what they saw, another W - 1 back. Count the layers before "
+         "the first global one."))

@@ -1,8 +1,13 @@
-"""Chapter 05: GGUF block quantisation, dequantised from scratch."""
+"""Chapter 05: the GGUF header, and block quantisation, dequantised from scratch."""
 
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
 import torch
 
-from ...weights.gguf import dequantize_q4_k, dequantize_q8_0
+from ...weights.gguf import GGML_TYPES, dequantize_q4_k, dequantize_q8_0, read_gguf
 from ..core import Case, Exercise, register
 
 
@@ -71,3 +76,126 @@ register(Exercise(
          "j >= 4, the top two bits of sc[j] are those of byte j-4, and of m[j] those of byte j). For q, reshape bytes 16..143 to (n, 4, 32): "
          "group g's low nibbles (& 0xF) are sub-block 2g, its high nibbles (>> 4) sub-block 2g+1. Subtract "
          "dmin * m[j], and return float32."))
+
+
+# --------------------------------------------------------------------------------------------
+# The GGUF header and tensor table
+# --------------------------------------------------------------------------------------------
+_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+STRING, ARRAY = 8, 9
+
+
+class GGUFBytes(bytes):
+    """A case's file contents; shown by its length and first bytes, not all of them."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} bytes of GGUF: {bytes(self[:12])!r}...>"
+
+
+def _string(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _value(vtype: int, value) -> bytes:
+    if vtype == STRING:
+        return _string(value)
+    if vtype == ARRAY:
+        etype, items = value
+        return struct.pack("<IQ", etype, len(items)) + b"".join(_value(etype, v) for v in items)
+    return struct.pack(_FORMATS[vtype], value)
+
+
+def gguf_bytes(metadata, tensors, version=3, g=None) -> GGUFBytes:
+    """A small GGUF file, written here from the format's description (tests/test_grading.py reads it
+    back with the `gguf` package too). metadata: [(key, type id, value)], an array's value being
+    (element type id, [items]); tensors: [(name, PyTorch shape, ggml type id)], stored in order, each
+    at an offset rounded up to the alignment, their bytes random."""
+    align = next((v for k, _, v in metadata if k == "general.alignment"), 32)
+    out = [b"GGUF", struct.pack("<IQQ", version, len(tensors), len(metadata))]
+    out += [_string(k) + struct.pack("<I", t) + _value(t, v) for k, t, v in metadata]
+    offset, sizes = 0, []
+    for name, shape, type_id in tensors:
+        t = GGML_TYPES[type_id]
+        n_bytes = int(np.prod(shape)) // t.block_size * t.type_size
+        dims = list(reversed(shape))  # ggml lists the fastest-varying dimension first
+        out.append(_string(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
+                   + struct.pack("<IQ", type_id, offset))
+        sizes.append((offset, n_bytes))
+        offset = -(-(offset + n_bytes) // align) * align
+    file = bytearray(b"".join(out))
+    header_length, data_start = len(file), -(-len(file) // align) * align
+    for start, n_bytes in sizes:
+        file += bytes(data_start + start - len(file))  # zero padding up to the tensor's offset
+        file += bytes(torch.randint(0, 256, (n_bytes,), generator=g, dtype=torch.uint8).tolist())
+    out = GGUFBytes(file)
+    out.header_length = header_length
+    return out
+
+
+def _aligned_64(g) -> GGUFBytes:
+    """general.alignment = 64, with a header whose end rounds up differently to 32 and to 64 (a name of
+    the right length), so that only the file's own alignment gives the right data start."""
+    for n in range(64):
+        meta = [("general.alignment", 4, 64), ("general.name", STRING, "x" * n)]
+        data = gguf_bytes(meta, [("a", (3,), 0), ("b", (7,), 0)], 3, g)
+        if 0 < data.header_length % 64 <= 32:
+            return data
+    raise AssertionError("unreachable: some name length puts the header end in the first half of 64")
+
+
+def _gguf_cases(seed):
+    g = torch.Generator().manual_seed(seed)
+    F32, F16, Q8_0, Q4_K = 0, 1, 8, 12
+    every_scalar = [(f"test.{name}", t, v) for name, t, v in [
+        ("u8", 0, 200), ("i8", 1, -100), ("u16", 2, 60_000), ("i16", 3, -30_000), ("u32", 4, 4_000_000_000),
+        ("i32", 5, -2_000_000_000), ("f32", 6, 0.1), ("bool", 7, True), ("u64", 10, 2 ** 40 + 1),
+        ("i64", 11, -(2 ** 40)), ("f64", 12, 1 / 3)]]
+    n_keys = int(torch.randint(1, 5, (1,), generator=g))
+    rand_meta = [(f"random.key{i}", 4, int(torch.randint(0, 2 ** 31, (1,), generator=g))) for i in range(n_keys)]
+    rand_shapes = [(int(torch.randint(1, 4, (1,), generator=g)), 32 * int(torch.randint(1, 4, (1,), generator=g)))
+                   for _ in range(3)]
+    specs = [
+        ("no metadata, one F32 tensor of 3", [], [("w", (3,), F32)], 3),
+        ("one uint32 key", [("gemma3.block_count", 4, 18)], [("w", (2,), F32)], 3),
+        ("a string key and a float32 key",
+         [("general.architecture", STRING, "gemma3"), ("gemma3.attention.layer_norm_rms_epsilon", 6, 1e-6)],
+         [("w", (4,), F32)], 3),
+        ("version 2", [("general.name", STRING, "tiny")], [("w", (2,), F32)], 2),
+        ("two tensors: the second starts at the next multiple of 32",
+         [("general.name", STRING, "two")], [("a", (5,), F32), ("b", (2, 3), F16)], 3),
+        ("arrays: int32, float32 and strings (as the tokenizer's)",
+         [("tokenizer.ggml.token_type", ARRAY, (5, [1, 3, 1])), ("tokenizer.ggml.scores", ARRAY, (6, [0.5, -1.25])),
+          ("tokenizer.ggml.tokens", ARRAY, (STRING, ["<pad>", "▁the", "é"]))], [("w", (2,), F32)], 3),
+        ("every scalar type", every_scalar, [("w", (1,), F32)], 3),
+        ("quantised 2-D tensors: shapes in PyTorch order, blocks of 32 and 256",
+         [("general.architecture", STRING, "gemma3")],
+         [("blk.0.attn_q.weight", (4, 64), Q8_0), ("token_embd.weight", (3, 256), Q4_K), ("output_norm.weight", (64,), F32)], 3),
+        ("random keys and tensors", rand_meta, [(f"t{i}", s, Q8_0) for i, s in enumerate(rand_shapes)], 3),
+    ]
+    cases = [Case(label, (gguf_bytes(meta, tensors, version, g),)) for label, meta, tensors, version in specs]
+    cases.insert(5, Case("general.alignment = 64: the data starts at a multiple of 64", (_aligned_64(g),)))
+    return cases
+
+
+def gguf_header_reference(data: bytes):
+    """`read_gguf` on a file holding `data`: (version, [(key, value)] in file order with arrays as lists,
+    [(name, shape, ggml type id, absolute offset of its first byte)])."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "case.gguf"
+        path.write_bytes(data)
+        f = read_gguf(path)
+        header = (f.version, [(k, v.tolist() if isinstance(v, np.ndarray) else v) for k, v in f.metadata.items()],
+                  [(t.name, t.shape, t.type.id, t.offset) for t in f.tensors.values()])
+        del f  # its memory map, before the folder goes
+    return header
+
+
+register(Exercise(
+    "05.gguf_header", _gguf_cases, gguf_header_reference, atol=0.0, rtol=0.0,
+    description="Parse a GGUF file's header (bytes): (version, [(key, value)] in file order, "
+                "[(name, shape in PyTorch order, ggml type id, absolute offset)]).",
+    hint="Keep a cursor and use struct.unpack_from('<I', data, pos) and friends: everything is little-endian. "
+         "A string is a u64 length then UTF-8 bytes; an array is a u32 element type, a u64 count, then the "
+         "elements (strings included). Tensor dims come fastest first: reverse them. The data starts at the end "
+         "of the header rounded up to general.alignment (32 if absent), and each offset counts from there."))

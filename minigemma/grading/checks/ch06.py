@@ -1,8 +1,12 @@
-"""Chapter 06: the sampling filters of the decode loop."""
+"""Chapter 06: the sampling filters of the decode loop, left padding, and the capstone."""
+
+import functools
 
 import torch
 
-from ...generation import top_k_filter, top_p_filter
+from ... import learner
+from ...attention import make_positions
+from ...generation import left_pad, top_k_filter, top_p_filter
 from ..core import Case, Exercise, register
 
 NEG_INF = float("-inf")
@@ -55,3 +59,71 @@ register(Exercise(
     hint="Sort each row descending (torch.sort returns the order too), softmax the sorted logits in float32, "
          "and take the mass strictly before each token: cumsum - the token's own probability. Drop where that "
          "mass is >= p, then put the drop mask back in vocabulary order with scatter(-1, order, ...)."))
+
+
+# --------------------------------------------------------------------------------------------
+# Left padding: ids, mask and the positions of a batch of prompts
+# --------------------------------------------------------------------------------------------
+def _pad_cases(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(2, 5, (1,), generator=g))
+    random_rows = [torch.randint(1, 50, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist()
+                   for _ in range(n)]
+    return [
+        Case("one prompt: nothing to pad", ([[2, 17, 5]], 0)),
+        Case("two prompts, lengths 3 and 1", ([[2, 17, 5], [2]], 0)),
+        Case("equal lengths: no padding", ([[2, 8], [2, 9]], 0)),
+        # a real token whose id is the pad id: only the prompt lengths say what is padding
+        Case("a real token equal to the pad id", ([[2, 0, 5, 6], [2, 7]], 0)),
+        Case("the longest prompt in the middle, pad id 3", ([[2, 4], [2, 5, 6, 7, 8], [2, 9, 10]], 3)),
+        Case(f"random: {n} prompts", (random_rows, 0)),
+    ]
+
+
+def left_pad_reference(prompts, pad_id):
+    """`generation.left_pad` (ids and mask), then the positions `make_positions` gives a prompt with
+    this mask: real tokens count from 0 at their first one, every pad sits at 0."""
+    ids, mask = left_pad(prompts, pad_id)
+    return ids, mask, make_positions(ids, None, mask, None).positions
+
+
+register(Exercise(
+    "06.left_pad", _pad_cases, left_pad_reference, exact_types=True,
+    description="prompts (lists of ids), pad_id -> (ids (B, L) long, attention_mask (B, L) bool, positions (B, L) "
+                "long): padded on the left; real tokens at positions 0, 1, ... from their first one, pads at 0.",
+    hint="L = the longest prompt. Row i starts with L - len(p) pads: ids[i, L - len(p):] = p, and the mask is True "
+         "from there on (from the lengths, never from ids != pad_id: a real token may have the pad's id). "
+         "Positions: mask.long().cumsum(-1) - 1 counts the real tokens before each one; torch.where(mask, that, 0) "
+         "puts every pad at 0. ids and positions are torch.long, the mask torch.bool."))
+
+
+# --------------------------------------------------------------------------------------------
+# The capstone: your functions in the real Gemma 3 270M
+# --------------------------------------------------------------------------------------------
+CAPSTONE_PROMPTS = ("The sun rises in the", "The opposite of hot is")  # 6 tokens each: one batch, no padding
+CAPSTONE_TOKENS = 4
+
+
+@functools.lru_cache(maxsize=4)
+def _reference_texts(prompts: tuple, max_new_tokens: int) -> list[str]:
+    model, tokenizer = learner.reference_model()
+    return learner.greedy_texts(model, tokenizer, prompts, max_new_tokens)
+
+
+def capstone_reference(prompts, max_new_tokens):
+    """The greedy texts of Gemma 3 270M (float32) itself, the package's code everywhere (computed once
+    per process: they do not depend on the seed)."""
+    return list(_reference_texts(tuple(prompts), max_new_tokens))
+
+
+register(Exercise(
+    "06.capstone",
+    lambda seed: [Case(f"{len(CAPSTONE_PROMPTS)} prompts, {CAPSTONE_TOKENS} new tokens each, greedy",
+                       (list(CAPSTONE_PROMPTS), CAPSTONE_TOKENS))],
+    capstone_reference, timeout_s=900.0, diagnose=learner.diagnose,
+    description="Your code, real weights: YourGemma(rms_norm=..., rope=..., gqa_attention=..., geglu=..., "
+                "layer_mask=..., kv_cache_update=...) generates the same greedy text as Gemma 3 270M.",
+    hint="Each function must first pass its own exercise (01.rope, 02.gqa_attention, 02.kv_cache_update, "
+         "03.rms_norm, 03.geglu, 04.layer_mask). If the text still differs, the report names the function that "
+         "breaks it when swapped in alone; test that one on the model's shapes: head_dim 256, one kv head for four "
+         "query heads, positions continuing from the cache during decoding."))

@@ -1,9 +1,16 @@
 """Chapter 07: Griffin / RecurrentGemma — the RG-LRU, the associative scan, the causal conv."""
 
-import torch
+from types import SimpleNamespace
 
-from ...griffin import associative_combine, causal_conv1d, rglru_step, scan_associative
+import torch
+from torch import nn
+
+from ...attention import Positions, grouped_query_attention, sliding_window_mask
+from ...griffin import (RGLRU, Conv1D, GriffinConfig, RecurrentBlock, associative_combine, causal_conv1d,
+                        local_attention, rglru_step, scan_associative)
+from ...layers import apply_rope
 from ..core import Case, Exercise, register
+from .ch03 import Sublayer
 
 
 def _rglru_cases(seed):
@@ -130,3 +137,135 @@ register(Exercise(
          "xs[:, W-1+t-s], so the slice xs[:, W-1-s : W-1-s+T] gives it for every t at once. Sum "
          "w[W-1-s] * slice over s, plus bias. The new cache is the last W-1 rows of xs: xs[:, T:] "
          "(careful: xs[:, -(W-1):] is all of xs when W = 1)."))
+
+
+# --------------------------------------------------------------------------------------------
+# The recurrent block: two branches, multiplied
+# --------------------------------------------------------------------------------------------
+def _filled(module: nn.Module, g) -> nn.Module:
+    """Random parameters (a fresh RG-LRU or conv holds empty ones), drawn from the case's generator."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() > 1 else 1.0))
+    return module.requires_grad_(False)
+
+
+def _linear(g, name, n_in, n_out):
+    lin = _filled(nn.Linear(n_in, n_out), g)
+    lin.weight.mul_(n_in ** -0.5)
+    return Sublayer(name, lin)
+
+
+def _block_cases(seed):
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for label, (B, T, C, R, H), scale in [
+        ("B=1, T=1, C=4, R=4", (1, 1, 4, 4, 1), 1.0),
+        ("T=3, the RG-LRU wider than the model (C=4, R=6)", (1, 3, 4, 6, 2), 1.0),
+        ("batch 2, T=5, C=8, R=8, 2 heads", (2, 5, 8, 8, 2), 1.0),
+        ("T=7, large inputs (GELU's tails)", (2, 7, 6, 6, 3), 4.0),
+    ]:
+        conv, rg_lru = _filled(Conv1D(R, 4), g), _filled(RGLRU(R, H), g)
+        positions = torch.arange(T).expand(B, T)  # one document per row
+        cases.append(Case(label, (
+            torch.randn(B, T, C, generator=g) * scale,
+            _linear(g, "linear_y", C, R), _linear(g, "linear_x", C, R),
+            Sublayer("conv_1d (the causal conv of 4 taps)", lambda u, m=conv: m(u, None), module=conv),
+            Sublayer("rg_lru (the RG-LRU over the sequence)", lambda u, m=rg_lru, p=positions: m(u, p), module=rg_lru),
+            _linear(g, "linear_out", R, C),
+        )))
+    return cases
+
+
+def recurrent_block_reference(x, linear_y, linear_x, conv_1d, rg_lru, linear_out):
+    """`RecurrentBlock.forward` itself, run on the block's modules given (the conv and the RG-LRU are
+    called as the block calls them, with the positions of one document and no decoding state)."""
+    B, T, _ = x.shape
+    block = SimpleNamespace(linear_y=linear_y, linear_x=linear_x, linear_out=linear_out,
+                            conv_1d=conv_1d.module, rg_lru=rg_lru.module)
+    return RecurrentBlock.forward(block, x, Positions(0, torch.arange(T), torch.arange(T).expand(B, T)))
+
+
+# --------------------------------------------------------------------------------------------
+# Griffin's local attention: MQA, RoPE on half of head_dim, the official window edge
+# --------------------------------------------------------------------------------------------
+def _griffin_config(H, K, D, W, edge="inclusive", base=10_000.0):
+    return GriffinConfig(vocab_size=16, width=H * D, num_layers=3, num_heads=H, num_kv_heads=K,
+                         mlp_expanded_width=8, attention_window_size=W, window_edge=edge, rope_base=base)
+
+
+def _local_cases(seed):
+    g = torch.Generator().manual_seed(seed)
+    gaps = torch.sort(torch.randint(0, 30, (7,), generator=g)).values
+    cases = []
+    for label, (B, H, K, T, D, W), edge, positions, base in [
+        ("T=1", (1, 1, 1, 1, 4, 2), "inclusive", torch.arange(1), 10_000.0),
+        ("T=4, W=4: every key in the window", (1, 2, 1, 4, 4, 4), "inclusive", torch.arange(4), 10_000.0),
+        ("T=6, W=2: a query sees W + 1 = 3 keys (the official edge)", (1, 2, 1, 6, 4, 2), "inclusive", torch.arange(6), 10_000.0),
+        ("window_edge='exclusive' (HF's): W keys", (1, 2, 1, 6, 4, 2), "exclusive", torch.arange(6), 10_000.0),
+        ("head_dim 8: only its first 4 dims rotate", (1, 2, 1, 5, 8, 3), "inclusive", torch.arange(5), 10_000.0),
+        ("MQA, 4 heads, positions with gaps", (2, 4, 1, 7, 8, 3), "inclusive", gaps, 10_000.0),
+        ("2 kv heads, T=9, W=3", (2, 4, 2, 9, 4, 3), "inclusive", torch.arange(9), 10_000.0),
+        ("rope_base 100: the config's base, not a fixed 10 000", (1, 2, 1, 6, 8, 3), "inclusive",
+         torch.arange(6) * 5, 100.0),
+    ]:
+        q, k, v = (torch.randn(B, n, T, D, generator=g) for n in (H, K, K))
+        cases.append(Case(label, (q, k, v, positions, _griffin_config(H, K, D, W, edge, base))))
+    return cases
+
+
+def local_attention_reference(q, k, v, positions, config):
+    """Griffin's attention layer as `griffin.local_attention` builds it (its RoPE on rotary_dim = half
+    of head_dim, its window of keys, its scale), on q, k, v after the projection: RoPE as `project`
+    applies it, then the readable GQA reference under the layer's window (the model's fused path
+    computes the same: tests/test_griffin.py)."""
+    layer = local_attention(config)
+    cos, sin = layer.rotary(positions)  # (T, rotary_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return grouped_query_attention(q, k, v, sliding_window_mask(q.shape[2], layer.window), layer.scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction: a horizon of the RG-LRU
+# --------------------------------------------------------------------------------------------
+def rglru_halflife_reference():
+    """Steps until one input's share of h falls to half, for σ(Λ) = 0.999 with the gate r held at 1
+    and at 1/8: an impulse through the package's `rglru_step`, counted."""
+    lam = torch.logit(torch.tensor([0.999]))  # σ(Λ) = 0.999, one channel
+    one, zero = torch.ones(1, 1), torch.zeros(1, 1)
+    steps = []
+    for r in (1.0, 0.125):
+        gate = torch.full((1, 1), r)
+        h = rglru_step(one, gate, one, lam, zero)  # the input, at step 0
+        h0, n = h, 0
+        while h.item() > h0.item() / 2:
+            h = rglru_step(zero, gate, one, lam, h)  # nothing new comes in
+            n += 1
+        steps.append(float(n))
+    return tuple(steps)
+
+
+register(Exercise(
+    "07.recurrent_block", _block_cases, recurrent_block_reference,
+    description="Griffin's recurrent block from its modules: linear_out(gelu_tanh(linear_y(x)) · "
+                "rg_lru(conv_1d(linear_x(x)))).",
+    hint="Two branches read the same x. The gate branch: linear_y, then GELU with the tanh approximation "
+         "(F.gelu(·, approximate='tanh')). The recurrent branch: linear_x, then the conv, then the RG-LRU, in that "
+         "order (the conv mixes a few neighbours before the recurrence carries them on). Multiply the two "
+         "elementwise and project back with linear_out."))
+register(Exercise(
+    "07.local_attention", _local_cases, local_attention_reference,
+    description="Griffin's local attention on q (B, H, T, D), k, v (B, K, T, D): RoPE (base config.rope_base) on the "
+                "first rotary_dim = head_dim · partial_rotary_factor dims only, causal, a window of W + 1 keys "
+                "(window_edge 'inclusive', the official code) or W ('exclusive', HF), scale D^-1/2.",
+    hint="Rotate only x[..., :d] with d = int(D * config.partial_rotary_factor): split-half RoPE on those d dims "
+         "(d/2 frequencies base^(-2i/d)), then cat with x[..., d:] untouched. W = config.attention_window_size; "
+         "with the inclusive edge query i sees keys i - W .. i, so the mask is j <= i and i - j <= W (< W for "
+         "'exclusive'). Then your grouped-query attention (K kv heads, here often 1)."))
+register(Exercise(
+    "07.predict_rglru_halflife", lambda seed: [Case("σ(Λ) = 0.999, c = 8: (steps to half with r = 1, with r = 1/8)")],
+    rglru_halflife_reference, atol=0.0, rtol=0.02,
+    description="Predict, then check: with σ(Λ) = 0.999, after how many steps has one input's share of the RG-LRU's "
+                "state halved, with the gate r held at 1, and at 1/8? Within 2%.",
+    hint="With no new input, h_t = a·h_{t-1}: after n steps the input's share is a^n. Here a = σ(Λ)^(8r), the same "
+         "every step. Solve a^n = 1/2: n = ln(1/2) / ln(a) = ln 2 / (8 r · ln(1/0.999))."))

@@ -114,10 +114,12 @@ def _rms_cases(seed):
     g = torch.Generator().manual_seed(seed)
     cases = []
     for label, M, N in [("4 x 37: a row shorter than its block", 4, 37), ("3 x 64: rows that fill the block", 3, 64),
-                        ("2 x 640: Gemma 3 270M's hidden size", 2, 640), ("a row of zeros (eps matters)", 3, 20)]:
+                        ("2 x 640: Gemma 3 270M's hidden size", 2, 640),
+                        ("a row of zeros and a row of tiny values: mean(x²) ≈ eps, so eps matters", 3, 20)]:
         x = 2 * torch.randn(M, N, generator=g)
         if label.startswith("a row of zeros"):
             x[1] = 0.0
+            x[2] = 1e-3 * torch.randn(N, generator=g)  # mean(x²) ≈ 1e-6 = eps: a wrong or missing eps shows
         cases.append(Case(label, (x, torch.randn(N, generator=g))))
     return cases
 
@@ -171,7 +173,43 @@ def _launch_geglu(kernel):
 
 
 # --------------------------------------------------------------------------------------------
-# 5. the linear recurrence, a program per (sequence, block of channels)
+# 5. the online log-sum-exp over vocabulary blocks: the chunked loss's normaliser
+# --------------------------------------------------------------------------------------------
+LSE_BLOCK = 32
+
+
+def _lse_cases(seed):
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for label, M, V, shift in [("4 x 100: four blocks, the last one 4 wide", 4, 100, 0.0),
+                               ("3 x 32: exactly one block", 3, 32, 0.0), ("2 x 7: less than one block", 2, 7, 0.0),
+                               ("3 x 96: the largest logit of each row in its last block", 3, 96, None),
+                               ("3 x 150: logits near +100 (exp overflows float32 without the max)", 3, 150, 100.0),
+                               ("2 x 70: logits near -1000 (exp underflows to 0 unless the max starts at -inf)",
+                                2, 70, -1000.0)]:
+        z = 5 * torch.randn(M, V, generator=g)
+        z = z.sort(dim=-1).values if shift is None else z + shift  # sorted: the max grows block after block
+        cases.append(Case(label, (z,)))
+    return cases
+
+
+def logsumexp_spec(z):
+    """log Σ_v exp(z_v) of every row (M, V) -> (M,): the softmax's normaliser, as the losses use it."""
+    return torch.logsumexp(z, dim=-1)
+
+
+def _launch_logsumexp(kernel):
+    def online_logsumexp(z):
+        M, V = z.shape
+        zs = _strided(z)
+        out = _nans(M)
+        _run(kernel, (M,), zs, out, V, zs.stride(0), BLOCK=LSE_BLOCK)
+        return out
+    return online_logsumexp
+
+
+# --------------------------------------------------------------------------------------------
+# 6. the linear recurrence, a program per (sequence, block of channels)
 # --------------------------------------------------------------------------------------------
 SCAN_BLOCK = 16
 
@@ -207,6 +245,7 @@ LAUNCHERS = {
     "12.scale_columns": _launch_scale_columns,
     "12.rms_norm_rows": _launch_rms_norm,
     "12.geglu_rows": _launch_geglu,
+    "12.online_logsumexp": _launch_logsumexp,
     "12.linear_scan": _launch_linear_scan,
 }
 
@@ -240,6 +279,11 @@ register(Exercise("12.geglu_rows", _geglu_cases, geglu_spec,
                   description="gelu_tanh(gate) · up from gate_up = [gate, up], blocks of 32 columns.",
                   hint="Row r's gate column j is at r * stride_gu + j and its up column j at r * stride_gu + F + j. "
                        "Triton has no tanh: tanh(u) = 2 * tl.sigmoid(2 * u) - 1."))
+register(Exercise("12.online_logsumexp", _lse_cases, logsumexp_spec,
+                  description="log Σ exp(z) of each row, walking it in blocks of 32 with a running max and sum.",
+                  hint="Keep a running max m (start at float('-inf')) and a running sum l of exp(z - m) (start at 0). "
+                       "For each block: m_new = max(m, max of the block); l = l * exp(m - m_new) + Σ exp(z - m_new). "
+                       "Load with other=float('-inf') so lanes past V add exp(-inf) = 0. The answer is m + log(l)."))
 register(Exercise("12.linear_scan", _scan_cases, linear_scan_spec,
                   description="h_t = a_t · h_{t-1} + b_t from h0, a program per (sequence, 16 channels).",
                   hint="Start from h = h0 for this sequence's channels, then `for t in range(T)`: element (seq, t, d) "

@@ -1,0 +1,488 @@
+"""EmbeddingGemma: the Gemma 3 stack as a text encoder (chapter 10).
+
+A decoder predicts the next token, so each token may only look back. An encoder turns a whole text
+into one vector, so every token may look both ways. EmbeddingGemma 300M is Gemma 3's own stack with
+one config value changed, `GemmaConfig.bidirectional = True`:
+
+    global layer   every token sees every token of its text (no causal mask)
+    local layer    a symmetric band: |i - j| <= W // 2 for the config's sliding_window W = 512,
+                   i.e. 256 keys on each side plus itself (HF's EmbeddingGemma; the band was found
+                   by comparing with sentence-transformers on texts longer than 512 tokens)
+
+and sentence-transformers' pipeline around it (the folder's modules.json):
+
+    input_ids (B, T)  ->  Gemma 3 stack, bidirectional              (B, T, C)   C = 768
+                      ->  mean over the real tokens (prompt, BOS and EOS included)   (B, C)
+                      ->  Dense C -> 4C, Dense 4C -> C, no bias, no activation        (B, C)
+                      ->  L2 normalisation                                             (B, C)
+
+Texts are prefixed with a task prompt ("task: search result | query: " for queries, "title: none |
+text: " for documents, more in the folder's config_sentence_transformers.json), and tokenised with
+BOS first and EOS last. Matryoshka (MRL) training makes every prefix of the vector an embedding too:
+keep the first 512, 256 or 128 numbers and normalise again (`truncate`).
+
+Padding. An encoder sees keys after the query, so the causal trick (a pad at position 0 is a
+one-token document nobody after it can see) is not enough: a right pad would be visible to every
+real token before it. Every pad is therefore its own document (`document_ids`), and attention
+never crosses documents; left and right padding both give the unpadded result.
+
+    model, tok = minigemma.load_pretrained("embeddinggemma-300m")       # (or quant="bf16"/"int8"/"int4")
+    q = model.encode(["how do I sort a list?"], prompt_name="query")    # (1, 768), unit length
+    d = model.encode(docs, prompt_name="document", dim=256)             # (N, 256), unit length
+    scores = q @ d.T                                                    # cosine similarities
+
+Shapes: B texts, T tokens, C hidden width (768), E embedding width (768, or an MRL prefix).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import index_mask, make_positions
+from .gemma import DecoderLayer, GemmaConfig, hf_name_table
+from .layers import RMSNorm, check_token_ids, embedding_scale
+from .weights.hf import CheckpointError, empty_model, fused_parts, match_names, read_config
+
+MRL_DIMS = (768, 512, 256, 128)  # the prefixes EmbeddingGemma was trained to embed with
+
+
+# --------------------------------------------------------------------------------------------
+# The pieces: padding as documents, the band, pooling, MRL truncation
+# --------------------------------------------------------------------------------------------
+def document_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids for an encoder's padded batch: every real token 0, the pad at column t
+    its own document t + 1. Attention never crosses documents, so no real token sees a pad and a
+    pad sees only itself (its row of the mask is never empty, so softmax never divides by zero)."""
+    m = attention_mask.bool()
+    col = torch.arange(1, m.shape[1] + 1, device=m.device).expand_as(m)
+    return torch.where(m, 0, col)
+
+
+def band_window(sliding_window: int) -> int:
+    """The attention `window` (|i - j| < window) of an encoder's local layer: W // 2 + 1.
+
+    HF halves the config's window for a bidirectional model (`sliding_window // 2 + 1`, an exclusive
+    bound): a query sees W // 2 keys on each side and itself, W + 1 keys in all for an even W.
+    `gemma.DecoderLayer` applies the same rule; tests/test_encoder.py checks it against
+    sentence-transformers, and that W // 2 and W // 2 + 2 give measurably different outputs.
+    """
+    return sliding_window // 2 + 1
+
+
+def encoder_mask(attention_mask: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """The (B, T, T) boolean mask of an encoder layer: query i sees key j iff both are in the same
+    document (`document_ids`: pads are one-token documents) and, on a local layer (sliding_window W
+    given), |i - j| <= W // 2. A global layer (None) has no band. The model builds the same mask
+    block by block (`attention.attention_blocks`); this whole-matrix form is for reading and drawing."""
+    T = attention_mask.shape[1]
+    idx = torch.arange(T, device=attention_mask.device)
+    docs = document_ids(attention_mask)
+    window = None if sliding_window is None else band_window(sliding_window)
+    return index_mask(idx, idx, window, causal=False, q_doc=docs, k_doc=docs)[:, 0]
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the real tokens' vectors: hidden (B, T, C), attention_mask (B, T) -> (B, C) float32.
+
+    sum_t m_t h_t / sum_t m_t, with m_t = 1 for a real token (prompt, BOS and EOS included, as
+    sentence-transformers' `include_prompt=True`) and 0 for a pad. A row without a real token gives 0.
+    """
+    m = attention_mask.to(torch.float32)[..., None]  # (B, T, 1)
+    return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def truncate(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
+    """MRL: the first `dim` numbers of each embedding (N, E), normalised to unit length -> (N, dim)."""
+    if not 1 <= dim <= embeddings.shape[-1]:
+        raise ValueError(f"dim must be in [1, {embeddings.shape[-1]}], got {dim}")
+    return F.normalize(embeddings[..., :dim].float(), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+class EmbeddingGemma(nn.Module):
+    """Gemma 3 as a text encoder: input_ids (B, T) -> unit-length embeddings (B, E).
+
+    The stack is Gemma's own (`gemma.DecoderLayer`, with the parameter names of `gemma.Gemma`:
+    `embed_tokens`, `layers.{i}...`, `norm`), built from a config with `bidirectional=True`; there is
+    no LM head. On top: mean pooling, the dense layers `dense.0`, `dense.1` (C -> 4C -> C, no bias,
+    no activation; `dense_dims=()` leaves them out) and L2 normalisation.
+
+    `encode(texts, ...)` tokenises, batches texts of similar length together and returns the
+    embeddings in the input's order; it needs `tokenizer` (the loader sets it) and reads the task
+    prompts from `prompts`.
+    """
+
+    def __init__(self, config: GemmaConfig, dense_dims: Sequence[int] = (3072, 768),
+                 prompts: dict[str, str] | None = None, max_length: int | None = None, tokenizer=None):
+        super().__init__()
+        if not config.bidirectional:
+            raise ValueError("an encoder needs GemmaConfig(bidirectional=True)")
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        dims = [config.hidden_size, *dense_dims]
+        self.dense = nn.Sequential(*(nn.Linear(a, b, bias=False) for a, b in zip(dims, dims[1:])))
+        self.prompts = dict(prompts or {})
+        self.max_length = max_length or config.max_position_embeddings
+        self.tokenizer = tokenizer
+        if not self.embed_tokens.weight.is_meta:
+            self.reset_parameters()
+
+    @property
+    def dim(self) -> int:
+        """E: the width of a full embedding."""
+        return self.dense[-1].out_features if len(self.dense) else self.config.hidden_size
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> "EmbeddingGemma":
+        """A fresh initialisation, as `Gemma.reset_parameters`: linears and embedding N(0, std²), norms 0."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, std, generator=generator)
+            elif isinstance(m, RMSNorm):
+                m.weight.zero_()
+        return self
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T), attention_mask (B, T) True for real tokens -> final-normed states (B, T, C).
+
+        The same stack as `Gemma.forward`; the only addition is the documents: with padding, every
+        pad is a document of its own (`document_ids`), so padding on either side changes nothing.
+        """
+        check_token_ids(input_ids, self.config.vocab_size)
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # nothing to hide: the masks stay the plain (cheaper) ones
+        pos = make_positions(input_ids, None, attention_mask, None)  # RoPE positions count real tokens
+        if attention_mask is not None:
+            pos.documents = document_ids(attention_mask)
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        x = x * embedding_scale(self.config.hidden_size, x.dtype)
+        for layer in self.layers:
+            x = layer(x, pos)
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                dim: int | None = None) -> torch.Tensor:
+        """input_ids (B, T), attention_mask (B, T) -> unit-length embeddings (B, E) float32
+        (or (B, dim): the MRL prefix, normalised again)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        return self.pool(self.hidden_states(input_ids, attention_mask), attention_mask, dim)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        """Token states (B, T, C) -> the unit embedding (B, E): mean over the real tokens, the dense
+        layers, L2 normalisation (then the MRL prefix `dim`, normalised again)."""
+        pooled = mean_pool(hidden, attention_mask)  # (B, C) float32
+        for linear in self.dense:
+            pooled = linear(pooled.to(_dtype_of(linear)))
+        e = F.normalize(pooled.float(), dim=-1)  # (B, E)
+        return e if dim is None or dim == e.shape[-1] else truncate(e, dim)
+
+    # ----------------------------------------------------------------------------------------
+    # Text in, vectors out
+    # ----------------------------------------------------------------------------------------
+    def prompt_text(self, prompt_name: str | None = None, prompt: str | None = None) -> str:
+        """The prefix for a task: a name from `prompts` ("query", "document", "Clustering", ...) or
+        a literal `prompt`; neither gives no prefix."""
+        if prompt is not None and prompt_name is not None:
+            raise ValueError("give prompt_name or prompt, not both")
+        if prompt is not None:
+            return prompt
+        if prompt_name is None:
+            return ""
+        if prompt_name not in self.prompts:
+            raise ValueError(f"unknown prompt_name {prompt_name!r}; this model knows: {', '.join(self.prompts) or 'none'}")
+        return self.prompts[prompt_name]
+
+    def tokenize(self, texts: Sequence[str], prompt_name: str | None = None, prompt: str | None = None) -> list[list[int]]:
+        """Token ids as sentence-transformers makes them: BOS, prompt + text, EOS; texts longer than
+        `max_length` tokens keep their first max_length - 2 pieces between BOS and EOS."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: set model.tokenizer (load_pretrained does)")
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings, not one string")
+        prefix = self.prompt_text(prompt_name, prompt)
+        tok = self.tokenizer
+        pieces = tok.encode_batch([prefix + t for t in texts], add_bos=False, add_eos=False)
+        return [[tok.bos_id, *p[:self.max_length - 2], tok.eos_id] for p in pieces]
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], prompt_name: str | None = None, dim: int | None = None,
+               batch_size: int = 32, prompt: str | None = None, progress: bool = False) -> torch.Tensor:
+        """Embed `texts`: (N, dim) float32, each row of unit length, in the order of `texts`.
+
+        prompt_name: None, "query", "document" or another key of `prompts`; prompt: a literal prefix.
+        dim:         E (default) or an MRL prefix (512, 256, 128), normalised again.
+        batch_size:  texts per forward pass. Texts are sorted by token count first, so a batch pads
+                     little; each row is padded on the right and its pads are hidden.
+        """
+        ids = self.tokenize(list(texts), prompt_name, prompt)
+        dim = self.dim if dim is None else dim
+        if not 1 <= dim <= self.dim:
+            raise ValueError(f"dim must be in [1, {self.dim}], got {dim}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        out = torch.empty(len(ids), dim)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first: memory peaks at once
+        batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="encode", unit="batch")
+        device = self.norm.weight.device
+        for rows in batches:
+            input_ids, mask = pad_right([ids[i] for i in rows], self.tokenizer.pad_id, device)
+            out[rows] = self(input_ids, mask, dim).cpu()
+        return out
+
+
+def compile_pointwise(model: nn.Module, dynamic: bool = True) -> nn.Module:
+    """In place: `torch.compile` every RMSNorm and GeGLU of `model`; returns it.
+
+    On a CPU the matrix products are not the only cost: around them sit element-wise passes over
+    every activation (a bf16 model's norms cast to float32 and back, x², the mean, the scales; GELU
+    times up), each a separate trip through memory in eager mode. Inductor fuses each module into
+    one loop. Attention stays eager: its mask planning is Python that depends on the text length,
+    which would recompile for every new length. Every norm shares one compiled graph per rank (and
+    every GeGLU one), so compiling costs one warm-up call, not one per layer.
+    """
+    from .layers import GeGLU
+
+    for m in model.modules():
+        if isinstance(m, (RMSNorm, GeGLU)):
+            m.compile(dynamic=dynamic)
+    return model
+
+
+def _dtype_of(linear: nn.Module) -> torch.dtype:
+    w = getattr(linear, "weight", None)
+    return w.dtype if w is not None else torch.bfloat16  # quantised linears take bf16
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> input_ids (B, T) padded on the right with pad_id, and the mask (B, T), True = real."""
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        input_ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[b, :len(r)] = True
+    return input_ids.to(device), mask.to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a sentence-transformers folder
+# --------------------------------------------------------------------------------------------
+_PIPELINE = ["sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
+             "sentence_transformers.models.Dense", "sentence_transformers.models.Dense",
+             "sentence_transformers.models.Normalize"]
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (expected a sentence-transformers folder)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def st_name_table(config: GemmaConfig, dense_folders: Iterable[str]) -> dict[str, str | None]:
+    """Checkpoint name -> our parameter name for a sentence-transformers folder. The transformer's
+    tensors are HF Gemma 3's without the "model." prefix; Dense folder k holds "linear.weight"."""
+    table = {name.removeprefix("model."): ours for name, ours in hf_name_table(config).items() if ours is not None}
+    for k, folder in enumerate(dense_folders):
+        table[f"{folder}/linear.weight"] = f"dense.{k}.weight"
+    return table
+
+
+def load_sentence_transformers(path: str | Path, dtype: torch.dtype = torch.float32) -> EmbeddingGemma:
+    """An EmbeddingGemma in `dtype` (norm weights float32) from a sentence-transformers folder (config.json, model.safetensors, the
+    Pooling and Dense folders, config_sentence_transformers.json, tokenizer.model), safetensors only.
+
+    The pipeline in modules.json must be Transformer -> mean Pooling (prompt included) -> Dense ->
+    Dense -> Normalize; anything else is refused with the reason. The name table (`st_name_table`) is
+    checked both ways and for every shape (`weights.hf.match_names`) before anything is read; then
+    each tensor is copied in, a block of rows at a time (`_copy_rows`).
+    """
+    from safetensors import safe_open
+
+    from .tokenizer import Tokenizer
+
+    path = Path(path).expanduser()
+    modules = _read_json(path / "modules.json")
+    kinds = [m.get("type") for m in modules]
+    if kinds != _PIPELINE:
+        raise CheckpointError(f"{path}/modules.json: pipeline {kinds} is not EmbeddingGemma's {_PIPELINE}")
+    pooling = _read_json(path / modules[1]["path"] / "config.json")
+    if not pooling.get("pooling_mode_mean_tokens") or not pooling.get("include_prompt", True):
+        raise CheckpointError(f"{path}/{modules[1]['path']}: only mean pooling over every token (prompt "
+                              f"included) is supported, got {pooling}")
+    dense_folders, dense_dims = [], []
+    for m in modules[2:4]:
+        cfg = _read_json(path / m["path"] / "config.json")
+        if cfg.get("bias", True) or not cfg.get("activation_function", "").endswith("Identity"):
+            raise CheckpointError(f"{path}/{m['path']}: only a Dense without bias or activation is supported, got {cfg}")
+        dense_folders.append(m["path"])
+        dense_dims.append(cfg["out_features"])
+    config = GemmaConfig.from_hf(read_config(path))
+    if not config.bidirectional:
+        raise CheckpointError(f"{path}/config.json: use_bidirectional_attention is not true; not an encoder")
+    st_config = _read_json(path / "config_sentence_transformers.json")
+    max_length = _read_json(path / "sentence_bert_config.json").get("max_seq_length")
+    if not (path / "tokenizer.model").is_file():
+        raise CheckpointError(f"{path}: no tokenizer.model")
+    model = empty_model(partial(EmbeddingGemma, dense_dims=dense_dims), config, dtype)  # no random init
+    for m in model.modules():  # norms compute in float32 whatever the dtype, so their weights stay float32
+        if isinstance(m, RMSNorm):
+            m.weight = nn.Parameter(torch.empty_like(m.weight, dtype=torch.float32))
+    model.prompts = dict(st_config.get("prompts") or {})
+    model.max_length = max_length or config.max_position_embeddings
+    model.tokenizer = Tokenizer(path / "tokenizer.model")
+
+    files = {"": path / "model.safetensors", **{f: path / f / "model.safetensors" for f in dense_folders}}
+    shapes, source = {}, {}
+    for prefix, f in files.items():
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (only safetensors weights are read)")
+        with safe_open(str(f), "pt") as handle:
+            for name in handle.keys():
+                key = f"{prefix}/{name}" if prefix else name
+                shapes[key], source[key] = tuple(handle.get_slice(name).get_shape()), (f, name)
+    table = st_name_table(config, dense_folders)
+    plan = match_names(model, shapes, lambda n: table.get(n, f"<unmapped> {n}"), where=str(path))
+    params, parts = model.state_dict(keep_vars=True), fused_parts(model)
+    with torch.no_grad():
+        for ck_name, ours in plan.items():
+            fused, lo, hi = parts.get(ours, (ours, None, None))  # q/k/v fill rows of qkv_proj, gate/up of gate_up_proj
+            _copy_rows(*source[ck_name], params[fused] if lo is None else params[fused][lo:hi])
+    return model.eval()
+
+
+def _copy_rows(file: Path, name: str, target: torch.Tensor, block_bytes: int = 32 << 20) -> None:
+    """Copy tensor `name` of a safetensors file into `target`, ~32 MB of rows at a time, opening the
+    file for each block: only that block is ever mapped into memory, so loading holds the model and
+    one block, never a second copy of the 1.2 GB of weights."""
+    from safetensors import safe_open
+
+    n = target.shape[0]
+    rows = max(1, block_bytes // max(1, target[0].numel() * 4))
+    for r in range(0, n, rows):
+        with safe_open(str(file), "pt") as handle:
+            target[r:r + rows].copy_(handle.get_slice(name)[r:r + rows])
+
+
+def load_embeddinggemma(path: str | Path, dtype: torch.dtype = torch.float32, quant: str | None = None) -> EmbeddingGemma:
+    """`load_sentence_transformers`, then `quant.quantize(model, quant)`: None (float32 reference),
+    "bf16", "int8" or "int4" (every linear, the dense head included, and the embedding as Q8_0)."""
+    from .quant import LEVELS, quantize
+
+    if quant not in LEVELS:
+        raise ValueError(f"quant={quant!r}: choose from {', '.join(map(repr, LEVELS))}")
+    # bf16 is read straight into bf16 (the same rounding as casting a float32 model, half the memory);
+    # int8 and int4 are quantised from the float32 weights.
+    load_dtype = torch.bfloat16 if quant == "bf16" else dtype if quant is None else torch.float32
+    return quantize(load_sentence_transformers(path, load_dtype), quant)
+
+
+# --------------------------------------------------------------------------------------------
+# The command line: python -m minigemma embed
+# --------------------------------------------------------------------------------------------
+def _write_atomic(path: Path, write) -> None:
+    """write(tmp_path) then rename: an interrupted run never leaves a half-written file."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def main(argv=None) -> int:
+    """python -m minigemma embed [TEXT ...] [--query Q] [--prompt NAME] [--dim D] [--quant LEVEL] [--out FILE]"""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(
+        prog="python -m minigemma embed",
+        description="Embed texts with EmbeddingGemma 300M (one text per argument, or one per line of stdin). "
+                    "Writes JSON lines {\"text\", \"embedding\"} to stdout, or to --out (.jsonl, or .npy for an "
+                    "(N, dim) float32 array). With --query, ranks the texts by cosine similarity to the query "
+                    "instead and writes JSON lines {\"rank\", \"score\", \"index\", \"text\"}.")
+    ap.add_argument("texts", nargs="*", help="texts to embed; none: read stdin, one text per line")
+    ap.add_argument("--query", help="rank the texts against this query (the query gets the 'query' prompt)")
+    ap.add_argument("--prompt", help="prompt name for the texts (default: none, or 'document' with --query); "
+                                     "e.g. query, document, Clustering, STS")
+    ap.add_argument("--dim", type=int, default=None, help="MRL dimension: 768 (default), 512, 256 or 128")
+    ap.add_argument("--quant", choices=["bf16", "int8", "int4"], default=None, help="weights (default float32)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the norms and MLPs (faster on many texts; "
+                                                           "the first batch pays for compiling)")
+    ap.add_argument("--top", type=int, default=None, help="with --query: print only the best K")
+    ap.add_argument("--out", help="write here instead of stdout: FILE.npy (embeddings) or any other name (JSON lines)")
+    ap.add_argument("--model", default="embeddinggemma-300m",
+                    help="registry name or a sentence-transformers folder (default embeddinggemma-300m)")
+    args = ap.parse_args(argv)
+
+    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        ap.error("no texts: pass them as arguments or on stdin, one per line")
+    if args.out and args.out.endswith(".npy") and args.query is not None:
+        ap.error("--query writes a ranking (JSON lines), not embeddings: drop --query or use another --out name")
+    if args.model == "embeddinggemma-300m":
+        from .pretrained import load_pretrained
+
+        model, _ = load_pretrained(args.model, quant=args.quant)
+    else:
+        model = load_embeddinggemma(args.model, quant=args.quant)
+    if args.compile:
+        compile_pointwise(model)
+    try:
+        prompt_name = args.prompt or ("document" if args.query is not None else None)
+        emb = model.encode(texts, prompt_name=prompt_name, dim=args.dim, batch_size=args.batch_size)
+        q = None if args.query is None else model.encode([args.query], prompt_name="query", dim=args.dim)
+    except ValueError as e:
+        ap.error(str(e))
+
+    if q is not None:
+        scores = (emb @ q[0]).tolist()
+        order = sorted(range(len(texts)), key=lambda i: -scores[i])[:args.top]
+        lines = [json.dumps({"rank": r + 1, "score": round(scores[i], 6), "index": i, "text": texts[i]})
+                 for r, i in enumerate(order)]
+    elif args.out and args.out.endswith(".npy"):
+        import numpy as np
+
+        out = Path(args.out)
+
+        def save(tmp):
+            with open(tmp, "wb") as f:
+                np.save(f, emb.numpy())
+
+        _write_atomic(out, save)
+        print(f"[saved {len(texts)} x {emb.shape[1]} float32 embeddings to {out}]", file=sys.stderr)
+        return 0
+    else:
+        lines = [json.dumps({"text": t, "embedding": [round(v, 7) for v in e.tolist()]}) for t, e in zip(texts, emb)]
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        _write_atomic(Path(args.out), lambda tmp: Path(tmp).write_text(text))
+        print(f"[saved {len(lines)} lines to {args.out}]", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0

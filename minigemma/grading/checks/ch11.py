@@ -1,0 +1,57 @@
+"""Chapter 11: training an embedding model the EmbeddingGemma way — NCE and the spread-out regulariser."""
+
+import torch
+import torch.nn.functional as F
+
+from ...contrastive import nce_loss, spread_out
+from ..core import Case, Exercise, register
+
+
+def _unit(g, *shape):
+    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+def _nce_cases(seed):
+    """q, p, n (B, E) unit vectors, doc_ids (B,) or None, tau, alpha."""
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for label, B, E, ids, with_n, tau, alpha in [
+        ("B=4, E=8, all documents distinct", 4, 8, [0, 1, 2, 3], True, 0.1, 5.0),
+        ("rows 0 and 2 share their positive (a false negative)", 5, 6, [7, 3, 7, 1, 2], True, 0.1, 5.0),
+        ("two pairs of duplicates, α = 2", 6, 8, [0, 1, 0, 1, 4, 5], True, 0.2, 2.0),
+        ("α = 0: the plain hard negative", 4, 5, [0, 1, 2, 3], True, 0.1, 0.0),
+        ("no hard negative (n is None)", 5, 8, [0, 0, 2, 3, 4], False, 0.1, 5.0),
+        ("no doc_ids: nothing masked", 4, 8, None, True, 0.05, 5.0),
+        ("B=1: only the positive and the hard negative", 1, 4, [0], True, 0.1, 5.0),
+    ]:
+        q, p, n = _unit(g, B, E), _unit(g, B, E), _unit(g, B, E)
+        ids_t = None if ids is None else torch.tensor(ids)
+        cases.append(Case(label, (q, p, n if with_n else None, ids_t, tau, alpha)))
+    # a hard negative close to the query: its weight matters most
+    q = _unit(g, 4, 8)
+    n = F.normalize(q + 0.3 * torch.randn(4, 8, generator=g), dim=-1)
+    cases.append(Case("hard negatives near their queries", (q, _unit(g, 4, 8), n, torch.tensor([0, 1, 2, 1]), 0.1, 5.0)))
+    return cases
+
+
+def _spread_cases(seed):
+    g = torch.Generator().manual_seed(seed)
+    cases = [Case(f"N={N}, E={E}", (_unit(g, N, E),)) for N, E in [(4, 8), (10, 3), (2, 16), (7, 7)]]
+    cases.append(Case("orthonormal rows: 0", (torch.eye(4)[:3],)))
+    base = _unit(g, 1, 6)
+    cases.append(Case("near-identical rows: close to 1", (F.normalize(base + 0.05 * torch.randn(5, 6, generator=g), dim=-1),)))
+    return cases
+
+
+register(Exercise(
+    "11.nce_loss", _nce_cases, nce_loss, atol=1e-5, rtol=1e-5,
+    description="EmbeddingGemma's NCE: in-batch negatives, one hard negative weighted by exp(α·stopgrad(cos(q, n))), "
+                "false negatives (equal doc_ids) masked; the mean over the batch.",
+    hint="Build the (B, B) logits q @ p.T / tau; set logits[i, j] to -inf where doc_ids[i] == doc_ids[j] and i != j. "
+         "A weight w in a denominator Σ e^{z} is the same as adding log w to that logit: append a column "
+         "cos(q_i, n_i) / tau + alpha * cos(q_i, n_i).detach(). Then cross-entropy with target i for row i."))
+register(Exercise(
+    "11.spread_out", _spread_cases, spread_out, atol=1e-6, rtol=1e-5,
+    description="The global orthogonal regulariser: mean over ordered pairs i ≠ j of (e_i · e_j)².",
+    hint="G = e @ e.T holds every dot product. Square it, drop the diagonal (each row with itself), and divide "
+         "by the number of off-diagonal entries, N (N - 1)."))
