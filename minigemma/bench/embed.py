@@ -35,13 +35,12 @@ import json
 import os
 import random
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .generate import _atomic_write, _machine, _peak_rss_mb
+from .generate import _atomic_write, _machine, _peak_rss_mb, _versions, child_result
 
 SYSTEMS = ["st-float32", "minigemma-float32", "minigemma-bf16", "minigemma-int8", "minigemma-int4",
            "minigemma-bf16-compile", "minigemma-int8-compile"]
@@ -135,14 +134,8 @@ def _child(system: str, texts_file: str, out_dir: str, batch_size: int) -> None:
 
 
 def run_one(system: str, texts_file: Path, out_dir: Path, batch_size: int) -> dict | None:
-    cmd = [sys.executable, "-m", "minigemma.bench.embed", "--child", system, str(texts_file), str(out_dir),
-           str(batch_size)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if p.returncode != 0 or line is None:
-        print(f"[{system} failed]\n{p.stderr[-3000:]}", file=sys.stderr)
-        return None
-    return json.loads(line[len("RESULT "):])
+    return child_result(["minigemma.bench.embed", "--child", system, str(texts_file), str(out_dir), str(batch_size)],
+                        system)
 
 
 def run(systems: list[str], lengths: list[int], counts: list[int], batch_size: int) -> dict:
@@ -178,20 +171,9 @@ def run(systems: list[str], lengths: list[int], counts: list[int], batch_size: i
     return dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), machine=_machine(), batch_size=batch_size,
                 lengths=lengths, docs=counts, prompt="document",
                 mean_tokens={L: sum(c) / len(c) for L, c in token_counts.items()},
-                results=results, versions=_versions(), load_average_at_start=load_start,
+                results=results, versions=_versions(("torch", "transformers", "sentence-transformers")),
+                load_average_at_start=load_start,
                 load_average_at_end=os.getloadavg()[0])
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("torch", "transformers", "sentence-transformers"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def format_table(report: dict) -> str:

@@ -237,13 +237,8 @@ def _profile_child(system: str, n_prompt: int, n_steps: int = 5) -> None:
 
 
 def profile_step(system: str, n_prompt: int) -> dict | None:
-    cmd = [sys.executable, "-m", "minigemma.bench.generate", "--profile-child", system, str(n_prompt)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if p.returncode != 0 or line is None:
-        print(f"[profile of {system} @ {n_prompt} failed]\n{p.stderr[-3000:]}", file=sys.stderr)
-        return None
-    return json.loads(line[len("RESULT "):])
+    return child_result(["minigemma.bench.generate", "--profile-child", system, str(n_prompt)],
+                        f"profile of {system} @ {n_prompt}")
 
 
 def format_profile(prof: dict) -> str:
@@ -293,15 +288,23 @@ def _available(system: str) -> bool:
     return True
 
 
-def run_one(system: str, n_prompt: int, n_decode: int) -> dict | None:
-    cmd = [sys.executable, "-m", "minigemma.bench.generate", "--child", system, str(n_prompt), str(n_decode)]
-    started = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+def child_result(module_args: list[str], label: str) -> dict | None:
+    """Run `python -m <module_args>` in a fresh process and parse its one `RESULT {json}` line
+    (None, with the child's stderr shown, if it failed)."""
+    p = subprocess.run([sys.executable, "-m", *module_args], capture_output=True, text=True)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if p.returncode != 0 or line is None:
-        print(f"[{system} @ {n_prompt} failed]\n{p.stderr[-3000:]}", file=sys.stderr)
+        print(f"[{label} failed]\n{p.stderr[-3000:]}", file=sys.stderr)
         return None
-    r = json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT "):])
+
+
+def run_one(system: str, n_prompt: int, n_decode: int) -> dict | None:
+    started = time.time()
+    r = child_result(["minigemma.bench.generate", "--child", system, str(n_prompt), str(n_decode)],
+                     f"{system} @ {n_prompt}")
+    if r is None:
+        return None
     r["cold_start_s"] = r.pop("first_token_at") - started
     r["prefill_tok_s"] = r["prompt_tokens"] / r["prefill_s"]
     r["decode_tok_s"] = 1.0 / statistics.median(r["step_s"])
@@ -338,11 +341,12 @@ def run(systems: list[str], contexts: list[int], n_decode: int) -> dict:
                 profiles=profiles, versions=_versions())
 
 
-def _versions() -> dict:
+def _versions(packages=("torch", "transformers", "llama-cpp-python")) -> dict:
+    """The installed versions of `packages` (those not installed are left out)."""
     import importlib.metadata as md
 
     out = {}
-    for pkg in ("torch", "transformers", "llama-cpp-python"):
+    for pkg in packages:
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
