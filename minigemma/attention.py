@@ -263,7 +263,8 @@ class Block:
     causal: bool = False
 
 
-QUERY_CHUNK = 512  # local layers attend in chunks of this many queries: each sees at most W + 511 keys
+QUERY_CHUNK = 512  # local layers attend in chunks of at most this many queries (W + 511 keys each)
+MIN_QUERY_CHUNK = 64  # ... and of at least this many: smaller blocks cost more in calls than they skip
 
 
 def attention_blocks(pos: Positions, keys: Keys, window: int | None, causal: bool = True) -> list[Block]:
@@ -271,8 +272,10 @@ def attention_blocks(pos: Positions, keys: Keys, window: int | None, causal: boo
 
     A global causal layer over its own tokens is one causal block (a fused kernel never builds the
     T × T mask); a decode step whose keys are all visible is one block with no mask at all; a local
-    layer's long prompt is cut into chunks of QUERY_CHUNK queries, each reading only the keys inside
-    its window, so its cost follows W, not T. Everything else gets an explicit mask built by
+    layer's long prompt is cut into chunks of min(W, QUERY_CHUNK) queries (at least MIN_QUERY_CHUNK;
+    QUERY_CHUNK for an encoder),
+    each reading only the keys inside its window, so its cost follows W, not T: a chunk of W queries
+    reads at most 2W - 1 keys, where one block over all T would compute T × T scores. Everything else gets an explicit mask built by
     `index_mask`. Documents (padding, packing) always need a mask.
     """
     T, device = pos.index.numel(), pos.index.device
@@ -294,7 +297,9 @@ def attention_blocks(pos: Positions, keys: Keys, window: int | None, causal: boo
                               and (window is None or pos.start - keys.first < window))
         return [Block(0, T, 0, keys.count, None if everything_visible else mask_for(0, T, 0, keys.count))]
 
-    chunk = T if window is None else QUERY_CHUNK
+    # a causal chunk of c queries reads c + W - 1 keys; an encoder's (both sides) c + 2W - 2, so
+    # only long texts gain from splitting and its chunks stay at QUERY_CHUNK
+    chunk = T if window is None else min(QUERY_CHUNK, max(window, MIN_QUERY_CHUNK)) if causal else QUERY_CHUNK
     blocks = []
     for q0 in range(0, T, chunk):
         q1 = min(T, q0 + chunk)

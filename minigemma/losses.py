@@ -140,15 +140,18 @@ class Labels:
     def __init__(self, targets: torch.Tensor, ignore_index: int = IGNORE):
         self.targets = targets.reshape(-1)
         self.valid = self.targets != ignore_index
+        self.all_valid = bool(self.valid.all())  # then no row of the gradient needs zeroing
 
     def count(self) -> torch.Tensor:
         return self.valid.sum()
 
-    def loss_and_grad(self, z: torch.Tensor, lse: torch.Tensor, p: torch.Tensor, r0: int, r1: int):
+    def loss_and_grad(self, logp: torch.Tensor, r0: int, r1: int):
         y, valid = self.targets[r0:r1], self.valid[r0:r1]
         yc = y.clamp(min=0)[:, None]
-        loss = ((lse - z.gather(-1, yc)[:, 0]) * valid).sum()
-        dz = p.mul_(valid[:, None])
+        loss = -(logp.gather(-1, yc)[:, 0] * valid).sum()
+        dz = logp.exp_()  # softmax, in place of log-softmax
+        if not self.all_valid:
+            dz.mul_(valid[:, None])
         dz.scatter_add_(-1, yc, -valid[:, None].to(dz.dtype))
         return loss, dz
 
@@ -167,11 +170,11 @@ class Sampled:
     def count(self) -> torch.Tensor:
         return self.valid.sum()
 
-    def loss_and_grad(self, z, lse, p, r0, r1):
+    def loss_and_grad(self, logp, r0, r1):
         ids, w = self.ids[r0:r1], self.weights[r0:r1]
         mass = w.sum(-1)  # 1 on scored rows, 0 elsewhere
-        loss = (lse * mass - (w * z.gather(-1, ids)).sum(-1)).sum()
-        dz = p.mul_(mass[:, None])
+        loss = -(w * logp.gather(-1, ids)).sum()
+        dz = logp.exp_().mul_(mass[:, None])
         dz.scatter_add_(-1, ids, -w)
         return loss, dz
 
@@ -191,22 +194,27 @@ class TeacherHead:
     def count(self) -> torch.Tensor:
         return self.valid.sum()
 
-    def loss_and_grad(self, z, lse, p, r0, r1):
+    def loss_and_grad(self, logp, r0, r1):
         zt = _capped_logits(self.hidden[r0:r1], self.weight, self.softcap)
         q = torch.softmax(zt, dim=-1).mul_(self.valid[r0:r1, None])
         mass = q.sum(-1)
-        loss = (lse * mass - (q * z).sum(-1)).sum()
-        dz = p.mul_(mass[:, None]).sub_(q)
+        loss = -(q * logp).sum()
+        dz = logp.exp_().mul_(mass[:, None]).sub_(q)
         return loss, dz
 
 
-def _capped_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
+def _capped_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """float32 logits of rows h (n, C) under the head (V, C), soft-capped in place.
 
     The product runs in the weight's dtype: float32 for a float32 head; for a bfloat16 head (a bf16
     teacher) the logits come out rounded to bfloat16 (3x faster on CPUs with bf16 instructions; a
-    KL of ~1e-3 nats from the float32 product, which chapter 09 measures)."""
-    z = (h.to(weight.dtype) @ weight.T).float()
+    KL of ~1e-3 nats from the float32 product, which chapter 09 measures). `out` (n, V) float32:
+    write a float32 head's logits there (a buffer reused chunk after chunk)."""
+    if out is not None and weight.dtype == torch.float32:
+        z = torch.mm(h.float(), weight.T, out=out)
+    else:
+        z = (h.to(weight.dtype) @ weight.T).float()
     if softcap:
         z.div_(softcap).tanh_().mul_(softcap)
     return z
@@ -220,9 +228,12 @@ def default_chunk(vocab_size: int) -> int:
 class _ChunkedHeadLoss(torch.autograd.Function):
     """Σ over rows of −Σ_v q_v log softmax(cap(h W^T))_v, with its gradients computed in the forward.
 
-    Forward, per chunk of rows: z = cap(h_c W^T) (n, V); dz = softmax(z)·Σq − q; through the cap,
-    ∂z/∂a = 1 − (z / cap)²; then ∂/∂h_c = da W and ∂/∂W += da^T h_c. Only the gradients (N, C)
-    and (V, C) are kept for the backward, which scales them by the incoming gradient.
+    Forward, per chunk of rows: z = cap(h_c W^T) (n, V); log p = log_softmax(z); the loss
+    −Σ_v q_v log p_v; dz = p·Σq − q; through the cap, ∂z/∂a = 1 − (z / cap)²; then ∂/∂h_c = da W
+    and ∂/∂W += da^T h_c. Only the gradients (N, C) and (V, C) are kept for the backward, which
+    scales them by the incoming gradient. Two (chunk, V) buffers, z and log p (which becomes p, then
+    dz, in place), serve every chunk: fresh 16 MiB arrays per chunk cost more in page faults than
+    the arithmetic on them.
     """
 
     @staticmethod
@@ -233,17 +244,18 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         grad_h = torch.empty(N, C, dtype=torch.float32, device=hidden.device) if need_h else None
         grad_w = torch.zeros_like(w32) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        V, n_max = w32.shape[0], min(chunk, N)
+        z_buf = torch.empty(n_max, V, dtype=torch.float32, device=hidden.device)
+        logp_buf = torch.empty(n_max, V, dtype=torch.float32, device=hidden.device)
         for r0 in range(0, N, chunk):
             r1 = min(N, r0 + chunk)
             h = hidden[r0:r1].float()
-            z = _capped_logits(h, w32, softcap)  # (n, V)
-            lse = torch.logsumexp(z, dim=-1)
+            z = _capped_logits(h, w32, softcap, out=z_buf[:r1 - r0])  # (n, V)
             slope = None
             if softcap and (need_h or need_w):
                 slope = 1.0 - (z / softcap) ** 2  # ∂ cap(a) / ∂a, from the capped value
-            p = (z - lse[:, None]).exp_()  # softmax(z), one new (n, V) array
-            loss, dz = target.loss_and_grad(z, lse, p, r0, r1)
-            del z
+            logp = torch.log_softmax(z, dim=-1, out=logp_buf[:r1 - r0])
+            loss, dz = target.loss_and_grad(logp, r0, r1)  # dz overwrites logp
             total += loss
             if slope is not None:
                 dz.mul_(slope)

@@ -120,9 +120,9 @@ def split_by_file(pairs: Sequence[Pair], eval_fraction: float = 0.2, salt: str =
     return train, held
 
 
-def subsample(pairs: Sequence[Pair], n: int, seed: int = 0) -> list[Pair]:
-    """n pairs drawn without replacement (deterministic in seed), in their original order."""
-    if n >= len(pairs):
+def subsample(pairs: Sequence[Pair], n: int | None, seed: int = 0) -> list[Pair]:
+    """n pairs drawn without replacement (deterministic in seed), in their original order; None: all."""
+    if n is None or n >= len(pairs):
         return list(pairs)
     idx = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return [pairs[i] for i in idx.tolist()]
@@ -153,9 +153,9 @@ class ChapterData:
     code_eval: list[Pair]
 
 
-def chapter_data(n_train: int = 256, n_eval: int = 128, max_doc_chars: int = 300, seed: int = 0) -> ChapterData:
-    """The standard library's code pairs split by file (n_train / n_eval drawn from each side) and
-    every `pydoc_data` topic as the text mixture."""
+def chapter_data(n_train: int | None = 256, n_eval: int = 128, max_doc_chars: int = 300, seed: int = 0) -> ChapterData:
+    """The standard library's code pairs split by file (n_train / n_eval drawn from each side; n_train
+    None: every training pair) and every `pydoc_data` topic as the text mixture."""
     train, held = split_by_file(code_pairs(max_doc_chars=max_doc_chars))
     return ChapterData(subsample(train, n_train, seed), topic_pairs(max_doc_chars), subsample(held, n_eval, seed))
 

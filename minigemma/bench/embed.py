@@ -23,6 +23,11 @@ For each length it measures
                after a warm-up call on a few documents of that length (compilation happens there)
     cosine     each document's embedding against st-float32's; the worst one is reported
     peak RSS   the process's own peak resident memory (VmHWM) over loading and all lengths
+    top-10     chapter 11's held-out evaluation (`retrieval.chapter_data().code_eval`: 128 docstring
+               queries, query prompt, against their 128 functions, document prompt; untimed): for how
+               many queries the system's ten best documents, in order, are st-float32's (and as sets),
+               and, where they differ, the largest difference between st-float32's own scores of
+               the documents the two put at the same rank (a near-tie flips at a tiny gap)
 
 Results go to docs/benchmarks/embed-cpu.{json,md} with the command, machine and date. Ratios are
 against st-float32 measured in the same run.
@@ -103,8 +108,8 @@ def _child(system: str, texts_file: str, out_dir: str, batch_size: int) -> None:
         transformers.logging.set_verbosity_error()
         st = SentenceTransformer(str(path("embeddinggemma-300m")), device="cpu")
 
-        def encode(x):
-            return st.encode(x, prompt_name="document", batch_size=batch_size, convert_to_tensor=True).float()
+        def encode(x, prompt_name="document"):
+            return st.encode(x, prompt_name=prompt_name, batch_size=batch_size, convert_to_tensor=True).float()
     else:
         import minigemma
 
@@ -115,8 +120,8 @@ def _child(system: str, texts_file: str, out_dir: str, batch_size: int) -> None:
 
             compile_pointwise(model)
 
-        def encode(x):
-            return model.encode(x, prompt_name="document", batch_size=batch_size)
+        def encode(x, prompt_name="document"):
+            return model.encode(x, prompt_name=prompt_name, batch_size=batch_size)
     load_s = time.perf_counter() - t
     rows = []
     for L, docs in texts.items():
@@ -129,6 +134,12 @@ def _child(system: str, texts_file: str, out_dir: str, batch_size: int) -> None:
             dt = time.perf_counter() - t
         np.save(Path(out_dir) / f"{system}-{L}.npy", emb.numpy())
         rows.append(dict(length=L, docs=len(docs), seconds=dt, docs_per_s=len(docs) / dt, warmup_s=warm_s))
+    eval_file = Path(texts_file).with_name("eval.json")
+    if eval_file.exists():  # chapter 11's held-out evaluation, for the top-10 comparison (untimed)
+        ev = json.loads(eval_file.read_text())
+        with torch.inference_mode():
+            for kind in ("query", "document"):
+                np.save(Path(out_dir) / f"{system}-eval-{kind}.npy", encode(ev[kind], prompt_name=kind).numpy())
     print("RESULT " + json.dumps(dict(system=system, load_s=load_s, rows=rows, peak_rss_mb=_peak_rss_mb(),
                                       threads=torch.get_num_threads())), flush=True)
 
@@ -136,6 +147,34 @@ def _child(system: str, texts_file: str, out_dir: str, batch_size: int) -> None:
 def run_one(system: str, texts_file: Path, out_dir: Path, batch_size: int) -> dict | None:
     return child_result(["minigemma.bench.embed", "--child", system, str(texts_file), str(out_dir), str(batch_size)],
                         system)
+
+
+def top10_agreement(q, d, q_ref, d_ref) -> dict:
+    """How often the ten best documents of each query, in order, are the reference's: q (Nq, E),
+    d (Nd, E) and the reference's q_ref, d_ref (unit vectors, numpy or torch)."""
+    import torch
+
+    def top(qq, dd):
+        qq, dd = torch.as_tensor(qq).float(), torch.as_tensor(dd).float()
+        return (qq @ dd.T).topk(min(10, dd.shape[0]), dim=-1).indices
+
+    a, b = top(q, d), top(q_ref, d_ref)
+    same_order = (a == b).all(-1)
+    same_set = torch.tensor([set(x.tolist()) == set(y.tolist()) for x, y in zip(a, b)])
+    # where the orders differ, are they near-ties? the reference's own score of the k-th document
+    # each side ranks, at the worst rank of the worst query
+    s_ref = torch.as_tensor(q_ref).float() @ torch.as_tensor(d_ref).float().T
+    gap = (s_ref.gather(1, b) - s_ref.gather(1, a)).abs().max()
+    return {"queries": int(a.shape[0]), "top10_same_order": int(same_order.sum()), "top10_same_set": int(same_set.sum()),
+            "worst_score_gap": float(gap)}
+
+
+def eval_texts() -> dict[str, list[str]]:
+    """Chapter 11's held-out queries and documents (the standard library's own functions)."""
+    from minigemma.retrieval import chapter_data
+
+    held = chapter_data().code_eval
+    return {"query": [p.query for p in held], "document": [p.document for p in held]}
 
 
 def run(systems: list[str], lengths: list[int], counts: list[int], batch_size: int) -> dict:
@@ -151,6 +190,7 @@ def run(systems: list[str], lengths: list[int], counts: list[int], batch_size: i
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "texts.json").write_text(json.dumps({str(k): v for k, v in texts.items()}))
+        (tmp / "eval.json").write_text(json.dumps(eval_texts()))
         for system in systems:
             print(f"[running {system} ...]", file=sys.stderr, flush=True)
             r = run_one(system, tmp / "texts.json", tmp, batch_size)
@@ -162,6 +202,10 @@ def run(systems: list[str], lengths: list[int], counts: list[int], batch_size: i
                     a, b = np.load(tmp / f"{system}-{row['length']}.npy"), np.load(ref)
                     cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
                     row["worst_cosine_vs_st"] = float(cos.min())
+            ref = [tmp / f"st-float32-eval-{kind}.npy" for kind in ("query", "document")]
+            mine = [tmp / f"{system}-eval-{kind}.npy" for kind in ("query", "document")]
+            if all(f.exists() for f in ref + mine):
+                r["chapter11_eval"] = top10_agreement(*(np.load(f) for f in mine + ref))
             results.append(r)
     st = {row["length"]: row["docs_per_s"] for r in results if r["system"] == "st-float32" for row in r["rows"]}
     for r in results:
@@ -180,7 +224,7 @@ def format_table(report: dict) -> str:
     Ls = report["lengths"]
     toks = report["mean_tokens"]
     head = (["system"] + [f"docs/s @{L} (~{toks[L] if L in toks else toks[str(L)]:.0f} tok)" for L in Ls]
-            + [f"x ST @{L}" for L in Ls] + ["worst cosine vs ST", "peak RSS", "load"])
+            + [f"x ST @{L}" for L in Ls] + ["worst cosine vs ST", "ch. 11 top-10 = ST's", "peak RSS", "load"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["results"]:
         by = {row["length"]: row for row in r["rows"]}
@@ -188,7 +232,11 @@ def format_table(report: dict) -> str:
         cells += [f"{by[L]['docs_per_s']:.2f}" if L in by else "-" for L in Ls]
         cells += [f"{by[L]['speedup_vs_st']:.2f}x" if L in by and "speedup_vs_st" in by[L] else "-" for L in Ls]
         cos = [row["worst_cosine_vs_st"] for row in r["rows"] if "worst_cosine_vs_st" in row]
-        cells += [f"{min(cos):.6f}" if cos else "-", f"{r['peak_rss_mb']:.0f} MB", f"{r['load_s']:.1f} s"]
+        ev = r.get("chapter11_eval")
+        cells += [f"{min(cos):.6f}" if cos else "-",
+                  f"{ev['top10_same_order']}/{ev['queries']} in order, {ev['top10_same_set']} as sets, "
+                  f"worst gap {ev.get('worst_score_gap', float('nan')):.1e}" if ev else "-",
+                  f"{r['peak_rss_mb']:.0f} MB", f"{r['load_s']:.1f} s"]
         lines.append("| " + " | ".join(cells) + " |")
     head_line = (f"{report['machine']}, {report['date']}, " + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
                  + f"; batch size {report['batch_size']}, prompt '{report['prompt']}', documents per length "
@@ -215,9 +263,12 @@ def targets(report: dict) -> str:
             out.append(f"- {r['system']}: worst cosine {cos:.6f} (target >= 0.9999) {'met' if cos >= 0.9999 else 'MISSED'}")
             continue
         fast = all(s is not None and s >= 2 for s in speed)
+        ev = r.get("chapter11_eval")
+        same = (f"; chapter 11's held-out top-10 in ST's order for {ev['top10_same_order']}/{ev['queries']} queries "
+                f"(target: all) {'met' if ev['top10_same_order'] == ev['queries'] else 'MISSED'}") if ev else ""
         out.append(f"- {r['system']}: speed-up " + ", ".join(f"{s:.2f}x" for s in speed if s is not None)
                    + f" (target >= 2x at every length) {'met' if fast else 'MISSED'}; worst cosine {cos:.6f} "
-                   + f"(target >= 0.999) {'met' if cos >= 0.999 else 'MISSED'}")
+                   + f"(target >= 0.999) {'met' if cos >= 0.999 else 'MISSED'}" + same)
     return "\n".join(out)
 
 

@@ -53,6 +53,9 @@ class Exercise:
                reference's dtype ("a float32 tensor", "in x's dtype") and an int must be a
                Python int, not 1.0 ("return an int"). Off, only values and shapes count.
     hint:      revealed on request by `hint(name)`; it nudges, it does not give the answer.
+    call:      (fn, args, kwargs) -> what is compared; how the check calls the reference and the
+               learner's function alike. Default fn(*args, **kwargs); a check that also grades
+               gradients (where a missing stop-gradient changes nothing but the gradient) wraps it.
     """
 
     name: str
@@ -67,6 +70,12 @@ class Exercise:
     # diagnose(fn, case, expected) -> str | None: run on the smallest failing case to say what broke it
     # (the capstone swaps the learner's functions in one at a time and names the one that breaks the text)
     diagnose: Callable[[Callable[..., Any], Case, Any], str | None] | None = None
+    call: Callable[[Callable[..., Any], tuple, dict], Any] | None = None
+
+    def run(self, fn: Callable[..., Any], case: Case) -> Any:
+        """fn on a fresh copy of the case's inputs (a function that writes into them spoils nothing)."""
+        args, kwargs = _clone(case.args), _clone(case.kwargs)
+        return fn(*args, **kwargs) if self.call is None else self.call(fn, args, kwargs)
 
 
 @dataclass
@@ -259,7 +268,7 @@ def run_check(name: str, fn: Callable[..., Any], seed: int | None = None) -> Res
         with _time_limit(ex.timeout_s):
             prepared = []
             for i, case in enumerate(cases):
-                expected = ex.reference(*_clone(case.args), **_clone(case.kwargs))
+                expected = ex.run(ex.reference, case)
                 prepared.append((_size((case.args, case.kwargs, expected)), i, case, expected))
             prepared.sort(key=lambda item: item[:2])
             for _, _, case, expected in prepared:
@@ -287,7 +296,7 @@ def run_check(name: str, fn: Callable[..., Any], seed: int | None = None) -> Res
 def _run_case(ex: Exercise, case: Case, expected: Any, fn: Callable[..., Any]) -> dict | None:
     """None if `fn` passes `case`, else what went wrong: {"got", "why"} or {"error"}."""
     try:
-        got = fn(*_clone(case.args), **_clone(case.kwargs))
+        got = ex.run(fn, case)
     except ExerciseTimeout:
         raise
     except BaseException as e:  # noqa: BLE001 - the learner's error is a failed case

@@ -118,7 +118,11 @@ def _parse(data, reverse=True, absolute=True, aligned=True, read_alignment=True,
         name = string()
         n_dims = take("<I")
         dims = [take("<Q") for _ in range(n_dims)]
-        infos.append((name, tuple(reversed(dims)) if reverse else tuple(dims), take("<I"), take("<Q")))
+        if reverse == "2-D only":  # (dims[1], dims[0]) written for matrices, other shapes left as stored
+            shape = (dims[1], dims[0]) if n_dims == 2 else tuple(dims)
+        else:
+            shape = tuple(reversed(dims)) if reverse else tuple(dims)
+        infos.append((name, shape, take("<I"), take("<Q")))
     align = dict(meta).get("general.alignment", 32) if read_alignment else 32
     start = -(-pos // align) * align if aligned else pos
     return version, meta, [(n, s, t, (start + o) if absolute else o) for n, s, t, o in infos]
@@ -127,6 +131,7 @@ def _parse(data, reverse=True, absolute=True, aligned=True, read_alignment=True,
 MUTANTS.update({
     "05.gguf_header": [
         ("dims kept in ggml order (fastest first)", lambda d: _parse(d, reverse=False)),
+        ("only 2-D shapes reversed (3-D and 4-D kept in ggml order)", lambda d: _parse(d, reverse="2-D only")),
         ("offsets relative to the data start", lambda d: _parse(d, absolute=False)),
         ("the data starts right after the header (not aligned)", lambda d: _parse(d, aligned=False)),
         ("alignment always 32 (general.alignment ignored)", lambda d: _parse(d, read_alignment=False)),

@@ -180,7 +180,7 @@ def _block(x, ly, lx, conv, lru, lo, kind="right"):
 
 def _local(q, k, v, positions, cfg, keys=None, rotate="first", scale_dim=None, rope_k=True):
     B, H, T, D = q.shape
-    d = int(D * cfg.partial_rotary_factor) if rotate != "all" else D
+    d = {"all": D, "half": D // 2}.get(rotate, int(D * cfg.partial_rotary_factor))
     theta = cfg.rope_base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
     angle = positions.float()[:, None] * theta
     cos, sin = angle.cos(), angle.sin()
@@ -213,6 +213,7 @@ MUTANTS.update({
         ("the official edge always: W + 1 keys (window_edge ignored)",
          lambda *a: _local(*a, keys=lambda c: c.attention_window_size + 1)),
         ("RoPE on all of head_dim", lambda *a: _local(*a, rotate="all")),
+        ("RoPE on D // 2 dims always (partial_rotary_factor ignored)", lambda *a: _local(*a, rotate="half")),
         ("RoPE on the last half of head_dim", lambda *a: _local(*a, rotate="last")),
         ("no RoPE on the keys", lambda *a: _local(*a, rope_k=False)),
         ("scaled by 1/sqrt(rotary_dim)", lambda *a: _local(*a, scale_dim=lambda D, d: d)),

@@ -28,11 +28,12 @@ def _nt(logits, ids, mask, shift=1, use=("t", "t1"), denom="valid", reduce="mean
     return (total / n).float()
 
 
-def _lr(step, peak, warmup, total, ratio, warm="plus1", floor="ratio", span="after", after="flat", shape="cos"):
+def _lr(step, peak, warmup, total, ratio, warm="plus1", floor="ratio", span="after", after="flat", shape="cos",
+        end="ge"):
     lo = {"ratio": peak * ratio, "zero": 0.0, "raw": ratio}[floor]
     if step < warmup:
         return peak * ((step + 1) if warm == "plus1" else step) / warmup
-    if step >= total and after == "flat":
+    if (step >= total if end == "ge" else step > total) and after == "flat":
         return lo
     p = (step - warmup) / max(1, total - warmup) if span == "after" else step / total
     if shape == "cos":
@@ -75,6 +76,7 @@ MUTANTS = {
         ("cosine over the whole run (step / total)", lambda *a: _lr(*a, span="all")),
         ("linear decay instead of cosine", lambda *a: _lr(*a, shape="linear")),
         ("the cosine keeps going after total", lambda *a: _lr(*a, after="cos")),
+        ("step > total for the floor: step total falls in the cosine", lambda *a: _lr(*a, end="gt")),
     ],
     "08.accumulate": [
         ("each micro-batch's mean / n_micro (wrong for unequal sizes)",

@@ -3,7 +3,7 @@ import torch.nn.functional as F
 
 
 def _nce(q, p, n, ids, tau, alpha, mask="ids", weight="log", mean=True, hard_tau=True, w_scaled=False,
-         drop_hard=False):
+         drop_hard=False, stopgrad=True):
     q, p = q.double(), p.double()
     B = len(q)
     logits = q @ p.T / tau
@@ -15,7 +15,8 @@ def _nce(q, p, n, ids, tau, alpha, mask="ids", weight="log", mean=True, hard_tau
     if n is not None and not drop_hard:
         c = (q * n.double()).sum(-1)
         z = c / tau if hard_tau else c
-        lw = alpha * (c / tau if w_scaled else c)
+        cw = c.detach() if stopgrad else c  # the hardness weight is a constant: stopgrad
+        lw = alpha * (cw / tau if w_scaled else cw)
         if weight == "log":
             col = z + lw
         elif weight == "times":  # the logit multiplied by w instead of the term
@@ -61,6 +62,7 @@ MUTANTS = {
         ("no temperature on the hard negative", lambda q, p, n, i, t, a: _nce(q, p, n, i, t, a, hard_tau=False)),
         ("hard negative left out", lambda q, p, n, i, t, a: _nce(q, p, n, i, t, a, drop_hard=True)),
         ("sum over the batch instead of the mean", lambda q, p, n, i, t, a: _nce(q, p, n, i, t, a, mean=False)),
+        ("no stop-gradient on the hardness weight", lambda q, p, n, i, t, a: _nce(q, p, n, i, t, a, stopgrad=False)),
     ],
     "11.spread_out": [
         ("diagonal included (mean over N²)", lambda e: _spread(e, "diag")),
@@ -96,5 +98,5 @@ def _weighted(q, p, n, ids, tau, alpha):
     terms = torch.where(keep, s.exp(), torch.zeros((), dtype=s.dtype)).sum(1)
     if n is not None:
         c = (q * n.double()).sum(-1)
-        terms = terms + torch.exp(alpha * c) * torch.exp(c / tau)
+        terms = terms + torch.exp(alpha * c.detach()) * torch.exp(c / tau)
     return s, s.diagonal(), terms.log()

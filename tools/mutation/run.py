@@ -10,7 +10,8 @@ exercise whose reference executes the mutated function runs its own check, on ev
 the mutated reference in the learner's place.
 
 For each exercise, a mutant counts if its reference ran it: killed on every seed, killed on some,
-or survived. A survivor is either listed in tools/mutation/equivalent.toml, with the reason no
+or survived. A survivor is either listed in tools/mutation/equivalent.toml (or equivalent/chNN.toml,
+one chapter's), with the reason no
 check can or should catch it, or it is a missing case. The run fails if an exercise kills less
 than TARGET of its non-equivalent mutants on every seed, or if a survivor is not explained.
 """
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 WORK = ROOT / "build" / "mutation"
 EQUIVALENT = HERE / "equivalent.toml"
+EQUIVALENT_DIR = HERE / "equivalent"  # one file per chapter's exercises, chNN.toml, read after equivalent.toml
 DOC = ROOT / "docs" / "mutation.md"
 TARGET = 0.98
 SEEDS = (0, 1, 12345)
@@ -71,7 +73,7 @@ def traced_files(names: list[str]) -> tuple[list[str], dict[str, str]]:
                 for case in ex.cases(seed):
                     sys.setprofile(profile)
                     try:
-                        ex.reference(*case.args, **case.kwargs)
+                        ex.run(ex.reference, case)
                     finally:
                         sys.setprofile(None)
         except Exception as e:  # noqa: BLE001 - reported, and the run fails
@@ -172,10 +174,15 @@ def collect() -> dict:
 
 
 def load_equivalent() -> list[dict]:
-    entries = tomllib.loads(EQUIVALENT.read_text()).get("mutant", []) if EQUIVALENT.exists() else []
-    for e in entries:
-        if not ({"function", "why"} <= set(e) and ({"before", "before_re"} & set(e))):
-            raise SystemExit(f"{EQUIVALENT}: entry {e} needs function, why, and before or before_re")
+    """The entries of equivalent.toml (shared by many exercises) and of equivalent/chNN.toml (one chapter's)."""
+    entries = []
+    for path in [EQUIVALENT, *sorted(EQUIVALENT_DIR.glob("*.toml"))]:
+        if not path.exists():
+            continue
+        for e in tomllib.loads(path.read_text()).get("mutant", []):
+            if not ({"function", "why"} <= set(e) and ({"before", "before_re"} & set(e))):
+                raise SystemExit(f"{path}: entry {e} needs function, why, and before or before_re")
+            entries.append(e)
     return entries
 
 

@@ -159,6 +159,9 @@ def _qk_cases(seed):
         ("4B and up: a global layer's RoPE is scaled (x8)", (6, 6, 2, 1, 8, 8.0), 5, torch.arange(30, 35)),
         ("4B and up: a local layer is not scaled", (6, 6, 2, 1, 8, 8.0), 4, torch.arange(30, 35)),
         ("4 heads / 2 kv heads, positions with gaps", (6, 6, 4, 2, 8, 1.0), 1, gaps),
+        # more heads and more tokens than head_dim (the cases above have H, T <= D): a size read from the
+        # wrong axis of (B, H, T, D) shows
+        ("6 heads / 3 kv heads, T=6 > head_dim 4", (6, 6, 6, 3, 4, 1.0), 0, torch.arange(6)),
         # q and k of ~1e-2 (mean square ~1e-4) against rms_norm_eps 1e-2: QK-norm must use the config's eps
         ("tiny activations: the config's eps (1e-2) matters", (6, 6, 2, 1, 4, 1.0), 1, torch.arange(3)),
     ]:
@@ -203,7 +206,7 @@ def window_reach_reference():
     mask = sliding_window_mask(T, W).float()  # (T, T): one layer's mask
     seen = mask[-1]  # the tokens the last one sees after one layer
     for _ in range(n_local - 1):
-        seen = (seen @ mask).clamp(max=1.0)  # ... after one more layer: what any of those saw
+        seen = (seen @ mask > 0).float()  # ... after one more layer: what any of those saw
     return T - 1 - int(seen.nonzero()[0])
 
 

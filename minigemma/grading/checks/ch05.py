@@ -156,6 +156,8 @@ def _gguf_cases(seed):
     rand_shapes = [(int(torch.randint(1, 4, (1,), generator=g)), 32 * int(torch.randint(1, 4, (1,), generator=g)))
                    for _ in range(3)]
     specs = [
+        # valid, and all header: the last read ends exactly at the file's end (24 bytes)
+        ("an empty file: no metadata, no tensors (24 bytes)", [], [], 3),
         ("no metadata, one F32 tensor of 3", [], [("w", (3,), F32)], 3),
         ("one uint32 key", [("gemma3.block_count", 4, 18)], [("w", (2,), F32)], 3),
         ("a string key and a float32 key",
@@ -164,6 +166,8 @@ def _gguf_cases(seed):
         ("version 2", [("general.name", STRING, "tiny")], [("w", (2,), F32)], 2),
         ("two tensors: the second starts at the next multiple of 32",
          [("general.name", STRING, "two")], [("a", (5,), F32), ("b", (2, 3), F16)], 3),
+        ("tensors of 1, 2, 3 and 4 dims (ggml's most): every shape reversed whole",
+         [], [("v", (3,), F32), ("m", (2, 3), F16), ("t3", (2, 3, 4), F32), ("t4", (2, 1, 3, 5), F16)], 3),
         ("arrays: int32, float32 and strings (as the tokenizer's)",
          [("tokenizer.ggml.token_type", ARRAY, (5, [1, 3, 1])), ("tokenizer.ggml.scores", ARRAY, (6, [0.5, -1.25])),
           ("tokenizer.ggml.tokens", ARRAY, (STRING, ["<pad>", "▁the", "é"]))], [("w", (2,), F32)], 3),
@@ -174,7 +178,7 @@ def _gguf_cases(seed):
         ("random keys and tensors", rand_meta, [(f"t{i}", s, Q8_0) for i, s in enumerate(rand_shapes)], 3),
     ]
     cases = [Case(label, (gguf_bytes(meta, tensors, version, g),)) for label, meta, tensors, version in specs]
-    cases.insert(5, Case("general.alignment = 64: the data starts at a multiple of 64", (_aligned_64(g),)))
+    cases.insert(6, Case("general.alignment = 64: the data starts at a multiple of 64", (_aligned_64(g),)))
     return cases
 
 

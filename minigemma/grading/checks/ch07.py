@@ -7,8 +7,8 @@ from torch import nn
 
 from ...attention import Positions, grouped_query_attention, sliding_window_mask
 from ...griffin import (RGLRU, Conv1D, GriffinConfig, RecurrentBlock, associative_combine, causal_conv1d,
-                        local_attention, rglru_step, scan_associative)
-from ...layers import apply_rope
+                        rglru_step, scan_associative)
+from ...layers import apply_rope, rope_cos_sin, rope_frequencies
 from ..core import Case, Exercise, register
 from .ch03 import Sublayer
 
@@ -187,42 +187,50 @@ def recurrent_block_reference(x, linear_y, linear_x, conv_1d, rg_lru, linear_out
 
 
 # --------------------------------------------------------------------------------------------
-# Griffin's local attention: MQA, RoPE on half of head_dim, the official window edge
+# Griffin's local attention: MQA, RoPE on part of head_dim (half in Griffin), the official window edge
 # --------------------------------------------------------------------------------------------
-def _griffin_config(H, K, D, W, edge="inclusive", base=10_000.0):
+def _griffin_config(H, K, D, W, edge="inclusive", base=10_000.0, rotary=0.5):
     return GriffinConfig(vocab_size=16, width=H * D, num_layers=3, num_heads=H, num_kv_heads=K,
-                         mlp_expanded_width=8, attention_window_size=W, window_edge=edge, rope_base=base)
+                         mlp_expanded_width=8, attention_window_size=W, window_edge=edge, rope_base=base,
+                         partial_rotary_factor=rotary)
 
 
 def _local_cases(seed):
     g = torch.Generator().manual_seed(seed)
     gaps = torch.sort(torch.randint(0, 30, (7,), generator=g)).values
     cases = []
-    for label, (B, H, K, T, D, W), edge, positions, base in [
-        ("T=1", (1, 1, 1, 1, 4, 2), "inclusive", torch.arange(1), 10_000.0),
-        ("T=4, W=4: every key in the window", (1, 2, 1, 4, 4, 4), "inclusive", torch.arange(4), 10_000.0),
-        ("T=6, W=2: a query sees W + 1 = 3 keys (the official edge)", (1, 2, 1, 6, 4, 2), "inclusive", torch.arange(6), 10_000.0),
-        ("window_edge='exclusive' (HF's): W keys", (1, 2, 1, 6, 4, 2), "exclusive", torch.arange(6), 10_000.0),
-        ("head_dim 8: only its first 4 dims rotate", (1, 2, 1, 5, 8, 3), "inclusive", torch.arange(5), 10_000.0),
-        ("MQA, 4 heads, positions with gaps", (2, 4, 1, 7, 8, 3), "inclusive", gaps, 10_000.0),
-        ("2 kv heads, T=9, W=3", (2, 4, 2, 9, 4, 3), "inclusive", torch.arange(9), 10_000.0),
+    for label, (B, H, K, T, D, W), edge, positions, base, rotary in [
+        ("T=1", (1, 1, 1, 1, 4, 2), "inclusive", torch.arange(1), 10_000.0, 0.5),
+        ("T=4, W=4: every key in the window", (1, 2, 1, 4, 4, 4), "inclusive", torch.arange(4), 10_000.0, 0.5),
+        ("T=6, W=2: a query sees W + 1 = 3 keys (the official edge)", (1, 2, 1, 6, 4, 2), "inclusive",
+         torch.arange(6), 10_000.0, 0.5),
+        ("window_edge='exclusive' (HF's): W keys", (1, 2, 1, 6, 4, 2), "exclusive", torch.arange(6), 10_000.0, 0.5),
+        ("head_dim 8: only its first 4 dims rotate", (1, 2, 1, 5, 8, 3), "inclusive", torch.arange(5), 10_000.0, 0.5),
+        ("MQA, 4 heads, positions with gaps", (2, 4, 1, 7, 8, 3), "inclusive", gaps, 10_000.0, 0.5),
+        ("2 kv heads, T=9, W=3", (2, 4, 2, 9, 4, 3), "inclusive", torch.arange(9), 10_000.0, 0.5),
         ("rope_base 100: the config's base, not a fixed 10 000", (1, 2, 1, 6, 8, 3), "inclusive",
-         torch.arange(6) * 5, 100.0),
+         torch.arange(6) * 5, 100.0, 0.5),
+        # not half: rotary_dim comes from partial_rotary_factor (8 of 32 dims, 4 frequencies), not D // 2
+        ("partial_rotary_factor 0.25: 8 of head_dim 32 rotate", (1, 2, 1, 5, 32, 3), "inclusive",
+         torch.arange(5) * 3, 10_000.0, 0.25),
     ]:
         q, k, v = (torch.randn(B, n, T, D, generator=g) for n in (H, K, K))
-        cases.append(Case(label, (q, k, v, positions, _griffin_config(H, K, D, W, edge, base))))
+        cases.append(Case(label, (q, k, v, positions, _griffin_config(H, K, D, W, edge, base, rotary))))
     return cases
 
 
 def local_attention_reference(q, k, v, positions, config):
-    """Griffin's attention layer as `griffin.local_attention` builds it (its RoPE on rotary_dim = half
-    of head_dim, its window of keys, its scale), on q, k, v after the projection: RoPE as `project`
-    applies it, then the readable GQA reference under the layer's window (the model's fused path
-    computes the same: tests/test_griffin.py)."""
-    layer = local_attention(config)
-    cos, sin = layer.rotary(positions)  # (T, rotary_dim)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    return grouped_query_attention(q, k, v, sliding_window_mask(q.shape[2], layer.window), layer.scale)
+    """Griffin's local attention on q, k, v after the projection, read from the config as
+    `griffin.local_attention` reads it: split-half RoPE (base config.rope_base) on the first
+    rotary_dim = head_dim · partial_rotary_factor dims, a window of W + 1 keys (the official edge) or
+    W (HF's), then the readable GQA reference with its default scale head_dim^-1/2. Only what the
+    exercise asks for runs: the model's layer (projections, norms) is not built here; tests/test_griffin.py
+    checks that layer against the official and HF code."""
+    rotary_dim = int(q.shape[-1] * config.partial_rotary_factor)
+    cos, sin = rope_cos_sin(positions, rope_frequencies(rotary_dim, config.rope_base))  # (T, rotary_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # the other dims pass through
+    keys = config.attention_window_size + (1 if config.window_edge == "inclusive" else 0)
+    return grouped_query_attention(q, k, v, sliding_window_mask(q.shape[2], keys))
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,6 +49,9 @@ def _lr_cases(seed):
     cases.append(Case("min ratio 0.5, after the end", (150, 1.0, 20, 100, 0.5)))
     cases.append(Case("warmup 1: the first step is already the peak", (0, 2.0, 1, 50, 0.1)))
     cases.append(Case("warmup 1, step 1 (the cosine starts)", (1, 2.0, 1, 50, 0.1)))
+    # the one schedule where step == total is not also the end of the cosine: with no decay phase,
+    # `step > total` (instead of >=) would give the peak (or divide by total - warmup = 0)
+    cases.append(Case("warmup = total (no decay phase): step total is already min", (20, 1.0, 20, 20, 0.1)))
     w, t = int(torch.randint(1, 50, (1,), generator=g)), int(torch.randint(60, 300, (1,), generator=g))
     for _ in range(3):
         s = int(torch.randint(0, t + 20, (1,), generator=g))

@@ -43,10 +43,25 @@ def _spread_cases(seed):
     return cases
 
 
+def _loss_and_grads(fn, args, kwargs):
+    """The loss and its gradients with respect to q, p and n: the hardness weight's stop-gradient
+    changes no loss value, only what training learns from it, so the check grades both."""
+    q, p, n, *rest = args
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (q, p, n)]
+    loss = fn(*leaves, *rest, **kwargs)
+    if not (isinstance(loss, torch.Tensor) and loss.requires_grad):
+        raise ValueError("the loss has no gradient with respect to q, p, n (was everything detached?): "
+                         "training could not learn from it")
+    used = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(loss, used, allow_unused=True)
+    return (loss.detach(), *[torch.zeros_like(t) if g is None else g for t, g in zip(used, grads)])
+
+
 register(Exercise(
-    "11.nce_loss", _nce_cases, nce_loss, atol=1e-5, rtol=1e-5,
+    "11.nce_loss", _nce_cases, nce_loss, atol=1e-5, rtol=1e-5, call=_loss_and_grads,
     description="EmbeddingGemma's NCE: in-batch negatives, one hard negative weighted by exp(α·stopgrad(cos(q, n))), "
-                "false negatives (equal doc_ids) masked; the mean over the batch.",
+                "false negatives (equal doc_ids) masked; the mean over the batch. Graded on the loss and on its "
+                "gradients with respect to q, p and n (the stop-gradient shows only there).",
     hint="Build the (B, B) logits q @ p.T / tau; set logits[i, j] to -inf where doc_ids[i] == doc_ids[j] and i != j. "
          "A weight w in a denominator Σ e^{z} is the same as adding log w to that logit: append a column "
          "cos(q_i, n_i) / tau + alpha * cos(q_i, n_i).detach(). Then cross-entropy with target i for row i."))

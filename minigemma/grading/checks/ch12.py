@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ...griffin import scan_sequential
-from ...layers import RMSNorm, gelu_tanh
+from ...layers import gelu_tanh
 from ..core import Case, Exercise, check, register
 
 PAD = 3  # extra columns around strided inputs: their row stride is never their width
@@ -125,9 +125,10 @@ def _rms_cases(seed):
 
 
 def rms_norm_spec(x, w):
-    """minigemma.layers.RMSNorm with weight w: x / sqrt(mean(x²) + ε) · (1 + w)."""
-    norm = RMSNorm(x.shape[-1], EPS)
-    return torch.func.functional_call(norm, {"weight": w}, (x,))
+    """Gemma's RMSNorm (minigemma.layers.RMSNorm with weight w) of each row of x (M, N), w (N,):
+    x / sqrt(mean(x²) + ε) · (1 + w), from its definition (x is float32; axis 1 is the row)."""
+    ms = (x * x).mean(dim=1, keepdim=True)  # (M, 1): mean(x²) of each row
+    return x * torch.rsqrt(ms + EPS) * (1.0 + w)
 
 
 def _launch_rms_norm(kernel):
@@ -158,7 +159,7 @@ def _geglu_cases(seed):
 
 def geglu_spec(gate_up):
     """The MLP's activation: gelu_tanh(gate) · up, with gate_up = [gate, up] (M, 2F) -> (M, F)."""
-    gate, up = gate_up.chunk(2, dim=-1)
+    gate, up = gate_up.chunk(2, dim=1)  # (M, F) each
     return gelu_tanh(gate) * up
 
 
@@ -195,7 +196,7 @@ def _lse_cases(seed):
 
 def logsumexp_spec(z):
     """log Σ_v exp(z_v) of every row (M, V) -> (M,): the softmax's normaliser, as the losses use it."""
-    return torch.logsumexp(z, dim=-1)
+    return torch.logsumexp(z, dim=1)
 
 
 def _launch_logsumexp(kernel):
