@@ -526,10 +526,16 @@ class GroupedQueryAttention(nn.Module):
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv_proj(x).split([H * D, K * D, K * D], dim=-1)
         q, k, v = split_heads(q, H), split_heads(k, K), split_heads(v, K)
+        cos, sin = pos.rope(self.rotary)
+        return *self.norm_and_rotate(q, k, cos, sin), v
+
+    def norm_and_rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The element-wise part of `project`: QK-norm (if the layer has it), then RoPE.
+        q (B, H, T, D), k (B, K, T, D); cos, sin (T, d) or (B, 1, T, d). A method of its own so that
+        `encoder.compile_pointwise` can fuse its passes over q and k into one."""
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = pos.rope(self.rotary)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     def forward(self, x: torch.Tensor, pos: Positions | None = None,
                 cache: KVCache | RingKVCache | None = None) -> torch.Tensor:

@@ -34,8 +34,8 @@ SCRIPT = textwrap.dedent("""
     if d.main:
         json.dump(h, open(out + "/h.json", "w"))
     if d.world > 1 or fsdp:
-        import torch.distributed as dist
-        dist.destroy_process_group()
+        del model, h  # nothing may hold the group when it is destroyed (T.close_distributed)
+        T.close_distributed()
 """)
 
 

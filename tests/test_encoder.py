@@ -34,7 +34,8 @@ from transformers import Gemma3TextConfig, Gemma3TextModel  # noqa: E402
 
 from minigemma import encoder  # noqa: E402
 from minigemma.encoder import (  # noqa: E402
-    EmbeddingGemma, band_window, document_ids, encoder_mask, mean_pool, pad_right, st_name_table, truncate,
+    EmbeddingGemma, band_window, document_ids, encoder_mask, length_batches, mean_pool, pad_right, st_name_table,
+    truncate,
 )
 from minigemma.gemma import FULL, SLIDING, GemmaConfig, layer_pattern  # noqa: E402
 from minigemma.weights.hf import CheckpointError, load_state_strict  # noqa: E402
@@ -177,6 +178,27 @@ def test_encoder_mask_brute_force():
                     ref[b, i, j] = same_doc and (W is None or abs(i - j) <= W // 2)
         assert torch.equal(got, ref), W
     assert torch.equal(document_ids(torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]])), torch.tensor([[0, 0, 3, 4], [1, 0, 0, 0]]))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_length_batches_cover_every_text_once_and_pad_little(seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(5, 200, (97,), generator=g).tolist()
+    batches = length_batches(lengths, batch_size=16, min_fill=0.9)
+    assert sorted(i for b in batches for i in b) == list(range(97))  # every text, once
+    assert all(1 <= len(b) <= 16 for b in batches)
+    firsts = [lengths[b[0]] for b in batches]
+    assert firsts == sorted(firsts, reverse=True)  # longest batch first
+    for b in batches:
+        ls = [lengths[i] for i in b]
+        assert ls == sorted(ls, reverse=True) and ls[0] == max(ls)  # each batch is padded to its first row
+        assert sum(ls) >= 0.9 * ls[0] * len(ls)  # real tokens >= min_fill of the padded B x T
+    # equal lengths pad nothing and fill whole batches; min_fill=0 is plain sorted batching
+    assert [len(b) for b in length_batches([7] * 40, 16)] == [16, 16, 8]
+    assert [len(b) for b in length_batches(list(range(1, 41)), 16, min_fill=0.0)] == [16, 16, 8]
+    # a batch ends as soon as the next text would drop the fill below min_fill: 10, 9 fill 95%, 10, 9, 8 only 90%
+    assert length_batches([10, 9, 8], 16, min_fill=0.95) == [[0, 1], [2]]
+    assert length_batches([10, 9, 8], 16, min_fill=0.9) == [[0, 1, 2]]
 
 
 def test_truncate_renormalises():

@@ -233,7 +233,14 @@ def test_rglru_resets_match_hf_layer():
     from minigemma.griffin import RGLRU
 
     torch.manual_seed(0)
-    theirs = randomise(RecurrentGemmaRglru(hf_config()), seed=3)
+    theirs = RecurrentGemmaRglru(hf_config())
+    # Built alone, outside a PreTrainedModel, HF's layer keeps its torch.empty parameters (whatever
+    # memory held, NaN now and then): give every one a seeded value first.
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for p in theirs.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    theirs = randomise(theirs, seed=3)
     with torch.no_grad():
         theirs.recurrent_param.uniform_(-7.0, -2.0)  # a_param = -Λ with σ(Λ) in [0.88, 0.999]
     ours = RGLRU(64, 4)

@@ -11,7 +11,7 @@ once, on the same texts and batch sizes:
     minigemma-bf16           `load_pretrained(..., quant="bf16")`: bf16 weights and activations
     minigemma-int8           `load_pretrained(..., quant="int8")`: int8 linears (dense head too), Q8_0 embedding
     minigemma-int4           `load_pretrained(..., quant="int4")`: int4 linears, Q8_0 embedding
-    minigemma-bf16-compile   the bf16 model with its norms and MLPs compiled (`encoder.compile_pointwise`)
+    minigemma-bf16-compile   the bf16 model with its norms, MLPs and RoPE compiled (`encoder.compile_pointwise`)
     minigemma-int8-compile   the int8 model, the same way
 
 The texts are real English that nobody here wrote: Python's own documentation strings (the same
@@ -20,7 +20,7 @@ uniformly from [0.75 L, 1.25 L] for each length L (short ~60, medium ~250, long 
 For each length it measures
 
     docs/s     documents / the wall time of one `encode(texts, batch_size=...)` call over all of them,
-               after a warm-up call on a few documents of that length (compilation happens there)
+               after a warm-up call on one batch of that length (compilation happens there)
     cosine     each document's embedding against st-float32's; the worst one is reported
     peak RSS   the process's own peak resident memory (VmHWM) over loading and all lengths
     top-10     chapter 11's held-out evaluation (`retrieval.chapter_data().code_eval`: 128 docstring
@@ -116,8 +116,13 @@ def _child(system: str, texts_file: str, out_dir: str, batch_size: int) -> None:
         level = system.split("-")[1]
         model, _ = minigemma.load_pretrained("embeddinggemma-300m", quant=None if level == "float32" else level)
         if system.endswith("-compile"):
+            import torch._inductor.config
+
             from minigemma.encoder import compile_pointwise
 
+            # compile in this process: a pool of compile workers would start up in the background and
+            # share the 2 cores with the first timed length
+            torch._inductor.config.compile_threads = 1
             compile_pointwise(model)
 
         def encode(x, prompt_name="document"):
@@ -127,7 +132,9 @@ def _child(system: str, texts_file: str, out_dir: str, batch_size: int) -> None:
     for L, docs in texts.items():
         with torch.inference_mode():
             t = time.perf_counter()
-            encode(docs[:2])  # warm-up: first-call costs (and compilation) are not throughput
+            # warm-up on one full batch: compilation and the first touch of a batch's buffers (page faults,
+            # allocator growth) are not throughput; a warm-up of 2 texts left the first length ~20% slow
+            encode(docs[:batch_size])
             warm_s = time.perf_counter() - t
             t = time.perf_counter()
             emb = encode(docs)
@@ -244,8 +251,9 @@ def format_table(report: dict) -> str:
                  + "; 1-minute load average"
                  + (f" at the start {report['load_average_at_start']:.2f}," if "load_average_at_start" in report else "")
                  + (f" at the end {report['load_average_at_end']:.2f}" if "load_average_at_end" in report else "")
-                 + " (2 cores: a load above ~1 means other processes shared them during the run, which slows"
-                 + " whichever system was running then; read the ratios as approximate).")
+                 + " (the start reads the minute before the run; each system's process keeps both cores busy,"
+                 + " so about 2 at the end is the benchmark's own load, and more means other processes shared"
+                 + " the cores, slowing whichever system was running then).")
     note = [f"Note: {report['note']}", ""] if report.get("note") else []
     return "\n".join([head_line, "", *note, *lines, "", targets(report)])
 

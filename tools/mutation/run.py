@@ -276,9 +276,14 @@ def table(rows: list[dict]) -> str:
 
 
 def write_doc(rows: list[dict], unexplained: list[dict], entries: list[dict], seconds: float, files: list[str],
-              broken: dict[str, str]) -> None:
+              broken: dict[str, str], load: list[float] | None = None) -> None:
     import mutmut
     import torch
+
+    # the 1-minute load average before and after: about 2 is the run's own children on 2 cores
+    load_text = (f" (1-minute load average {load[0]:.2f} at the start, {load[1]:.2f} at the end: the run's own"
+                 " children keep both cores busy, so more than about 2 means other work shared them)"
+                 if load else "")
 
     funcs = "\n".join(f"| {r['exercise']} | {', '.join(f'`{f}`' for f in r['functions'])} |" for r in rows)
     eq_lines = "\n".join(f"- `{e['function']}`: `{e.get('before', e.get('before_re', ''))}` → "
@@ -298,9 +303,8 @@ check fails it on all three. **Equivalent** mutants cannot change what the exerc
 (each is listed below with its reason); the kill rate is killed-on-every-seed over the rest.
 Target: at least {TARGET:.0%} for every exercise.
 
-Command (mutmut works on a copy in `build/mutation/`; this run took {seconds / 60:.0f} minutes on a 2-core machine
-that was running other jobs at the same time, so expect less on a quiet one; `--report-only` re-reads the last
-run after an edit of `equivalent.toml`):
+Command (mutmut works on a copy in `build/mutation/`; this run took {seconds / 60:.0f} minutes on a 2-core machine{load_text};
+`--report-only` re-reads the last run after an edit of `equivalent.toml`):
 
 ```
 {COMMAND}
@@ -369,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         last = json.loads(meta.read_text())
         names, files, broken, seconds = last["names"], last["files"], last["broken"], last["seconds"]
+        load = last.get("load")
     else:
-        start = time.time()
+        start, load_start = time.time(), os.getloadavg()[0]
         files, broken = traced_files(names)
         for name, why in broken.items():
             print(f"skipped {name}: its reference fails on its own cases ({why})")
@@ -378,8 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mutating {', '.join(files)}", flush=True)
         prepare(files, args.max_children)
         run_mutmut(args.max_children, [], log, names)  # the checks to run: never those not mutation-tested
-        seconds = time.time() - start
-        meta.write_text(json.dumps({"names": names, "files": files, "broken": broken, "seconds": seconds}))
+        seconds, load = time.time() - start, [load_start, os.getloadavg()[0]]
+        meta.write_text(json.dumps({"names": names, "files": files, "broken": broken, "seconds": seconds,
+                                    "load": load}))
     entries = load_equivalent()
     rows, unexplained = tally(collect(), log, names, entries)
     print(table(rows))
@@ -393,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  note: equivalent.toml entry matched no mutant (stale?): {e['function']}: "
                       f"{e.get('before', e.get('before_re'))}")
     if args.write_doc:
-        write_doc(rows, unexplained, entries, seconds, files, broken)
+        write_doc(rows, unexplained, entries, seconds, files, broken, load)
         print(f"wrote {DOC.relative_to(ROOT)}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "unexplained": unexplained}, indent=1))
