@@ -284,16 +284,49 @@ class Task:
         return Task(qs, ds, torch.cat(hn), torch.cat(ids), teacher)
 
 
-def new_student(vocab_size: int, layers: int = 2, hidden: int = 64, dim: int = 768, seed: int = 0) -> nn.Module:
-    """A randomly initialised tiny EmbeddingGemma: `retrieval.student_config`, dense C -> 4C -> dim
-    (dim = the teacher's 768, so embeddings can be matched at every MRL prefix)."""
+def pretrain_decoder(stream: torch.Tensor, vocab_size: int, cfg, layers: int = 2, hidden: int = 64,
+                     progress: bool = False) -> tuple[nn.Module, dict]:
+    """The student's stack as a causal decoder (`Gemma`), trained on next-token prediction over
+    `stream` (1-D token ids, documents separated by BOS) with chapter 08's loop (`train.train`, cfg a
+    `train.TrainConfig`); returns (decoder, history).
+
+    EmbeddingGemma starts from a trained Gemma 3 decoder, not from random weights: the stack has
+    already learnt the language before contrastive training teaches it to pool meaning. This is that
+    step at the student's scale. The same config with `bidirectional=False` is the decoder, so its
+    weights load into `new_student(init=...)` name for name."""
+    from dataclasses import replace as _replace
+
+    from .gemma import Gemma
+    from .retrieval import student_config
+    from .train import train
+
+    torch.manual_seed(cfg.seed)
+    decoder = Gemma(_replace(student_config(vocab_size=vocab_size, layers=layers, hidden=hidden), bidirectional=False))
+    history = train(decoder, stream, None, cfg, progress=progress, desc="pre-train")
+    return decoder, history
+
+
+def new_student(vocab_size: int, layers: int = 2, hidden: int = 64, dim: int = 768, seed: int = 0,
+                init: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A tiny EmbeddingGemma: `retrieval.student_config`, dense C -> 4C -> dim (dim = the teacher's
+    768, so embeddings can be matched at every MRL prefix). Randomly initialised from `seed`; with
+    `init` (a `pretrain_decoder` state dict) the stack starts from the decoder's weights and only the
+    dense layers stay random, as in EmbeddingGemma."""
     from .encoder import EmbeddingGemma
     from .retrieval import student_config
 
     torch.manual_seed(seed)
     cfg = student_config(vocab_size=vocab_size, layers=layers, hidden=hidden)
     model = EmbeddingGemma(cfg, dense_dims=(4 * hidden, dim))
-    return model.reset_parameters(torch.Generator().manual_seed(seed))
+    model.reset_parameters(torch.Generator().manual_seed(seed))
+    if init is not None:
+        # the decoder's head is tied to its embedding: an encoder has no head, the embedding comes along
+        init = {k: v for k, v in init.items() if not k.startswith("lm_head.")}
+        missing, unexpected = model.load_state_dict(init, strict=False)
+        stack = [k for k in missing if not k.startswith("dense.")]
+        if stack or unexpected:
+            raise ValueError(f"init is not this student's decoder: missing {stack[:3]}, unexpected {unexpected[:3]}")
+    return model
 
 
 def rows_encoder(model: nn.Module, task: Task) -> Callable[[str, torch.Tensor], torch.Tensor]:
@@ -310,7 +343,8 @@ def rows_encoder(model: nn.Module, task: Task) -> Callable[[str, torch.Tensor], 
 
 def train_student(task: Task, vocab_size: int, cfg: EmbedTrainConfig, progress: bool = False,
                   **student_kw) -> tuple[nn.Module, list[dict]]:
-    """A fresh student trained on `task` with `cfg`; returns (model, history)."""
+    """A fresh student (`new_student(vocab_size, seed=cfg.seed, **student_kw)`, so `init=` starts it
+    from a pre-trained decoder) trained on `task` with `cfg`; returns (model, history)."""
     model = new_student(vocab_size, seed=cfg.seed, **student_kw)
     hist = train_encoder(model, rows_encoder(model, task), len(task), task.hard_negatives, task.doc_ids, cfg,
                          teacher=task.teacher, progress=progress)

@@ -156,3 +156,34 @@ def test_training_lowers_the_loss_on_a_tiny_encoder():
     first = sum(h["nce"] for h in hist[:3]) / 3
     last = sum(h["nce"] for h in hist[-3:]) / 3
     assert last < 0.7 * first, (first, last)
+
+
+def test_pretrained_decoder_starts_the_student():
+    """`pretrain_decoder` lowers the next-token loss; `new_student(init=...)` takes every stack weight
+    from it and keeps only the dense layers random (those of the same seed without init); a wrong
+    state dict is refused by name."""
+    from minigemma.contrastive import new_student, pretrain_decoder
+    from minigemma.train import TrainConfig
+
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, 60, (200,), generator=g).tolist()
+    docs = [[2, *(4 + (a + i) % 60 for i in range(12)), 1] for a in starts]  # counting: learnable
+    stream = torch.tensor([i for d in docs for i in d])
+    cfg = TrainConfig(steps=30, batch_size=8, seq_len=32, lr=3e-3, warmup=3, eval_every=10**9, eval_windows=4,
+                      ckpt_every=0, bos_id=2)
+    decoder, hist = pretrain_decoder(stream, 64, cfg, layers=2, hidden=32)
+    assert hist["loss"][-1] < 0.8 * hist["loss"][0], hist["loss"]
+    assert decoder.config.bidirectional is False
+
+    init = decoder.state_dict()
+    fresh, started = new_student(64, layers=2, hidden=32, seed=0), new_student(64, layers=2, hidden=32, seed=0, init=init)
+    assert started.config.bidirectional is True
+    for name, p in started.state_dict().items():
+        if name.startswith("dense."):
+            torch.testing.assert_close(p, fresh.state_dict()[name], rtol=0, atol=0)  # the seed's random dense
+        else:
+            torch.testing.assert_close(p, init[name], rtol=0, atol=0)
+    torch.testing.assert_close(init["lm_head.weight"], init["embed_tokens.weight"], rtol=0, atol=0)  # tied
+    assert not torch.equal(started.embed_tokens.weight, fresh.embed_tokens.weight)
+    with pytest.raises(ValueError, match="not this student's decoder"):
+        new_student(64, layers=2, hidden=32, init={k: v for k, v in init.items() if not k.startswith("norm")})
