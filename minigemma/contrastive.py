@@ -294,14 +294,12 @@ def pretrain_decoder(stream: torch.Tensor, vocab_size: int, cfg, layers: int = 2
     already learnt the language before contrastive training teaches it to pool meaning. This is that
     step at the student's scale. The same config with `bidirectional=False` is the decoder, so its
     weights load into `new_student(init=...)` name for name."""
-    from dataclasses import replace as _replace
-
     from .gemma import Gemma
     from .retrieval import student_config
     from .train import train
 
     torch.manual_seed(cfg.seed)
-    decoder = Gemma(_replace(student_config(vocab_size=vocab_size, layers=layers, hidden=hidden), bidirectional=False))
+    decoder = Gemma(replace(student_config(vocab_size=vocab_size, layers=layers, hidden=hidden), bidirectional=False))
     history = train(decoder, stream, None, cfg, progress=progress, desc="pre-train")
     return decoder, history
 
