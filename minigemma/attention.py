@@ -555,8 +555,16 @@ class GroupedQueryAttention(nn.Module):
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions, keys: Keys) -> torch.Tensor:
         """softmax(q kᵀ · scale [soft-capped]) v over the keys this layer's mask lets each query see:
-        q (B, H, T, D), k and v (B, K, S, D) -> (B, H, T, D). The one place a kernel swaps in."""
-        return attend(q, k, v, pos.blocks(keys, self.window, self.causal), self.scale, self.softcap)
+        q (B, H, T, D), k and v (B, K, S, D) -> (B, H, T, D). The one place a kernel swaps in.
+
+        Under CPU autocast (mixed-precision training) it runs in float32: the products here are a
+        small share of the work, and PyTorch's fused CPU kernel is ~4x slower backward in bfloat16
+        than in float32 (measured on the chapter 08 model)."""
+        blocks = pos.blocks(keys, self.window, self.causal)
+        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return attend(q.float(), k.float(), v.float(), blocks, self.scale, self.softcap)
+        return attend(q, k, v, blocks, self.scale, self.softcap)
 
 
 # --------------------------------------------------------------------------------------------

@@ -139,6 +139,29 @@ def test_chunked_loss_equals_unchunked_with_gradients(kind, cap):
         torch.testing.assert_close(gw, gw_want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cap", [None, 30.0])
+def test_chunked_loss_stays_float32_under_autocast(cap):
+    """Mixed precision (train.precision_context("bf16-mixed")) leaves the head and the loss in
+    float32: same loss and gradients, bit for bit, as without autocast (the reference here is the
+    plain float32 loss, to float32 rounding), and not the bfloat16 product's loss."""
+    N, C, V = 45, 16, 70
+    hidden = rnd(N, C, scale=1.0).requires_grad_()
+    weight = rnd(V, C, scale=1.0).requires_grad_()
+    y = torch.randint(0, V, (N,), generator=g)
+    y[::5] = IGNORE
+    q = torch.zeros(N, V)
+    q[y != IGNORE, y[y != IGNORE]] = 1.0
+    plain = chunked_loss(hidden, weight, Labels(y), cap, chunk=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = chunked_loss(hidden, weight, Labels(y), cap, chunk=16)
+    assert got.dtype == torch.float32 and torch.equal(got, plain)
+    for a, b in zip(torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(plain, (hidden, weight))):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(got, _plain(hidden, weight, cap, q), rtol=1e-5, atol=1e-6)
+    rounded = _plain(hidden.bfloat16().float(), weight.bfloat16().float(), cap, q)
+    assert abs(float((rounded - got).detach())) > 1e-4
+
+
 def test_chunked_cross_entropy_matches_the_model_logits_path():
     """Through a real model: chunked head + loss on return_hidden == cross_entropy(model logits)."""
     from minigemma.gemma import Gemma, preset

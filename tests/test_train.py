@@ -95,6 +95,51 @@ def test_resume_is_bit_exact(tmp_path, kind):
     assert h_a["loss"][-1] < h_a["loss"][0]
 
 
+def test_bf16_mixed_precision_trains_like_float32_and_resumes_bit_exactly(tmp_path):
+    """precision="bf16-mixed": the forward under autocast, weights and AdamW's moments float32.
+    Over the first 8 steps the loss stays within bfloat16's rounding of the float32 run's (2^-8
+    relative on each product: below a few hundredths of a nat here; later the two runs drift
+    apart as any two runs do), differs from it (the products really ran in bfloat16), the model
+    learns, and a resumed run repeats the curve bit for bit."""
+    data, val = stream(), stream(800, seed=1)
+    spec = tiny_spec()
+    f32 = T.train(T.build_model(spec), data, val, cfg(steps=30), progress=False)
+    a = T.build_model(spec)
+    mixed = T.train(a, data, val, cfg(steps=30, precision="bf16-mixed"), out_dir=tmp_path / "a", spec=spec,
+                    progress=False)
+    assert all(p.dtype == torch.float32 for p in a.parameters())
+    assert mixed["loss"] != f32["loss"]
+    assert max(abs(x - y) for x, y in zip(mixed["loss"][:8], f32["loss"][:8])) < 0.05
+    assert mixed["val_loss"][-1] < mixed["loss"][0] - 0.1
+    b = T.build_model(spec)
+    T.train(b, data, val, cfg(steps=30, precision="bf16-mixed"), out_dir=tmp_path / "b", spec=spec, progress=False,
+            stop_at=5)
+    c = T.build_model(spec, seed=99)
+    resumed = T.train(c, data, val, cfg(steps=30, precision="bf16-mixed"), out_dir=tmp_path / "b", spec=spec,
+                      progress=False, resume=True)
+    assert resumed["loss"] == mixed["loss"] and resumed["val_loss"] == mixed["val_loss"]
+
+
+def test_attention_runs_in_float32_under_cpu_autocast():
+    """Mixed precision leaves attention in float32 (CPU's fused bf16 backward is the slow one)."""
+    from minigemma.attention import GroupedQueryAttention, Keys, positions_after
+
+    layer = GroupedQueryAttention(32, 4, 2, 8, window=5)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 12, 8, generator=gen).bfloat16()
+    k, v = (torch.randn(2, 2, 12, 8, generator=gen).bfloat16() for _ in range(2))
+    pos, keys = positions_after(None, 2, 12), Keys(0, 12, layout=("self", 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer.attention(q, k, v, pos, keys)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, layer.attention(q.float(), k.float(), v.float(), pos, keys), rtol=0, atol=0)
+
+
+def test_unknown_precision_is_a_clear_error():
+    with pytest.raises(ValueError, match="precision must be one of .*'fp8'"):
+        T.TrainConfig(precision="fp8")
+
+
 def test_checkpoint_holds_config_optimizer_and_rebuilds_the_model(tmp_path):
     spec = tiny_spec()
     m = T.build_model(spec)
@@ -212,3 +257,27 @@ def test_cli_trains_and_resumes(tmp_path):
     r = subprocess.run([sys.executable, "-m", "minigemma", "train", "nope", "--out", str(tmp_path / "x")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "neither a preset" in r.stderr
+
+
+def test_bench_train_compares_each_system_with_hf_at_its_own_precision():
+    """`bench train`'s table: a -bf16 row is measured under mixed precision and divided by HF's
+    -bf16 row, a float32 row by HF's float32 one (made-up numbers for the table, one real step
+    of each precision for the worker)."""
+    from minigemma.bench import train as B
+
+    run = B._worker("minigemma-eager-bf16", steps=1, warmup=1, batch=2, seq_len=16, threads=None)
+    assert run["system"] == "minigemma-eager-bf16" and run["precision"] == "bf16-mixed"
+    assert math.isfinite(run["first_loss"])
+    assert B._worker("minigemma-eager", 1, 1, 2, 16, None)["precision"] == "float32"
+
+    def row(system, precision, tps):
+        return {"system": system, "precision": precision, "tokens_per_s": tps, "tokens_per_s_range": [tps, tps],
+                "step_ms": 1.0, "step_memory_mib": 100.0, "peak_rss_mib": 1.0, "warmup_s": 0.0}
+
+    rows = [row("minigemma-compile", "float32", 9000), row("hf-sdpa", "float32", 6000),
+            row("minigemma-compile-bf16", "bf16-mixed", 12000), row("hf-sdpa-bf16", "bf16-mixed", 8000)]
+    result = {"command": "x", "machine": "m", "date": "d", "load_average_1min": [0, 0], "batch_size": 16,
+              "seq_len": 128, "steps": 10, "repeats": 3, "systems": rows, "loss_memory": []}
+    md = B._markdown(result, {r["precision"]: r for r in rows if r["system"].startswith("hf-")})
+    assert "| minigemma-compile | float32 | 9000 | 9000-9000 | 1.50x |" in md
+    assert "| minigemma-compile-bf16 | bf16-mixed | 12000 | 12000-12000 | 1.50x |" in md

@@ -1,6 +1,6 @@
 """Training-step benchmark for the chapter's tiny config (chapter 08).
 
-    python -m minigemma bench train [--steps 10] [--batch-size 16] [--seq-len 128]
+    python -m minigemma bench train [--steps 10] [--repeats 3] [--batch-size 16] [--seq-len 128]
                                     [--systems ...] [--out docs/benchmarks]
 
 One optimizer step (forward, backward, gradient clipping, AdamW) on batch × seq_len tokens of the
@@ -11,11 +11,17 @@ One optimizer step (forward, backward, gradient clipping, AdamW) on batch × seq
     hf-sdpa             transformers' `Gemma3ForCausalLM`, the same config, weights and batch, with
                         its default SDPA attention and its own loss on full logits (`labels=`)
 
+each in float32 (what chapter 08 trains in), and again with the suffix `-bf16`: the same forward
+under `train.precision_context("bf16-mixed")` (`torch.autocast` in bfloat16, weights and optimizer
+float32), HF's included. A ratio compares systems of the same precision.
+
 For each: tokens/s (batch × seq_len / the median step time, after warm-up steps that also compile),
 and memory, from the process's resident set on Linux: `step memory` is the peak during the timed
 steps (VmHWM, reset after warm-up) minus the resident set before the first step (weights, libraries),
 so it counts activations, gradients, AdamW's moments and what the allocator keeps. Both use AdamW
-with the same settings (`train.make_optimizer`).
+with the same settings (`train.make_optimizer`). A shared 2-core machine's speed drifts by 10-20%
+from minute to minute, so the systems run in turn `--repeats` times (a fresh process each) and the
+table gives each system's median run, with the slowest and fastest.
 
 Then the fused-loss comparison at the real vocabulary (262,144): the head and the loss alone on
 batch × seq_len rows of width 640 (Gemma 3 270M's), eager (full logits, then cross-entropy) against
@@ -37,7 +43,8 @@ import sys
 import time
 from pathlib import Path
 
-SYSTEMS = ["minigemma-eager", "minigemma-compile", "hf-sdpa"]
+SYSTEMS = ["minigemma-eager", "minigemma-compile", "hf-sdpa",
+           "minigemma-eager-bf16", "minigemma-compile-bf16", "hf-sdpa-bf16"]
 
 
 def _status_kib(field: str) -> int:
@@ -63,6 +70,8 @@ def _worker(system: str, steps: int, warmup: int, batch: int, seq_len: int, thre
 
     if threads:
         torch.set_num_threads(threads)
+    precision = "bf16-mixed" if system.endswith("-bf16") else "float32"
+    system = system.removesuffix("-bf16")
     spec = T.load_spec("tiny-gemma3")
     model = T.build_model(spec, seed=0)
     cfg = T.TrainConfig(batch_size=batch, seq_len=seq_len)
@@ -99,7 +108,8 @@ def _worker(system: str, steps: int, warmup: int, batch: int, seq_len: int, thre
     n_params = sum(p.numel() for p in {id(p): p for p in params}.values())
 
     def step(w):
-        loss = loss_of(w)
+        with T.precision_context(precision):
+            loss = loss_of(w)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -119,7 +129,8 @@ def _worker(system: str, steps: int, warmup: int, batch: int, seq_len: int, thre
         times.append(time.perf_counter() - t)
     peak = _status_kib("VmHWM")
     med = statistics.median(times)
-    return {"system": system, "params": n_params, "tokens_per_s": batch * seq_len / med, "step_ms": med * 1e3,
+    return {"system": system + ("-bf16" if precision != "float32" else ""), "precision": precision,
+            "params": n_params, "tokens_per_s": batch * seq_len / med, "step_ms": med * 1e3,
             "step_ms_min": min(times) * 1e3, "warmup_s": warmup_s, "peak_rss_mib": peak / 1024,
             "step_memory_mib": (peak - rss_before) / 1024, "peak_reset": reset, "first_loss": losses[0],
             "threads": torch.get_num_threads()}
@@ -142,6 +153,7 @@ def _machine() -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m minigemma bench train", description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=10, help="timed steps per system")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of every system, in turn (the median run counts)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -160,21 +172,31 @@ def main(argv=None) -> int:
         print(f"error: unknown systems {sorted(bad)}; choose from {SYSTEMS}", file=sys.stderr)
         return 2
     load_before = os.getloadavg()
+    runs: dict[str, list[dict]] = {s: [] for s in systems}
+    for rep in range(max(1, args.repeats)):
+        for s in systems:
+            cmd = [sys.executable, "-m", "minigemma.bench.train", "--worker", s, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                print(f"{s}: failed\n{r.stderr[-2000:]}", file=sys.stderr)
+                continue
+            run = json.loads(r.stdout.strip().splitlines()[-1])
+            runs[s].append(run)
+            print(f"run {rep + 1}: {s:24} {run['tokens_per_s']:8.0f} tok/s  step {run['step_ms']:7.1f} ms  "
+                  f"step memory {run['step_memory_mib']:7.1f} MiB  peak RSS {run['peak_rss_mib']:7.1f} MiB", flush=True)
     rows = []
     for s in systems:
-        cmd = [sys.executable, "-m", "minigemma.bench.train", "--worker", s, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            print(f"{s}: failed\n{r.stderr[-2000:]}", file=sys.stderr)
+        if not runs[s]:
             continue
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-        print(f"{s:18} {rows[-1]['tokens_per_s']:8.0f} tok/s  step {rows[-1]['step_ms']:7.1f} ms  "
-              f"step memory {rows[-1]['step_memory_mib']:7.1f} MiB  peak RSS {rows[-1]['peak_rss_mib']:7.1f} MiB",
-              flush=True)
-    hf = next((r for r in rows if r["system"] == "hf-sdpa"), None)
+        ordered = sorted(runs[s], key=lambda x: x["tokens_per_s"])
+        row = dict(ordered[(len(ordered) - 1) // 2])  # the median run (the lower one of an even count)
+        row["tokens_per_s_range"] = [ordered[0]["tokens_per_s"], ordered[-1]["tokens_per_s"]]
+        row["runs"] = runs[s]
+        rows.append(row)
+    hf = {r["precision"]: r for r in rows if r["system"].startswith("hf-")}  # the baseline of each precision
     loss_mem = []
     if not args.no_loss_memory:
         from minigemma.distill import peak_memory
@@ -188,7 +210,8 @@ def main(argv=None) -> int:
     result = {"command": "python -m minigemma bench train " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": _machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "load_average_1min": [load_before[0], load_after[0]], "batch_size": args.batch_size,
-              "seq_len": args.seq_len, "steps": args.steps, "systems": rows, "loss_memory": loss_mem}
+              "seq_len": args.seq_len, "steps": args.steps, "repeats": args.repeats, "systems": rows,
+              "loss_memory": loss_mem}
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -198,20 +221,27 @@ def main(argv=None) -> int:
     return 0
 
 
-def _markdown(result: dict, hf: dict | None) -> str:
+def _markdown(result: dict, hf: dict) -> str:
     lines = [f"# `{result['command']}`", "",
              f"{result['machine']}, {result['date']}; 1-minute load average {result['load_average_1min'][0]:.2f} "
-             f"before, {result['load_average_1min'][1]:.2f} after (other work on the machine slows every system "
-             "alike only roughly: compare ratios from one run).", "",
+             f"before, {result['load_average_1min'][1]:.2f} after.", "",
              f"One training step of `tiny-gemma3` (forward, backward, clip, AdamW) on {result['batch_size']} × "
-             f"{result['seq_len']} tokens; median of {result['steps']} timed steps after warm-up.", "",
-             "| system | tokens/s | vs HF | step (ms) | step memory (MiB) | vs HF | peak RSS (MiB) | warm-up (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{result['seq_len']} tokens; each run is the median of {result['steps']} timed steps after warm-up. "
+             f"Every system ran {result.get('repeats', 1)} times, in turn, each time in a fresh process; the row is "
+             "its median run, and `range` the slowest and fastest run's tokens/s. `vs HF` compares with "
+             "transformers at the same precision: float32, or bf16 mixed precision (`torch.autocast`, "
+             "`-bf16`).", "",
+             "| system | precision | tokens/s | range | vs HF | step (ms) | step memory (MiB) | vs HF | peak RSS (MiB) "
+             "| warm-up (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["systems"]:
-        speed = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "-"
-        mem = f"{r['step_memory_mib'] / hf['step_memory_mib']:.2f}x" if hf and hf["step_memory_mib"] > 0 else "-"
-        lines.append(f"| {r['system']} | {r['tokens_per_s']:.0f} | {speed} | {r['step_ms']:.1f} | "
-                     f"{r['step_memory_mib']:.0f} | {mem} | {r['peak_rss_mib']:.0f} | {r['warmup_s']:.1f} |")
+        base = hf.get(r["precision"])
+        speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        mem = f"{r['step_memory_mib'] / base['step_memory_mib']:.2f}x" if base and base["step_memory_mib"] > 0 else "-"
+        lo, hi = r.get("tokens_per_s_range", [r["tokens_per_s"]] * 2)
+        lines.append(f"| {r['system']} | {r['precision']} | {r['tokens_per_s']:.0f} | {lo:.0f}-{hi:.0f} | {speed} | "
+                     f"{r['step_ms']:.1f} | {r['step_memory_mib']:.0f} | {mem} | {r['peak_rss_mib']:.0f} | "
+                     f"{r['warmup_s']:.1f} |")
     if result["loss_memory"]:
         m = {x["kind"]: x for x in result["loss_memory"]}
         lines += ["", f"Head + loss alone at the real vocabulary (262,144), {m['eager']['rows']} rows of width 640, "
