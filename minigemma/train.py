@@ -78,11 +78,15 @@ class TrainConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        _check_precision(self.precision)
 
 
 PRECISIONS = ("float32", "bf16-mixed")
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
 def precision_context(precision: str, device: torch.device | str = "cpu"):
@@ -90,8 +94,7 @@ def precision_context(precision: str, device: torch.device | str = "cpu"):
     mixed precision as Gemma trains: the matrix products take bfloat16 inputs (2x the float32
     rate on CPUs with bf16 dot products), while weights, gradients, AdamW's moments, norms,
     attention's softmax and the loss stay float32. The backward follows the forward's dtypes."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    _check_precision(precision)
     if precision == "float32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)

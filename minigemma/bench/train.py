@@ -70,7 +70,7 @@ def _worker(system: str, steps: int, warmup: int, batch: int, seq_len: int, thre
 
     if threads:
         torch.set_num_threads(threads)
-    precision = "bf16-mixed" if system.endswith("-bf16") else "float32"
+    name, precision = system, "bf16-mixed" if system.endswith("-bf16") else "float32"
     system = system.removesuffix("-bf16")
     spec = T.load_spec("tiny-gemma3")
     model = T.build_model(spec, seed=0)
@@ -129,7 +129,7 @@ def _worker(system: str, steps: int, warmup: int, batch: int, seq_len: int, thre
         times.append(time.perf_counter() - t)
     peak = _status_kib("VmHWM")
     med = statistics.median(times)
-    return {"system": system + ("-bf16" if precision != "float32" else ""), "precision": precision,
+    return {"system": name, "precision": precision,
             "params": n_params, "tokens_per_s": batch * seq_len / med, "step_ms": med * 1e3,
             "step_ms_min": min(times) * 1e3, "warmup_s": warmup_s, "peak_rss_mib": peak / 1024,
             "step_memory_mib": (peak - rss_before) / 1024, "peak_reset": reset, "first_loss": losses[0],
@@ -238,7 +238,7 @@ def _markdown(result: dict, hf: dict) -> str:
         base = hf.get(r["precision"])
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         mem = f"{r['step_memory_mib'] / base['step_memory_mib']:.2f}x" if base and base["step_memory_mib"] > 0 else "-"
-        lo, hi = r.get("tokens_per_s_range", [r["tokens_per_s"]] * 2)
+        lo, hi = r["tokens_per_s_range"]
         lines.append(f"| {r['system']} | {r['precision']} | {r['tokens_per_s']:.0f} | {lo:.0f}-{hi:.0f} | {speed} | "
                      f"{r['step_ms']:.1f} | {r['step_memory_mib']:.0f} | {mem} | {r['peak_rss_mib']:.0f} | "
                      f"{r['warmup_s']:.1f} |")
