@@ -113,8 +113,24 @@ class RMSNorm(nn.Module):
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GELU with the tanh approximation, as all Gemma models use."""
+    """GELU with the tanh approximation, as all Gemma models use:
+
+        gelu(x) = ½ x (1 + tanh u),   u = √(2/π) (x + 0.044715 x³)
+
+    Eager PyTorch computes it in one fused kernel. Under `torch.compile` it is written x · σ(2u),
+    the same function (1 + tanh u = 2 σ(2u)): the compiler builds σ from exp, and on CPU its tanh
+    costs ~3x as much (~0.95 against ~0.37 ms per million values, measured on the chapter 08
+    machine), which made GELU the costliest element-wise part of a compiled training step.
+    """
+    if torch.compiler.is_compiling():
+        return _gelu_tanh_as_sigmoid(x)
     return F.gelu(x, approximate="tanh")
+
+
+def _gelu_tanh_as_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(x) written x · σ(2u), u = √(2/π) (x + 0.044715 x³): what `torch.compile` runs."""
+    u = math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)
+    return x * torch.sigmoid(2 * u)
 
 
 class GeGLU(nn.Module):
