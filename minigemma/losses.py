@@ -245,7 +245,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     autocast `nn.Linear` head would: h_c W^T, da W and da^T h_c. The softmax, the loss, dz and the
     running sums of the gradients stay float32; each chunk's (V, C) share is rounded to bfloat16
     once before it is added (autocast's head rounds its whole gradient once). On the chapter 08
-    model this takes the head + loss from ~46 to ~28 ms per step.
+    model's batch (2,048 rows, V = 4,096) the head + loss, forward and backward, takes ~36 ms this
+    way against ~47 ms in float32 on this course's 2-core CPU.
     """
 
     @staticmethod
