@@ -204,17 +204,20 @@ class TeacherHead:
 
 
 def _capped_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """float32 logits of rows h (n, C) under the head (V, C), soft-capped in place.
 
     The product runs in the weight's dtype: float32 for a float32 head; for a bfloat16 head (a bf16
-    teacher) the logits come out rounded to bfloat16 (3x faster on CPUs with bf16 instructions; a
-    KL of ~1e-3 nats from the float32 product, which chapter 09 measures). `out` (n, V) float32:
-    write a float32 head's logits there (a buffer reused chunk after chunk)."""
-    if out is not None and weight.dtype == torch.float32:
-        z = torch.mm(h.float(), weight.T, out=out)
+    teacher, or the student's head under autocast) the logits come out rounded to bfloat16 (3x
+    faster on CPUs with bf16 instructions; a KL of ~1e-3 nats from the float32 product, which
+    chapter 09 measures). Buffers reused chunk after chunk: `out` (n, V) float32 receives the
+    logits; `scratch` (n, V) in the weight's dtype receives a low-precision product first."""
+    if weight.dtype == torch.float32:
+        z = torch.mm(h.float(), weight.T, out=out) if out is not None else h.float() @ weight.T
     else:
-        z = (h.to(weight.dtype) @ weight.T).float()
+        product = torch.mm(h.to(weight.dtype), weight.T, out=scratch) if scratch is not None \
+            else h.to(weight.dtype) @ weight.T
+        z = out.copy_(product) if out is not None else product.float()
     if softcap:
         z.div_(softcap).tanh_().mul_(softcap)
     return z
@@ -268,13 +271,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for r0 in range(0, N, chunk):
             r1 = min(N, r0 + chunk)
             n = r1 - r0
-            h = hidden[r0:r1].to(low or torch.float32)
-            if low:
-                z = z_buf[:n].copy_(torch.mm(h, w.T, out=zl_buf[:n]))
-                if softcap:
-                    z.div_(softcap).tanh_().mul_(softcap)
-            else:
-                z = _capped_logits(h, w, softcap, out=z_buf[:n])  # (n, V)
+            h = hidden[r0:r1].to(w.dtype)
+            z = _capped_logits(h, w, softcap, out=z_buf[:n], scratch=zl_buf[:n] if low else None)  # (n, V)
             slope = None
             if softcap and (need_h or need_w):
                 slope = 1.0 - (z / softcap) ** 2  # ∂ cap(a) / ∂a, from the capped value
@@ -288,10 +286,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             if low:
                 dz = dzl_buf[:n].copy_(dz)
             if need_h:
-                if low:
-                    grad_h[r0:r1] = torch.mm(dz, w)
-                else:
-                    torch.mm(dz, w, out=grad_h[r0:r1])
+                grad_h[r0:r1] = torch.mm(dz, w)  # (n, C), float32 whatever the product's dtype
             if need_w:
                 if low:
                     grad_w += torch.mm(dz.T, h, out=gw_buf)

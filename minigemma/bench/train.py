@@ -96,8 +96,6 @@ def _worker(system: str, steps: int, warmup: int, batch: int, seq_len: int, thre
     else:
         net = model.train()
         module = T.CausalLMLoss(torch.compile(model) if system.endswith("compile") else model, packed=False)
-        if system.endswith("compile"):
-            module.model.config = model.config  # head_of reads these through the compiled wrapper
         n_tok = batch * seq_len
 
         def loss_of(w):
