@@ -9,7 +9,7 @@ COMMANDS = {
     "grade": ("minigemma.grading.notebooks", "grade_main", "execute exercise notebooks and print a score table"),
     "reset": ("minigemma.grading.notebooks", "reset_main", "restore one exercise of a notebook to its untouched state"),
     "exercises": ("minigemma.grading.notebooks", "exercises_main", "generate exercises/ from solutions/"),
-    "embed": ("minigemma.encoder", "main", "embed texts with EmbeddingGemma (JSON lines or .npy); --query ranks them"),
+    "embed": ("minigemma.embed", "main", "embed texts with EmbeddingGemma (JSON lines or .npy); --query ranks them"),
     "bench": ("minigemma.bench", "main", "run a benchmark (e.g. `bench generate`)"),
     "train": ("minigemma.train", "main", "train a model on the Shakespeare corpus (also under torchrun)"),
 }

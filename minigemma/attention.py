@@ -387,7 +387,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
-        _check_new_kv(self, k, v)
+        check_new_kv(self, k, v)
         start, end = self.length, self.length + k.shape[2]
         if self.max_len is None:
             self.k = torch.cat([self.k, k.to(self.k.dtype)], dim=2)
@@ -426,7 +426,7 @@ class RingKVCache:
         return torch.where(s < self.length, latest, -1)
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
-        _check_new_kv(self, k, v)
+        check_new_kv(self, k, v)
         T, start = k.shape[2], self.length
         if self.max_len is not None and start + T > self.max_len:
             raise ValueError(f"KV cache is full: {start + T} tokens do not fit in max_len={self.max_len}")
@@ -452,7 +452,7 @@ class RingKVCache:
         return k_all, v_all, Keys(start - held, held + T, layout=("ring-chunk", held, T))
 
 
-def _check_new_kv(cache, k, v):
+def check_new_kv(cache, k, v):
     B, K, _, D = cache.k.shape
     if k.shape != v.shape or k.dim() != 4 or (k.shape[0], k.shape[1], k.shape[3]) != (B, K, D):
         raise ValueError(f"cache holds (B={B}, K={K}, S, D={D}); got k {tuple(k.shape)}, v {tuple(v.shape)}")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import truncate
+from .encoder import pad_right, truncate
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,6 +284,24 @@ class Task:
         return Task(qs, ds, torch.cat(hn), torch.cat(ids), teacher)
 
 
+def tiny_encoder_config(vocab_size: int = 2048, layers: int = 2, hidden: int = 64, max_positions: int = 512):
+    """The student's config: `train.RECIPES["tiny-gemma3"]`'s design (head_dim 32, 1 kv head, MLP 4x
+    wide, window 64, QK-norm, RoPE 1M) at `hidden` width (hidden // 32 heads) and depth `layers`, with
+    `bidirectional=True`: the one config value that makes the stack an encoder. The defaults are half
+    of tiny-gemma3's width and a third of its depth, so a training step fits a 2-core CPU. Local and
+    global layers alternate (1:1): a stack this shallow with Gemma 3's 5:1 would have no global layer."""
+    from .gemma import GemmaConfig, layer_pattern
+    from .train import RECIPES
+
+    if hidden % 32:
+        raise ValueError(f"hidden must be a multiple of the head_dim 32, got {hidden}")
+    cfg = dict(RECIPES["tiny-gemma3"]["config"])
+    cfg.update(vocab_size=vocab_size, num_hidden_layers=layers, hidden_size=hidden, intermediate_size=4 * hidden,
+               num_attention_heads=hidden // 32, max_position_embeddings=max_positions, bidirectional=True,
+               layer_types=layer_pattern(layers, 2))
+    return GemmaConfig(**cfg)
+
+
 def pretrain_decoder(stream: torch.Tensor, vocab_size: int, cfg, layers: int = 2, hidden: int = 64,
                      progress: bool = False) -> tuple[nn.Module, dict]:
     """The student's stack as a causal decoder (`Gemma`), trained on next-token prediction over
@@ -295,26 +313,25 @@ def pretrain_decoder(stream: torch.Tensor, vocab_size: int, cfg, layers: int = 2
     step at the student's scale. The same config with `bidirectional=False` is the decoder, so its
     weights load into `new_student(init=...)` name for name."""
     from .gemma import Gemma
-    from .retrieval import student_config
     from .train import train
 
     torch.manual_seed(cfg.seed)
-    decoder = Gemma(replace(student_config(vocab_size=vocab_size, layers=layers, hidden=hidden), bidirectional=False))
+    decoder = Gemma(replace(tiny_encoder_config(vocab_size=vocab_size, layers=layers, hidden=hidden),
+                            bidirectional=False))
     history = train(decoder, stream, None, cfg, progress=progress, desc="pre-train")
     return decoder, history
 
 
 def new_student(vocab_size: int, layers: int = 2, hidden: int = 64, dim: int = 768, seed: int = 0,
                 init: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """A tiny EmbeddingGemma: `retrieval.student_config`, dense C -> 4C -> dim (dim = the teacher's
+    """A tiny EmbeddingGemma: `tiny_encoder_config`, dense C -> 4C -> dim (dim = the teacher's
     768, so embeddings can be matched at every MRL prefix). Randomly initialised from `seed`; with
     `init` (a `pretrain_decoder` state dict) the stack starts from the decoder's weights and only the
     dense layers stay random, as in EmbeddingGemma."""
     from .encoder import EmbeddingGemma
-    from .retrieval import student_config
 
     torch.manual_seed(seed)
-    cfg = student_config(vocab_size=vocab_size, layers=layers, hidden=hidden)
+    cfg = tiny_encoder_config(vocab_size=vocab_size, layers=layers, hidden=hidden)
     model = EmbeddingGemma(cfg, dense_dims=(4 * hidden, dim))
     model.reset_parameters(torch.Generator().manual_seed(seed))
     if init is not None:
@@ -329,18 +346,17 @@ def new_student(vocab_size: int, layers: int = 2, hidden: int = 64, dim: int = 7
 
 def rows_encoder(model: nn.Module, task: Task) -> Callable[[str, torch.Tensor], torch.Tensor]:
     """`train_encoder`'s encode_rows for a task: pad the rows, run the model (with gradients)."""
-    from .retrieval import pad_rows
 
     def encode_rows(kind: str, rows: torch.Tensor) -> torch.Tensor:
         src = task.queries if kind == "query" else task.documents
-        ids, mask = pad_rows([src[i] for i in rows.tolist()])
+        ids, mask = pad_right([src[i] for i in rows.tolist()])
         return model(ids, mask)
 
     return encode_rows
 
 
-def train_student(task: Task, vocab_size: int, cfg: EmbedTrainConfig, progress: bool = False,
-                  **student_kw) -> tuple[nn.Module, list[dict]]:
+def train_tiny_encoder(task: Task, vocab_size: int, cfg: EmbedTrainConfig, progress: bool = False,
+                       **student_kw) -> tuple[nn.Module, list[dict]]:
     """A fresh student (`new_student(vocab_size, seed=cfg.seed, **student_kw)`, so `init=` starts it
     from a pre-trained decoder) trained on `task` with `cfg`; returns (model, history)."""
     model = new_student(vocab_size, seed=cfg.seed, **student_kw)

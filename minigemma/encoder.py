@@ -36,9 +36,6 @@ Shapes: B texts, T tokens, C hidden width (768), E embedding width (768, or an M
 
 from __future__ import annotations
 
-import json
-from functools import partial
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -47,8 +44,8 @@ from torch import nn
 
 from .attention import index_mask, make_positions
 from .gemma import DecoderLayer, GemmaConfig, hf_name_table
-from .layers import RMSNorm, check_token_ids, embedding_scale
-from .weights.hf import CheckpointError, empty_model, fused_parts, match_names, read_config
+from .layers import RMSNorm, check_token_ids
+from .trunk import Trunk
 
 MRL_DIMS = (768, 512, 256, 128)  # the prefixes EmbeddingGemma was trained to embed with
 
@@ -108,12 +105,12 @@ def truncate(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
-class EmbeddingGemma(nn.Module):
+class EmbeddingGemma(Trunk):
     """Gemma 3 as a text encoder: input_ids (B, T) -> unit-length embeddings (B, E).
 
-    The stack is Gemma's own (`gemma.DecoderLayer`, with the parameter names of `gemma.Gemma`:
-    `embed_tokens`, `layers.{i}...`, `norm`), built from a config with `bidirectional=True`; there is
-    no LM head. On top: mean pooling, the dense layers `dense.0`, `dense.1` (C -> 4C -> C, no bias,
+    The stack is the shared trunk (`trunk.Trunk`) with Gemma's own `gemma.DecoderLayer`s and the
+    parameter names of `gemma.Gemma` (`embed_tokens`, `layers.{i}...`, `norm`), built from a config
+    with `bidirectional=True`; there is no LM head. On top: mean pooling, the dense layers `dense.0`, `dense.1` (C -> 4C -> C, no bias,
     no activation; `dense_dims=()` leaves them out) and L2 normalisation.
 
     `encode(texts, ...)` tokenises, batches texts of similar length together and returns the
@@ -123,14 +120,9 @@ class EmbeddingGemma(nn.Module):
 
     def __init__(self, config: GemmaConfig, dense_dims: Sequence[int] = (3072, 768),
                  prompts: dict[str, str] | None = None, max_length: int | None = None, tokenizer=None):
-        super().__init__()
         if not config.bidirectional:
             raise ValueError("an encoder needs GemmaConfig(bidirectional=True)")
-        self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        super().__init__(config, (DecoderLayer(config, i) for i in range(config.num_hidden_layers)))
         dims = [config.hidden_size, *dense_dims]
         self.dense = nn.Sequential(*(nn.Linear(a, b, bias=False) for a, b in zip(dims, dims[1:])))
         self.prompts = dict(prompts or {})
@@ -157,7 +149,7 @@ class EmbeddingGemma(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T), attention_mask (B, T) True for real tokens -> final-normed states (B, T, C).
 
-        The same stack as `Gemma.forward`; the only addition is the documents: with padding, every
+        The same trunk as `Gemma.forward`; the only addition is the documents: with padding, every
         pad is a document of its own (`document_ids`), so padding on either side changes nothing.
         """
         check_token_ids(input_ids, self.config.vocab_size)
@@ -169,11 +161,7 @@ class EmbeddingGemma(nn.Module):
         pos = make_positions(input_ids, None, attention_mask, None)  # RoPE positions count real tokens
         if attention_mask is not None:
             pos.documents = document_ids(attention_mask)
-        x = self.embed_tokens(input_ids)  # (B, T, C)
-        x = x * embedding_scale(self.config.hidden_size, x.dtype)
-        for layer in self.layers:
-            x = layer(x, pos)
-        return self.norm(x)
+        return self.trunk(input_ids, pos)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 dim: int | None = None) -> torch.Tensor:
@@ -314,22 +302,8 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int = 0, device=None) -> tu
 
 
 # --------------------------------------------------------------------------------------------
-# Loading a sentence-transformers folder
+# sentence-transformers folders: the name table (the loader is minigemma.pretrained.embeddinggemma_from_st_dir)
 # --------------------------------------------------------------------------------------------
-_PIPELINE = ["sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
-             "sentence_transformers.models.Dense", "sentence_transformers.models.Dense",
-             "sentence_transformers.models.Normalize"]
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (expected a sentence-transformers folder)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-
-
 def st_name_table(config: GemmaConfig, dense_folders: Iterable[str]) -> dict[str, str | None]:
     """Checkpoint name -> our parameter name for a sentence-transformers folder. The transformer's
     tensors are HF Gemma 3's without the "model." prefix; Dense folder k holds "linear.weight"."""
@@ -337,181 +311,3 @@ def st_name_table(config: GemmaConfig, dense_folders: Iterable[str]) -> dict[str
     for k, folder in enumerate(dense_folders):
         table[f"{folder}/linear.weight"] = f"dense.{k}.weight"
     return table
-
-
-def load_sentence_transformers(path: str | Path, dtype: torch.dtype = torch.float32) -> EmbeddingGemma:
-    """An EmbeddingGemma in `dtype` (norm weights float32) from a sentence-transformers folder (config.json, model.safetensors, the
-    Pooling and Dense folders, config_sentence_transformers.json, tokenizer.model), safetensors only.
-
-    The pipeline in modules.json must be Transformer -> mean Pooling (prompt included) -> Dense ->
-    Dense -> Normalize; anything else is refused with the reason. The name table (`st_name_table`) is
-    checked both ways and for every shape (`weights.hf.match_names`) before anything is read; then
-    each tensor is copied in, a block of rows at a time (`_copy_rows`).
-    """
-    from safetensors import safe_open
-
-    from .tokenizer import Tokenizer
-
-    path = Path(path).expanduser()
-    modules = _read_json(path / "modules.json")
-    kinds = [m.get("type") for m in modules]
-    if kinds != _PIPELINE:
-        raise CheckpointError(f"{path}/modules.json: pipeline {kinds} is not EmbeddingGemma's {_PIPELINE}")
-    pooling = _read_json(path / modules[1]["path"] / "config.json")
-    if not pooling.get("pooling_mode_mean_tokens") or not pooling.get("include_prompt", True):
-        raise CheckpointError(f"{path}/{modules[1]['path']}: only mean pooling over every token (prompt "
-                              f"included) is supported, got {pooling}")
-    dense_folders, dense_dims = [], []
-    for m in modules[2:4]:
-        cfg = _read_json(path / m["path"] / "config.json")
-        if cfg.get("bias", True) or not cfg.get("activation_function", "").endswith("Identity"):
-            raise CheckpointError(f"{path}/{m['path']}: only a Dense without bias or activation is supported, got {cfg}")
-        dense_folders.append(m["path"])
-        dense_dims.append(cfg["out_features"])
-    config = GemmaConfig.from_hf(read_config(path))
-    if not config.bidirectional:
-        raise CheckpointError(f"{path}/config.json: use_bidirectional_attention is not true; not an encoder")
-    st_config = _read_json(path / "config_sentence_transformers.json")
-    max_length = _read_json(path / "sentence_bert_config.json").get("max_seq_length")
-    if not (path / "tokenizer.model").is_file():
-        raise CheckpointError(f"{path}: no tokenizer.model")
-    model = empty_model(partial(EmbeddingGemma, dense_dims=dense_dims), config, dtype)  # no random init
-    for m in model.modules():  # norms compute in float32 whatever the dtype, so their weights stay float32
-        if isinstance(m, RMSNorm):
-            m.weight = nn.Parameter(torch.empty_like(m.weight, dtype=torch.float32))
-    model.prompts = dict(st_config.get("prompts") or {})
-    model.max_length = max_length or config.max_position_embeddings
-    model.tokenizer = Tokenizer(path / "tokenizer.model")
-
-    files = {"": path / "model.safetensors", **{f: path / f / "model.safetensors" for f in dense_folders}}
-    shapes, source = {}, {}
-    for prefix, f in files.items():
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing (only safetensors weights are read)")
-        with safe_open(str(f), "pt") as handle:
-            for name in handle.keys():
-                key = f"{prefix}/{name}" if prefix else name
-                shapes[key], source[key] = tuple(handle.get_slice(name).get_shape()), (f, name)
-    table = st_name_table(config, dense_folders)
-    plan = match_names(model, shapes, lambda n: table.get(n, f"<unmapped> {n}"), where=str(path))
-    params, parts = model.state_dict(keep_vars=True), fused_parts(model)
-    with torch.no_grad():
-        for ck_name, ours in plan.items():
-            fused, lo, hi = parts.get(ours, (ours, None, None))  # q/k/v fill rows of qkv_proj, gate/up of gate_up_proj
-            _copy_rows(*source[ck_name], params[fused] if lo is None else params[fused][lo:hi])
-    return model.eval()
-
-
-def _copy_rows(file: Path, name: str, target: torch.Tensor, block_bytes: int = 32 << 20) -> None:
-    """Copy tensor `name` of a safetensors file into `target`, ~32 MB of rows at a time, opening the
-    file for each block: only that block is ever mapped into memory, so loading holds the model and
-    one block, never a second copy of the 1.2 GB of weights."""
-    from safetensors import safe_open
-
-    n = target.shape[0]
-    rows = max(1, block_bytes // max(1, target[0].numel() * 4))
-    for r in range(0, n, rows):
-        with safe_open(str(file), "pt") as handle:
-            target[r:r + rows].copy_(handle.get_slice(name)[r:r + rows])
-
-
-def load_embeddinggemma(path: str | Path, dtype: torch.dtype = torch.float32, quant: str | None = None) -> EmbeddingGemma:
-    """`load_sentence_transformers`, then `quant.quantize(model, quant)`: None (float32 reference),
-    "bf16", "int8" or "int4" (every linear, the dense head included, and the embedding as Q8_0)."""
-    from .quant import LEVELS, quantize
-
-    if quant not in LEVELS:
-        raise ValueError(f"quant={quant!r}: choose from {', '.join(map(repr, LEVELS))}")
-    # bf16 is read straight into bf16 (the same rounding as casting a float32 model, half the memory);
-    # int8 and int4 are quantised from the float32 weights.
-    load_dtype = torch.bfloat16 if quant == "bf16" else dtype if quant is None else torch.float32
-    return quantize(load_sentence_transformers(path, load_dtype), quant)
-
-
-# --------------------------------------------------------------------------------------------
-# The command line: python -m minigemma embed
-# --------------------------------------------------------------------------------------------
-def _write_atomic(path: Path, write) -> None:
-    """write(tmp_path) then rename: an interrupted run never leaves a half-written file."""
-    import os
-
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def main(argv=None) -> int:
-    """python -m minigemma embed [TEXT ...] [--query Q] [--prompt NAME] [--dim D] [--quant LEVEL] [--out FILE]"""
-    import argparse
-    import sys
-
-    ap = argparse.ArgumentParser(
-        prog="python -m minigemma embed",
-        description="Embed texts with EmbeddingGemma 300M (one text per argument, or one per line of stdin). "
-                    "Writes JSON lines {\"text\", \"embedding\"} to stdout, or to --out (.jsonl, or .npy for an "
-                    "(N, dim) float32 array). With --query, ranks the texts by cosine similarity to the query "
-                    "instead and writes JSON lines {\"rank\", \"score\", \"index\", \"text\"}.")
-    ap.add_argument("texts", nargs="*", help="texts to embed; none: read stdin, one text per line")
-    ap.add_argument("--query", help="rank the texts against this query (the query gets the 'query' prompt)")
-    ap.add_argument("--prompt", help="prompt name for the texts (default: none, or 'document' with --query); "
-                                     "e.g. query, document, Clustering, STS")
-    ap.add_argument("--dim", type=int, default=None, help="MRL dimension: 768 (default), 512, 256 or 128")
-    ap.add_argument("--quant", choices=["bf16", "int8", "int4"], default=None, help="weights (default float32)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the norms, MLPs and RoPE (faster on many texts; "
-                                                           "the first batch pays for compiling)")
-    ap.add_argument("--top", type=int, default=None, help="with --query: print only the best K")
-    ap.add_argument("--out", help="write here instead of stdout: FILE.npy (embeddings) or any other name (JSON lines)")
-    ap.add_argument("--model", default="embeddinggemma-300m",
-                    help="registry name or a sentence-transformers folder (default embeddinggemma-300m)")
-    args = ap.parse_args(argv)
-
-    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not texts:
-        ap.error("no texts: pass them as arguments or on stdin, one per line")
-    if args.out and args.out.endswith(".npy") and args.query is not None:
-        ap.error("--query writes a ranking (JSON lines), not embeddings: drop --query or use another --out name")
-    if args.model == "embeddinggemma-300m":
-        from .pretrained import load_pretrained
-
-        model, _ = load_pretrained(args.model, quant=args.quant)
-    else:
-        model = load_embeddinggemma(args.model, quant=args.quant)
-    if args.compile:
-        compile_pointwise(model)
-    try:
-        prompt_name = args.prompt or ("document" if args.query is not None else None)
-        emb = model.encode(texts, prompt_name=prompt_name, dim=args.dim, batch_size=args.batch_size)
-        q = None if args.query is None else model.encode([args.query], prompt_name="query", dim=args.dim)
-    except ValueError as e:
-        ap.error(str(e))
-
-    if q is not None:
-        scores = (emb @ q[0]).tolist()
-        order = sorted(range(len(texts)), key=lambda i: -scores[i])[:args.top]
-        lines = [json.dumps({"rank": r + 1, "score": round(scores[i], 6), "index": i, "text": texts[i]})
-                 for r, i in enumerate(order)]
-    elif args.out and args.out.endswith(".npy"):
-        import numpy as np
-
-        out = Path(args.out)
-
-        def save(tmp):
-            with open(tmp, "wb") as f:
-                np.save(f, emb.numpy())
-
-        _write_atomic(out, save)
-        print(f"[saved {len(texts)} x {emb.shape[1]} float32 embeddings to {out}]", file=sys.stderr)
-        return 0
-    else:
-        lines = [json.dumps({"text": t, "embedding": [round(v, 7) for v in e.tolist()]}) for t, e in zip(texts, emb)]
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        _write_atomic(Path(args.out), lambda tmp: Path(tmp).write_text(text))
-        print(f"[saved {len(lines)} lines to {args.out}]", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
-    return 0

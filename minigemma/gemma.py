@@ -23,14 +23,14 @@ Shapes: B batch, T new tokens, S keys, C hidden, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .attention import Cache, GroupedQueryAttention, Positions, make_positions, positions_after
-from .layers import GeGLU, RMSNorm, activation_dtype, check_token_ids, embedding_scale, soft_cap
-from .weights.hf import CheckpointError, empty_model, load_state_strict, read_safetensors
+from .attention import GroupedQueryAttention, Positions, positions_after
+from .layers import GeGLU, RMSNorm
+from .trunk import CausalLM
+from .weights.hf import CheckpointError
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -86,6 +86,23 @@ class GemmaConfig:
         if self.family not in ("gemma2", "gemma3"):
             raise ValueError(f"family must be 'gemma2' or 'gemma3', got {self.family!r}")
 
+    # The protocol every model config speaks (see trunk.py): the same question, one name.
+    @property
+    def width(self) -> int:
+        return self.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def logit_cap(self) -> float | None:
+        return self.final_logit_softcapping
+
+    @property
+    def scales_embeddings(self) -> bool:
+        return True
+
     @classmethod
     def from_hf(cls, cfg: dict) -> "GemmaConfig":
         """Translate an HF config.json dict (model_type gemma2 or gemma3_text), old or new style."""
@@ -132,6 +149,47 @@ class GemmaConfig:
             use_qk_norm=gemma3,
             max_position_embeddings=cfg.get("max_position_embeddings", 8192),
             bidirectional=bool(cfg.get("use_bidirectional_attention", False)),  # EmbeddingGemma
+        )
+
+    @classmethod
+    def from_gguf(cls, metadata: dict, shapes: dict[str, tuple], where: str = "GGUF file") -> "GemmaConfig":
+        """A Gemma 3 config from a GGUF header: its `gemma3.*` metadata, the embedding's shape in
+        `shapes` ({tensor name: shape}, PyTorch order), and the Gemma 3 facts the header omits (the
+        5 : 1 local/global pattern, the local layers' RoPE base, query_pre_attn_scalar = head_dim)."""
+        arch = metadata.get("general.architecture")
+        if arch != "gemma3":
+            raise CheckpointError(f"{where}: architecture {arch!r}; only 'gemma3' GGUF files are supported")
+
+        def need(key):
+            if f"gemma3.{key}" not in metadata:
+                raise CheckpointError(f"{where}: metadata lacks 'gemma3.{key}'")
+            return metadata[f"gemma3.{key}"]
+
+        if "token_embd.weight" not in shapes:
+            raise CheckpointError(f"{where}: no token_embd.weight tensor")
+        n_layers, head_dim = int(need("block_count")), int(need("attention.key_length"))
+        if int(metadata.get("gemma3.attention.value_length", head_dim)) != head_dim:
+            raise CheckpointError(f"{where}: key_length != value_length is not supported")
+        if metadata.get("gemma3.rope.scaling.type", "none") not in ("none", "linear"):
+            raise CheckpointError(f"{where}: RoPE scaling {metadata['gemma3.rope.scaling.type']!r} is not supported")
+        return cls(
+            family="gemma3",
+            vocab_size=shapes["token_embd.weight"][0],
+            hidden_size=int(need("embedding_length")),
+            intermediate_size=int(need("feed_forward_length")),
+            num_hidden_layers=n_layers,
+            num_attention_heads=int(need("attention.head_count")),
+            num_key_value_heads=int(need("attention.head_count_kv")),
+            head_dim=head_dim,
+            layer_types=layer_pattern(n_layers, 6),  # not in the header: Gemma 3's 5 local : 1 global
+            sliding_window=int(need("attention.sliding_window")),
+            query_pre_attn_scalar=head_dim,  # not in the header; llama.cpp scales by head_dim**-0.5 too
+            rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(need("rope.freq_base")),  # the global layers' base
+            rope_local_base_freq=10_000.0,  # not in the header
+            rope_scaling_factor=float(metadata.get("gemma3.rope.scaling.factor", 1.0)),
+            use_qk_norm=True,
+            max_position_embeddings=int(need("context_length")),
         )
 
 
@@ -240,6 +298,10 @@ class DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_feedforward_layernorm = post_norm()
 
+    def new_cache(self, batch: int, max_len: int | None = None, dtype=torch.float32, device=None):
+        """This layer's KV cache: all the keys for a global layer, a ring of the window for a local one."""
+        return self.self_attn.new_cache(batch, max_len, dtype, device)
+
     def forward(self, x: torch.Tensor, pos: Positions | None = None, cache=None) -> torch.Tensor:
         """x (B, T, C); pos: where the tokens sit (default: after what the cache holds); cache: this
         layer's KV cache (or None)."""
@@ -248,40 +310,19 @@ class DecoderLayer(nn.Module):
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
-class Gemma(nn.Module):
+class Gemma(CausalLM):
     """Gemma 2 / Gemma 3 causal language model: input_ids (B, T) -> logits (B, T, V).
 
-    One forward serves every use: the reference (float32, no cache), training, the prompt and the
-    one-token decode step (with a cache), and the fast variants, which only swap modules in
-    (`minigemma.quant`: int8/int4 linears, a quantised head). Decoding with a cache:
-
-        cache = model.new_cache(batch=B, max_len=prompt_len + new_tokens)
-        logits = model(prompt_ids, cache=cache, last_only=True)        # prefill: (B, 1, V)
-        logits = model(next_ids[:, None], cache=cache, last_only=True)  # one step: (B, 1, V)
-
-    Each call appends its T tokens to every layer's cache; `cache.length` counts them. Batched
-    prompts of different lengths are left-padded and described by `attention_mask` (B, tokens seen
-    including these T), True for real tokens.
+    The shared trunk (`trunk.CausalLM`: embed · √C, the layers, the final norm, the tied head, one
+    forward for every use) with Gemma's `DecoderLayer`s. Batched prompts of different lengths are
+    left-padded and described by `attention_mask` (B, tokens seen including these T), True for real
+    tokens; see `CausalLM.forward` for the call and `new_cache` for decoding.
     """
 
     def __init__(self, config: GemmaConfig):
-        super().__init__()
-        self.config = config
-        # (built empty, then initialised below: on the meta device there is nothing to initialise)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # The LM head is tied: it is the embedding matrix itself (one Parameter under two names).
-        # Quantisation swaps this Linear for a quantised copy and leaves the embedding alone.
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
-        self.tie_weights()
+        super().__init__(config, (DecoderLayer(config, i) for i in range(config.num_hidden_layers)))
         if not self.embed_tokens.weight.is_meta:
             self.reset_parameters()
-
-    def tie_weights(self) -> None:
-        """Make the head's weight the embedding's (again: moving a model off the meta device unties it)."""
-        self.lm_head.weight = self.embed_tokens.weight
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> "Gemma":
@@ -293,46 +334,6 @@ class Gemma(nn.Module):
             elif isinstance(m, RMSNorm):
                 m.weight.zero_()
         return self
-
-    def new_cache(self, batch: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None,
-                  device=None) -> Cache:
-        """One cache per layer: a KVCache for global layers, a RingKVCache (ring of `window`) for local ones.
-
-        With max_len every buffer is allocated now, and its bytes equal kv_cache_bytes(config, max_len, batch, dtype).
-        Without, global caches grow as tokens arrive. dtype and device default to the activations'.
-        """
-        dtype = dtype or activation_dtype(self)
-        device = device or self.norm.weight.device
-        return Cache([layer.self_attn.new_cache(batch, max_len, dtype, device) for layer in self.layers],
-                     batch, device)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, cache: Cache | None = None,
-                last_only: bool = False, return_hidden: bool = False) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only (the head is the costly part).
-
-        attention_mask: (B, S) with S = tokens already in the cache + T; False marks left padding.
-        positions:      RoPE positions (B, T) or (T,); a 0 after the first token starts a new packed
-                        document. Default: with a mask, each token's count of real tokens before it
-                        (so a left-padded prompt starts at 0); else continuing from the cache.
-        cache:          from `new_cache`, updated in place.
-        return_hidden:  return the final-normed hidden states (B, T, C) instead of logits (a
-                        chunked loss applies the head itself: `lm_head.weight`).
-        """
-        check_token_ids(input_ids, self.config.vocab_size)
-        if cache is not None and len(cache) != len(self.layers):
-            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
-        pos = make_positions(input_ids, cache, attention_mask, positions)
-        x = self.embed_tokens(input_ids)  # (B, T, C)
-        x = x * embedding_scale(self.config.hidden_size, x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, pos, None if cache is None else cache[i])
-        x = self.norm(x)
-        if last_only:
-            x = x[:, -1:]
-        if return_hidden:
-            return x
-        return soft_cap(self.lm_head(x), self.config.final_logit_softcapping)  # (B, T, V)
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,7 +351,7 @@ def kv_cache_bytes(config: GemmaConfig, T: int, batch: int = 1, dtype: torch.dty
 
 
 # --------------------------------------------------------------------------------------------
-# Loading an HF checkpoint
+# HF checkpoints: the name table (the loader is minigemma.pretrained.gemma_from_hf_dir)
 # --------------------------------------------------------------------------------------------
 _LAYER_TENSORS = [
     "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
@@ -365,7 +366,7 @@ def hf_name_table(config: GemmaConfig) -> dict[str, str | None]:
     table: dict[str, str | None] = {
         "model.embed_tokens.weight": "embed_tokens.weight",
         "model.norm.weight": "norm.weight",
-        "lm_head.weight": None,  # tied to the embedding; checked equal in from_hf
+        "lm_head.weight": None,  # tied to the embedding; a loader checks the two are equal
     }
     per_layer = _LAYER_TENSORS + (["self_attn.q_norm.weight", "self_attn.k_norm.weight"] if config.use_qk_norm else [])
     for i in range(config.num_hidden_layers):
@@ -374,16 +375,47 @@ def hf_name_table(config: GemmaConfig) -> dict[str, str | None]:
     return table
 
 
-def from_hf(path: str | Path, config_dict: dict, dtype: torch.dtype = torch.float32) -> Gemma:
-    """Build a Gemma from an HF checkpoint directory (config.json + safetensors, sharded or not)."""
-    config = GemmaConfig.from_hf(config_dict)
-    model = empty_model(Gemma, config, dtype)
-    tensors = read_safetensors(path)
-    head, embed = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
-    if head is not None and embed is not None and not torch.equal(head, embed):
-        raise CheckpointError(f"{path}: lm_head.weight differs from model.embed_tokens.weight; "
-                              "Gemma ties them, an untied head is not supported")
-    table = hf_name_table(config)
-    # A name missing from the table maps to a non-parameter, so load_state_strict reports it as unexpected.
-    load_state_strict(model, tensors, lambda name: table.get(name, f"<unmapped> {name}"), where=str(path))
-    return model.eval()
+# --------------------------------------------------------------------------------------------
+# llama.cpp's GGUF files of Gemma 3: names and conventions
+# --------------------------------------------------------------------------------------------
+# llama.cpp's converter (convert_hf_to_gguf.py) changes a Gemma checkpoint in ways a loader must undo.
+# Each was found by comparing with HF transformers' own GGUF loader on the real file, not guessed
+# (tests/test_gguf.py keeps checking them):
+#
+# * names: `blk.{i}.attn_q.weight` for `layers.{i}.self_attn.q_proj.weight` etc. (`gguf_name_table`);
+# * every RMSNorm weight is stored with Gemma's `1 +` folded in (`1 + w`): a loader subtracts 1 (`is_norm`);
+# * nothing else: no row permutation of q/k (unlike llama.cpp's Llama conversion), the embedding is
+#   stored unscaled, and the LM head is not stored at all (tied to `token_embd`);
+# * the header omits what a Gemma 3 loader must know anyway (`GemmaConfig.from_gguf` supplies it).
+
+# llama.cpp name (per layer, after "blk.{i}.") -> our name (after "layers.{i}.")
+GGUF_LAYER_NAMES: dict[str, str] = {
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+
+
+def gguf_name_table(n_layers: int) -> dict[str, str]:
+    """Every llama.cpp tensor name of a Gemma 3 GGUF -> our parameter name. There is no
+    `output.weight`: the head is tied to `token_embd.weight`."""
+    table = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight"}
+    for i in range(n_layers):
+        for theirs, ours in GGUF_LAYER_NAMES.items():
+            table[f"blk.{i}.{theirs}"] = f"layers.{i}.{ours}"
+    return table
+
+
+def is_norm(name: str) -> bool:
+    """Our RMSNorm weights: stored by llama.cpp as 1 + w."""
+    return name.endswith(("norm.weight", "layernorm.weight"))

@@ -18,12 +18,13 @@ Griffin): `model(input_ids, attention_mask=..., cache=..., last_only=True) -> (B
 
 Command line (prints only the completion on stdout, streamed; progress goes to stderr):
 
-    python -m minigemma generate "PROMPT" [--model gemma3-270m|DIR] [--max-new-tokens N]
-        [--temperature T] [--top-k K] [--top-p P] [--seed S] [--quant none|bf16|int8|int4|gguf]
-        [--dtype float32|bfloat16]
+    python -m minigemma generate "PROMPT" [--model gemma3-270m|FILE.gguf|DIR] [--max-new-tokens N]
+        [--temperature T] [--top-k K] [--top-p P] [--seed S]
+        [--quant none|bf16|int8|int4 | --file-codes | --dtype float32|bfloat16]
 
-By default it runs the fast path (`default_quant`: the GGUF's own codes for gemma3-270m, see
-`minigemma.quant`) and says so on stderr; `--dtype float32` gives the float32 reference.
+By default it runs the fast path (`fast_path`: for gemma3-270m the GGUF file's own codes on the int4
+kernel, `--file-codes`; int8 elsewhere) and says so on stderr; `--dtype float32` gives the float32
+reference.
 """
 
 from __future__ import annotations
@@ -238,29 +239,34 @@ QUANT_NAMES = {
     "bf16": "bfloat16 weights",
     "int8": "int8 layers, an int4 head whose top 64 logits are exact, bf16 activations",
     "int4": "int4 layers, an int4 head whose top 64 logits are exact, bf16 activations",
-    "gguf": "the GGUF file's own codes on the int4 kernel, an int4 head whose top 64 logits are exact, bf16 activations",
 }
+FILE_CODES_NAME = ("the GGUF file's own codes on the int4 kernel, an int4 head whose top 64 logits are exact, "
+                   "bf16 activations")
 
 
-def default_quant(model_name: str) -> str:
-    """The fast path `generate` uses unless told otherwise: for the course's GGUF checkpoint the file's own
-    codes (the level whose greedy tokens follow float32's most closely, chapter 05); elsewhere int8."""
-    return "gguf" if model_name == "gemma3-270m" else "int8"
+def fast_path(model_name: str) -> dict:
+    """What `generate` loads unless told otherwise (load_pretrained's keywords): for the course's GGUF
+    checkpoint the file's own codes (whose greedy tokens follow float32's most closely, chapter 05);
+    elsewhere int8."""
+    return {"file_codes": True} if model_name == "gemma3-270m" else {"quant": "int8"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m minigemma generate",
                                  description="Continue a prompt. Only the completion goes to stdout.")
     ap.add_argument("prompt")
-    ap.add_argument("--model", default="gemma3-270m", help="registry name or checkpoint directory (default gemma3-270m)")
+    ap.add_argument("--model", default="gemma3-270m",
+                    help="checkpoint name, .gguf file or checkpoint directory (default gemma3-270m)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--quant", choices=["none", "bf16", "int8", "int4", "gguf"], default=None,
-                    help="weights (default: the fast path, gguf for gemma3-270m and int8 otherwise; "
-                         "none: the float32 reference)")
+    ap.add_argument("--quant", choices=["none", "bf16", "int8", "int4"], default=None,
+                    help="weight precision (default: the fast path, --file-codes for gemma3-270m and int8 "
+                         "otherwise; none: the float32 reference)")
+    ap.add_argument("--file-codes", action="store_true",
+                    help="a GGUF checkpoint's own integer codes on the int4 kernel (the default for gemma3-270m)")
     ap.add_argument("--dtype", choices=list(DTYPES), default=None,
                     help="unquantised weights in this dtype; --dtype float32 is the reference")
     args = ap.parse_args(argv)
@@ -270,24 +276,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--top-k must be positive")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         ap.error("--top-p must be in (0, 1]")
-    if args.dtype is not None and args.quant not in (None, "none"):
-        ap.error("--dtype selects unquantised weights; do not combine it with --quant")
+    if sum([args.dtype is not None, args.quant is not None, args.file_codes]) > 1:
+        ap.error("--dtype, --quant and --file-codes each choose the weights' precision: give one of them")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     if args.dtype is not None:
-        quant = "bf16" if args.dtype == "bfloat16" else None
+        precision = {"dtype": DTYPES[args.dtype]}
+    elif args.quant is not None:
+        precision = {"quant": None if args.quant == "none" else args.quant}
     else:
-        quant = None if args.quant == "none" else (args.quant or default_quant(args.model))
+        precision = {"file_codes": True} if args.file_codes else fast_path(args.model)
 
     from .pretrained import load_pretrained
 
     t0 = time.perf_counter()
-    model, tokenizer = load_pretrained(args.model, quant=quant)
+    try:
+        model, tokenizer = load_pretrained(args.model, **precision)
+    except ValueError as e:  # e.g. --file-codes for a checkpoint without codes of its own
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if tokenizer is None:
         print(f"error: {args.model} has no tokenizer.model", file=sys.stderr)
         return 2
-    hint = "; --dtype float32 for the reference" if quant is not None else ""
-    print(f"[loaded {args.model} as {QUANT_NAMES[quant]} in {time.perf_counter() - t0:.1f} s{hint}]", file=sys.stderr)
+    if precision.get("file_codes"):
+        what = FILE_CODES_NAME
+    elif precision.get("dtype") == torch.bfloat16:
+        what = QUANT_NAMES["bf16"]
+    else:
+        what = QUANT_NAMES[precision.get("quant")]
+    hint = "; --dtype float32 for the reference" if what != QUANT_NAMES[None] else ""
+    print(f"[loaded {args.model} as {what} in {time.perf_counter() - t0:.1f} s{hint}]", file=sys.stderr)
 
     def stream(row, piece):
         sys.stdout.write(piece)

@@ -21,7 +21,8 @@ H heads, K kv heads, D head_dim, W attention window):
     ResidualBlock, Griffin            the model (its MLP is layers.GeGLU with biases); logits
                                       soft-capped at 30; tied embeddings
     RecurrentState, state_bytes       the fixed-size decoding state and its size
-    from_hf                           HF `recurrent_gemma` checkpoints, through an explicit name table
+    hf_name_table, hf_transforms      HF `recurrent_gemma` checkpoints: the explicit name table (the
+                                      loader is minigemma.pretrained.griffin_from_hf_dir)
 
 Every temporal block has one call, recurrentgemma's: `block(x, pos, cache) -> (B, T, C)`, where
 `pos` (attention.Positions) says where the tokens sit and `cache` is the block's own state
@@ -54,8 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Cache, GroupedQueryAttention, Positions, make_positions
-from .layers import GeGLU, RMSNorm, activation_dtype, check_token_ids, embedding_scale, gelu_tanh, soft_cap
+from .attention import GroupedQueryAttention, Positions
+from .layers import GeGLU, RMSNorm, gelu_tanh
+from .trunk import CausalLM
 
 RECURRENT, ATTENTION = "recurrent", "attention"
 
@@ -134,6 +136,19 @@ class GriffinConfig:
             problems.append("attention_window_size and conv1d_width must be >= 1")
         if problems:
             raise ValueError("GriffinConfig: " + "; ".join(problems))
+
+    # The protocol every model config speaks (see trunk.py): the same question, one name.
+    @property
+    def family(self) -> str:
+        return "griffin"
+
+    @property
+    def logit_cap(self) -> float | None:
+        return self.logits_soft_cap
+
+    @property
+    def scales_embeddings(self) -> bool:
+        return self.embeddings_scale_by_sqrt_dim
 
     @property
     def head_dim(self) -> int:
@@ -378,10 +393,15 @@ class RGLRU(nn.Module):
         a = a * ~reset  # forget everything at a document start...
         mult = torch.where(reset, torch.ones_like(mult), mult)  # ...and take the input unscaled
         b = x * i * mult
-        h, h_last = SCANS[self.scan](a, b, None if state is None else state.h)
+        h, h_last = self.recurrence(a, b, None if state is None else state.h)
         if state is not None:
             state.h = h_last
         return h.to(x.dtype)
+
+    def recurrence(self, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None):
+        """h_t = a_t ⊙ h_{t-1} + b_t over (B, T, R), from h0 (B, R) or zeros -> (h (B, T, R) float32,
+        h_T (B, R)), by the config's scan (`SCANS`). A kernel overrides this method, nothing else."""
+        return SCANS[self.scan](a, b, h0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,6 +454,10 @@ class ResidualBlock(nn.Module):
         self.channel_pre_norm = RMSNorm(cfg.width, cfg.rms_norm_eps)
         self.mlp_block = GeGLU(cfg.width, cfg.mlp_expanded_width, bias=True)
 
+    def new_cache(self, batch: int, max_len: int | None = None, dtype=torch.float32, device=None):
+        """The temporal block's state: a RecurrentState, or a RingKVCache of the window."""
+        return self.temporal_block.new_cache(batch, max_len, dtype, device)
+
     def forward(self, x: torch.Tensor, pos: Positions, cache=None) -> torch.Tensor:
         r = x + self.temporal_block(self.temporal_pre_norm(x), pos, cache)
         return r + self.mlp_block(self.channel_pre_norm(r))
@@ -471,28 +495,27 @@ def state_bytes(cfg: GriffinConfig, T: int, batch: int = 1, dtype: torch.dtype =
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
-class Griffin(nn.Module):
+class Griffin(CausalLM):
     """The RecurrentGemma language model.  input_ids (B, T) -> logits (B, T, V).
 
-    embed · sqrt(C) (rounded in bf16) -> residual blocks -> final RMSNorm -> tied LM head ->
-    soft-cap 30.
+    The shared trunk (`trunk.CausalLM`): embed · sqrt(C) (rounded in bf16) -> residual blocks ->
+    final RMSNorm -> tied LM head -> soft-cap 30. Its call is Gemma's, so one decode loop drives both:
+
+        positions (B, T) or (T,): each token's position inside its document, 0 at a document start
+                        (the official code's `segment_pos`): at a 0 the RG-LRU state resets, the
+                        conv does not look back across the boundary, and attention stays inside
+                        the document. Default: continue from the cache (0, 1, 2, ... without one).
+        attention_mask: (B, S) with S = tokens already in the cache + T, True for real tokens, for
+                        left-padded batches; each pad becomes a one-token document.
+        cache:          from `new_cache` (fixed size); continued from and updated in place.
     """
 
+    scale_rounded_in = torch.bfloat16  # both references round sqrt(width) in bfloat16, whatever the dtype
+
     def __init__(self, cfg: GriffinConfig):
-        super().__init__()
-        self.config = cfg
-        # (built empty, then initialised below: on the meta device there is nothing to initialise)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.width, _weight=torch.empty(cfg.vocab_size, cfg.width))
-        self.layers = nn.ModuleList(ResidualBlock(cfg, kind) for kind in cfg.block_types)
-        self.final_norm = RMSNorm(cfg.width, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False, device="meta")  # tied: the embedding
-        self.tie_weights()
+        super().__init__(cfg, (ResidualBlock(cfg, kind) for kind in cfg.block_types))
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
-
-    def tie_weights(self) -> None:
-        """Make the head's weight the embedding's (again: moving a model off the meta device unties it)."""
-        self.lm_head.weight = self.embed_tokens.weight
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> "Griffin":
@@ -537,61 +560,19 @@ class Griffin(nn.Module):
             mlp.gate_up_proj.bias.zero_()
             normal(mlp.down_proj.weight, s / cfg.mlp_expanded_width)
             mlp.down_proj.bias.zero_()
-        self.final_norm.weight.zero_()
+        self.norm.weight.zero_()
         return self
-
-    def new_cache(self, batch: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None,
-                  device=None) -> Cache:
-        """An empty decoding state for `batch` rows: a RecurrentState per recurrent block and a
-        RingKVCache of the window per attention block. Its size is fixed; `max_len` only caps the
-        rings for short texts. dtype and device default to the model's."""
-        dtype = dtype or activation_dtype(self)
-        device = device or self.final_norm.weight.device
-        return Cache([layer.temporal_block.new_cache(batch, max_len, dtype, device) for layer in self.layers],
-                     batch, device)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, cache: Cache | None = None,
-                last_only: bool = False, return_hidden: bool = False) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only.
-
-        positions (B, T) or (T,): each token's position inside its document, 0 at a document start
-                        (the official code's `segment_pos`): at a 0 the RG-LRU state resets, the
-                        conv does not look back across the boundary, and attention stays inside
-                        the document. Default: continue from the cache (0, 1, 2, ... without one).
-        attention_mask: (B, S) with S = tokens already in the cache + T, True for real tokens, for
-                        left-padded batches; each pad becomes a one-token document.
-        cache:          from `new_cache`; continued from and updated in place.
-        return_hidden:  return the final-normed hidden states (B, T, C) instead of logits.
-        Same call as `minigemma.gemma.Gemma`, so one decode loop drives both.
-        """
-        check_token_ids(input_ids, self.config.vocab_size)
-        if cache is not None and len(cache) != len(self.layers):
-            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
-        pos = make_positions(input_ids, cache, attention_mask, positions)
-        x = self.embed_tokens(input_ids)
-        if self.config.embeddings_scale_by_sqrt_dim:
-            # both references round sqrt(width) in bfloat16, whatever the activation dtype
-            x = x * embedding_scale(self.config.width, x.dtype, rounded_in=torch.bfloat16)
-        for i, block in enumerate(self.layers):
-            x = block(x, pos, None if cache is None else cache[i])
-        x = self.final_norm(x)
-        if last_only:
-            x = x[:, -1:]
-        if return_hidden:
-            return x
-        return soft_cap(self.lm_head(x), self.config.logits_soft_cap)
 
 
 # --------------------------------------------------------------------------------------------
-# Loading HF `recurrent_gemma` checkpoints
+# HF `recurrent_gemma` checkpoints: the name table
 # --------------------------------------------------------------------------------------------
 def hf_name_table(cfg: GriffinConfig) -> dict[str, str | None]:
     """Every tensor name of an HF RecurrentGemma checkpoint -> our parameter name (None: skipped on
     purpose). The layout depends on each block's type, so the table is built from the config."""
     table: dict[str, str | None] = {
         "model.embed_tokens.weight": "embed_tokens.weight",
-        "model.final_norm.weight": "final_norm.weight",
+        "model.final_norm.weight": "norm.weight",  # the trunk's final norm
         "lm_head.weight": None,  # tied to the embedding; some exports store it twice
     }
     for i, kind in enumerate(cfg.block_types):
@@ -606,41 +587,22 @@ def hf_name_table(cfg: GriffinConfig) -> dict[str, str | None]:
             for hf_gate, our_gate in (("input_gate", "input_gate"), ("recurrent_gate", "a_gate")):
                 for t in ("weight", "bias"):
                     table[f"{hf}temporal_block.rg_lru.{hf_gate}_{t}"] = f"{ours}temporal_block.rg_lru.{our_gate}.{t}"
-        else:  # q, k and v fill the fused qkv_proj (see weights.hf.fused_parts)
+        else:  # q, k and v fill the fused qkv_proj (see pretrained.fused_parts)
             names += [f"temporal_block.{p}_proj.weight" for p in "qkvo"] + ["temporal_block.o_proj.bias"]
         for n in names:
             table[hf + n] = ours + n
     return table
 
 
-def _conv_from_hf(w: torch.Tensor) -> torch.Tensor:
+def conv_from_hf(w: torch.Tensor) -> torch.Tensor:
     """HF stores the depthwise conv as nn.Conv1d weights (D, 1, W); ours is time-major (W, D)."""
     return w[:, 0, :].T.contiguous() if w.dim() == 3 else w
 
 
-def from_hf(path, config: dict | None = None, dtype: torch.dtype = torch.float32, **overrides) -> Griffin:
-    """Build a Griffin from an HF `recurrent_gemma` checkpoint directory (config.json + safetensors).
-
-    Every tensor goes through `hf_name_table`, checked both ways with shapes. `overrides` go to
-    GriffinConfig.from_hf (e.g. window_edge="exclusive" to reproduce HF's forward exactly).
-    """
-    from .weights.hf import CheckpointError, empty_model, load_state_strict, read_config, read_safetensors
-
-    config = read_config(path) if config is None else config
-    cfg = GriffinConfig.from_hf(config, **overrides)
-    model = empty_model(Griffin, cfg, torch.float32)
-    table = hf_name_table(cfg)
-
-    def name_map(ck_name: str) -> str | None:
-        return table.get(ck_name, "<not in the table>")  # load_state_strict reports it as unexpected
-
-    transforms = {f"layers.{i}.temporal_block.conv_1d.weight": _conv_from_hf
-                  for i, k in enumerate(cfg.block_types) if k == RECURRENT}
-    tensors = read_safetensors(path)
-    if "model.embed_tokens.weight" not in tensors:
-        raise CheckpointError(f"{path}: no model.embed_tokens.weight; is this an HF recurrent_gemma checkpoint?")
-    load_state_strict(model, tensors, name_map, where=str(path), transforms=transforms)
-    return model.to(dtype).eval()
+def hf_transforms(cfg: GriffinConfig) -> dict:
+    """Our tensor name -> how to turn HF's tensor into ours, where the layouts differ (the convs)."""
+    return {f"layers.{i}.temporal_block.conv_1d.weight": conv_from_hf
+            for i, kind in enumerate(cfg.block_types) if kind == RECURRENT}
 
 
 def param_count(cfg: GriffinConfig) -> int:
@@ -658,7 +620,7 @@ def small_config(**overrides) -> GriffinConfig:
 
 
 __all__ = [
-    "GriffinConfig", "PRESETS", "Griffin", "RecurrentState", "from_hf", "hf_name_table", "state_bytes",
+    "GriffinConfig", "PRESETS", "Griffin", "RecurrentState", "hf_name_table", "hf_transforms", "state_bytes",
     "scan_sequential", "scan_associative", "associative_combine", "causal_conv1d", "rglru_step",
     "param_count", "small_config", "griffin_pattern",
 ]

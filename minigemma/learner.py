@@ -8,8 +8,9 @@ The capstone puts all six into the real model and asks for the same greedy text:
                       layer_mask=layer_mask, kv_cache_update=kv_cache_update)
     yours(["The capital of France is"], max_new_tokens=6)   # greedy text, your code doing the maths
 
-How it works (`with_functions`): the model is copied module by module, and each copy of a module that
-one of your functions replaces is an instance of a small subclass that calls your function. The copies
+How it works (`with_functions`): the model is copied module by module, and in the copy each module that
+one of your functions replaces becomes an instance of a small subclass that calls your function (the
+package's one swap mechanism, `minigemma.swap.swap_modules`, with the table `LEARNER_CLASSES`). The copies
 share every parameter with the model (no weights are copied, the model itself is left as it is), so
 only the maths changes:
 
@@ -45,6 +46,7 @@ from torch import nn
 from . import attention, layers
 from .attention import Keys, grouped_query_attention, index_mask, split_heads
 from .gemma import layer_pattern
+from .swap import Swap, retype, swap_modules
 
 # name -> (signature, the exercise that checks it on its own)
 FUNCTIONS: dict[str, tuple[str, str]] = {
@@ -80,7 +82,7 @@ class YourKVCache(attention.KVCache):
     queries attend the first new_length slots, as in the package's."""
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
-        attention._check_new_kv(self, k, v)
+        attention.check_new_kv(self, k, v)
         if self.length + k.shape[2] > self.max_len:
             raise ValueError(f"KV cache is full: {self.length + k.shape[2]} tokens do not fit in max_len={self.max_len}")
         self.k, self.v, n = self._yours["kv_cache_update"](self.k, self.v, self.length, k, v)
@@ -138,7 +140,7 @@ class YourAttention(attention.GroupedQueryAttention):
         return cache
 
 
-SWAPS: dict[type, tuple[type, tuple[str, ...]]] = {  # module class -> (subclass, the functions it calls)
+LEARNER_CLASSES: dict[type, tuple[type, tuple[str, ...]]] = {  # module class -> (subclass, the functions it calls)
     layers.RMSNorm: (YourRMSNorm, ("rms_norm",)),
     layers.GeGLU: (YourGeGLU, ("geglu",)),
     attention.GroupedQueryAttention: (YourAttention, ("rope", "gqa_attention", "layer_mask", "kv_cache_update")),
@@ -166,6 +168,17 @@ def every_of(layer_types: Sequence[str]) -> int:
     raise ValueError(f"these layer types follow no 'every' pattern, so layer_mask cannot describe them: {layer_types}")
 
 
+def structural_copy(module: nn.Module) -> nn.Module:
+    """A copy of the module tree: new module objects (same classes, same attributes), holding the very
+    same Parameter and buffer objects, so the copy shares every weight and can be swapped on its own."""
+    new = type(module).__new__(type(module))
+    new.__dict__.update(module.__dict__)
+    new._parameters = dict(module._parameters)  # the same Parameter objects: shared, not copied
+    new._buffers = dict(module._buffers)
+    new._modules = {name: None if child is None else structural_copy(child) for name, child in module._modules.items()}
+    return new
+
+
 def with_functions(model: nn.Module, **functions: Callable) -> nn.Module:
     """A copy of a Gemma (2 or 3, decoder) whose modules call your functions (see the module docstring);
     it shares every parameter with `model`, which is left as it is. Unknown names are an error."""
@@ -175,27 +188,28 @@ def with_functions(model: nn.Module, **functions: Callable) -> nn.Module:
     cfg = model.config
     if getattr(cfg, "bidirectional", False):
         raise ValueError("the capstone hook is for decoders: an encoder's band is not a layer_mask")
-    layer_of = {id(layer.self_attn): i for i, layer in enumerate(getattr(model, "layers", []))}
+    yours = structural_copy(model)
+    layer_of = {id(layer.self_attn): i for i, layer in enumerate(getattr(yours, "layers", []))}
     every = every_of(cfg.layer_types) if "layer_mask" in functions else None
 
-    def copy(module: nn.Module) -> nn.Module:
-        swap, wants = SWAPS.get(type(module), (None, ()))
-        given = {name: functions[name] for name in wants if name in functions}
-        new = (swap if given else type(module)).__new__(swap if given else type(module))
-        new.__dict__.update(module.__dict__)
-        new._parameters = dict(module._parameters)  # the same Parameter objects: shared, not copied
-        new._buffers = dict(module._buffers)
-        new._modules = {name: None if child is None else copy(child) for name, child in module._modules.items()}
-        if given:
-            new._yours = given
-            _check_supported(new, given)
-        if given and isinstance(new, YourAttention):
-            if id(module) not in layer_of and "layer_mask" in given:
-                raise ValueError("layer_mask needs the layer's index: swap a whole model, not one layer")
-            new._layer = (layer_of.get(id(module)), cfg.sliding_window, every)
-        return new
+    def swap_in(cls: type, wants: tuple[str, ...]) -> Swap:
+        def swap(module: nn.Module) -> nn.Module | None:
+            given = {name: functions[name] for name in wants if name in functions}
+            if not given:
+                return None  # none of your functions computes this module: the package's class stays
+            if isinstance(module, attention.GroupedQueryAttention):
+                if id(module) not in layer_of and "layer_mask" in given:
+                    raise ValueError("layer_mask needs the layer's index: swap a whole model, not one layer")
+                module._layer = (layer_of.get(id(module)), cfg.sliding_window, every)
+            module._yours = given
+            module = retype(cls)(module)  # a module of the copy: the model's own keeps its class
+            _check_supported(module, given)
+            return module
 
-    return copy(model)
+        return swap
+
+    swap_modules(yours, {torch_cls: swap_in(cls, wants) for torch_cls, (cls, wants) in LEARNER_CLASSES.items()})
+    return yours
 
 
 def _check_supported(module: nn.Module, given: dict) -> None:

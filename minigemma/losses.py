@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .atomic import write_atomic
+
 IGNORE = -100  # a target that is not scored (padding, the last position of a row)
 
 
@@ -195,7 +197,7 @@ class TeacherHead:
         return self.valid.sum()
 
     def loss_and_grad(self, logp, r0, r1):
-        zt = _capped_logits(self.hidden[r0:r1], self.weight, self.softcap)
+        zt = capped_logits(self.hidden[r0:r1], self.weight, self.softcap)
         q = torch.softmax(zt, dim=-1).mul_(self.valid[r0:r1, None])
         mass = q.sum(-1)
         loss = -(q * logp).sum()
@@ -203,8 +205,8 @@ class TeacherHead:
         return loss, dz
 
 
-def _capped_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None,
-                   out: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> torch.Tensor:
+def capped_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None,
+                  out: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """float32 logits of rows h (n, C) under the head (V, C), soft-capped in place.
 
     The product runs in the weight's dtype: float32 for a float32 head; for a bfloat16 head (a bf16
@@ -272,7 +274,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             r1 = min(N, r0 + chunk)
             n = r1 - r0
             h = hidden[r0:r1].to(w.dtype)
-            z = _capped_logits(h, w, softcap, out=z_buf[:n], scratch=zl_buf[:n] if low else None)  # (n, V)
+            z = capped_logits(h, w, softcap, out=z_buf[:n], scratch=zl_buf[:n] if low else None)  # (n, V)
             slope = None
             if softcap and (need_h or need_w):
                 slope = 1.0 - (z / softcap) ** 2  # ∂ cap(a) / ∂a, from the capped value
@@ -373,18 +375,17 @@ class TeacherCache:
         """Write atomically: a temporary file, flushed to disk, then renamed over `path`."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"tokens": self.tokens.to(torch.int32).contiguous(), "ids": self.ids.to(torch.int32).contiguous(),
                    "logp": self.logp.to(torch.float16).contiguous()}
         if self.hidden is not None:
             tensors["hidden"] = self.hidden.to(torch.bfloat16).contiguous()
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"teacher_cache": json.dumps(self.meta)})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp), metadata={"teacher_cache": json.dumps(self.meta)})
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())  # on disk before the name says the file is complete
+
+        return write_atomic(path, write)
 
     @classmethod
     def load(cls, path: str | Path) -> "TeacherCache":
@@ -420,7 +421,7 @@ def per_token_nll(hidden: torch.Tensor, head, targets: torch.Tensor, softcap: fl
     for r0 in range(0, h.shape[0], chunk):
         hc = h[r0:r0 + chunk]
         if isinstance(head, torch.Tensor):
-            z = _capped_logits(hc, head, softcap)
+            z = capped_logits(hc, head, softcap)
         else:
             z = head(hc).float()
             if softcap:

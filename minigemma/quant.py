@@ -10,9 +10,16 @@ per token (`weight_bytes_per_token`), not by arithmetic. Gemma 3 270M is mostly 
     "int8"  int8, one bf16 scale per output row           int4, top-64 rescored exactly  Q8_0 (8.5 bits)
     "int4"  int4, a bf16 scale and offset per 32 weights  int4, top-64 rescored exactly  Q8_0 (8.5 bits)
 
-`quantize(model, level)` only swaps modules: each `nn.Linear` becomes an `Int8Linear` or
-`Int4Linear`, the tied head a `RescoredHead`, the embedding a `Q8_0Embedding`. The model's own
-forward runs unchanged around them; there is no second model.
+Norm weights stay float32 at every level (`cast_activations`, the one place that says so).
+
+`quantize(model, level)` only swaps modules (`swap.swap_modules`): each `nn.Linear` becomes an
+`Int8Linear` or `Int4Linear`, the tied head a `RescoredHead`, the embedding a `Q8_0Embedding`. The
+model's own forward runs unchanged around them; there is no second model. It is also how every
+loader builds a model (gpt-fast's way): the float model as a skeleton on the meta device, its
+modules swapped for the level, then the weights streamed in, one tensor a block of rows at a time
+(`quantize(skeleton, level, weights)`). At int4 the codes may also be given instead of computed: a
+GGUF file's own 4-, 5-, 6- and 8-bit codes run on the int4 kernel that way (`codes=`, and
+`load_pretrained("gemma3-270m", file_codes=True)`).
 
 Weight-only quantisation keeps activations in bf16. An int8 row r of W is stored as q and a scale
 s_r = max|W_r| / 127, so W ≈ s[:, None] · q, and `torch.ops.aten._weight_int8pack_mm` computes
@@ -23,21 +30,28 @@ times slower. RMSNorm, softmax and RoPE still run in float32.
 
 A 4-bit head moves logits by up to ~2-3, enough to swap near-tied tokens; `RescoredHead` recomputes
 its top k logits exactly from the embedding's rows, so greedy decoding picks what the exact head
-would (int4 speed, exact choices). The embedding keeps the GGUF file's own Q8_0 blocks
-(`Q8_0Embedding`): a row lookup dequantises 640 weights, exactly the float32 model's row.
+would (int4 speed, exact choices). The embedding is kept in GGUF's Q8_0 blocks (`Q8_0Embedding`;
+for the 270M, whose embedding is Q8_0 in the file, the very bytes of the file): a row lookup
+dequantises 640 weights, exactly the float32 model's row.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-LEVELS = (None, "bf16", "int8", "int4", "gguf")
+from .layers import RMSNorm
+from .swap import swap_modules
+
+LEVELS = (None, "bf16", "int8", "int4")
 ROWS_PER_PACK = 4096  # weights are quantised this many rows at a time: the 262k-row head is never float32 whole
 
 
-def _bf16_rows(x: torch.Tensor) -> torch.Tensor:
+def bf16_rows(x: torch.Tensor) -> torch.Tensor:
     """x (..., K) -> a dense bf16 (M, K) matrix, the kernels' input (no op where it already is one:
     at one token per step, each skipped no-op call is a few microseconds saved)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -86,6 +100,12 @@ class Int8Linear(nn.Module):
         return cls(q, scale, bias)
 
     @classmethod
+    def empty(cls, n_rows: int, in_features: int, bias: torch.Tensor | None = None) -> "Int8Linear":
+        """The module with its buffers on the meta device: shapes only, for a saved state to be assigned."""
+        return cls(torch.empty(n_rows, in_features, dtype=torch.int8, device="meta"),
+                   torch.empty(n_rows, device="meta"), bias)
+
+    @classmethod
     def from_weight(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
         N, K = w.shape
         return cls.from_rows((w[r:r + ROWS_PER_PACK] for r in range(0, N, ROWS_PER_PACK)), N, K, bias)
@@ -95,7 +115,7 @@ class Int8Linear(nn.Module):
         return self.q.float() * self.scale.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = _bf16_rows(x)  # (M, K)
+        x2 = bf16_rows(x)  # (M, K)
         if x2.shape[0] > 16:  # a prompt: a bf16 matrix product on the dequantised weight beats the GEMV kernel
             y = x2 @ (self.q.to(torch.bfloat16) * self.scale[:, None]).T
         else:  # decode: read 1 byte per weight
@@ -131,18 +151,29 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """4-bit codes (N, K) in [0, 15] -> (N, K/2) uint8, the layout of torch's CPU int4 kernel.
 
     `torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)` does the packing. Its layout, which
-    `unpack_int4` reverses (tests/test_quant.py checks both ways): rows go in blocks of 64, and for each
-    k the byte n of a block holds row n in its low nibble and row n + 32 in its high nibble; rows past the
-    last whole block of 64 are paired with their neighbour (2j low, 2j + 1 high).
+    `unpack_int4` reverses (tests/test_quant.py checks both ways): rows go in blocks of B
+    (`int4_block_rows()`: 64 on a CPU with AVX-512, 32 without), and for each k the byte n of a block
+    holds row n in its low nibble and row n + B/2 in its high nibble; rows past the last whole block
+    are paired with their neighbour (2j low, 2j + 1 high).
     """
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
 
 
+@functools.cache
+def int4_block_rows() -> int:
+    """B, the rows of one block of `pack_int4`'s layout on this CPU: torch's kernel packs 64 rows at a
+    time where it has AVX-512 and 32 elsewhere. Found by packing one code: row 32 is the high nibble of
+    the first byte in a block of 64, and the first row of the second block in blocks of 32."""
+    probe = torch.zeros(64, 2, dtype=torch.int32)
+    probe[32, 0] = 1
+    return 64 if int(pack_int4(probe).reshape(-1)[0]) == 0x10 else 32
+
+
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """(N, K/2) uint8 from `pack_int4` -> the codes (N, K) uint8."""
-    N, K = packed.shape[0], packed.shape[1] * 2
-    full = N // 64 * 64
-    blocks = packed[:full].reshape(N // 64, K, 32)  # [block, k, n]: rows n and n + 32 of the block
+    N, K, B = packed.shape[0], packed.shape[1] * 2, int4_block_rows()
+    full = N // B * B
+    blocks = packed[:full].reshape(N // B, K, B // 2)  # [block, k, n]: rows n and n + B/2 of the block
     head = torch.cat([blocks & 15, blocks >> 4], dim=2).transpose(1, 2).reshape(full, K)
     tail = packed[full:].reshape(K, (N - full) // 2)  # [k, j]: rows 2j and 2j + 1
     tail = torch.stack([tail & 15, tail >> 4], dim=2).reshape(K, N - full).T
@@ -163,11 +194,29 @@ class Int4Linear(nn.Module):
     def __init__(self, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None = None):
         super().__init__()
-        self.planes, self.out_features = packed.shape[0], packed.shape[1]
-        self.in_features, self.group_size = packed.shape[2] * 2, group_size
+        if packed.shape[2] * 2 != scale_zero.shape[1] * group_size:
+            raise ValueError(f"packed {tuple(packed.shape)} and scale_zero {tuple(scale_zero.shape)} do not "
+                             f"describe groups of {group_size}")
         self.register_buffer("packed", packed)  # (P, N, K/2) uint8, the CPU kernel's layout
         self.register_buffer("scale_zero", scale_zero)  # (P, K/g, N, 2) bf16: [..., 0] scale, [..., 1] zero
         self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+
+    # Read from the buffers, so that a module is its buffers (a saved one may hold 1 or 2 planes).
+    @property
+    def planes(self) -> int:
+        return self.packed.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return self.packed.shape[2] * 2
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features // self.scale_zero.shape[1]
 
     @classmethod
     def from_rows(cls, row_chunks, n_rows: int, in_features: int, group_size: int = 32,
@@ -195,6 +244,14 @@ class Int4Linear(nn.Module):
         if r != n_rows:
             raise ValueError(f"the row chunks hold {r} rows, not {n_rows}")
         return cls(packed, scale_zero, group_size, bias)
+
+    @classmethod
+    def empty(cls, n_rows: int, in_features: int, group_size: int = 32, bias: torch.Tensor | None = None,
+              planes: int = 1) -> "Int4Linear":
+        """The module with its buffers on the meta device: shapes only, for a saved state to be assigned."""
+        return cls(torch.empty(planes, n_rows, in_features // 2, dtype=torch.uint8, device="meta"),
+                   torch.empty(planes, in_features // group_size, n_rows, 2, dtype=torch.bfloat16, device="meta"),
+                   group_size, bias)
 
     @classmethod
     def from_weight(cls, w: torch.Tensor, group_size: int = 32, bias: torch.Tensor | None = None) -> "Int4Linear":
@@ -266,22 +323,23 @@ class Int4Linear(nn.Module):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight (N, K) the kernel multiplies by, in `dtype` (computed in float32).
 
-        Rows in whole blocks of 64 are worked on in the packed layout itself, [block, k, row in block],
-        with one transpose at the end: a prompt dequantises every weight, so the passes over it count."""
-        N, K, g = self.out_features, self.in_features, self.group_size
+        Rows in whole blocks (`int4_block_rows`) are worked on in the packed layout itself, [block, k,
+        row in block], with one transpose at the end: a prompt dequantises every weight, so the passes
+        over it count."""
+        N, K, g, B = self.out_features, self.in_features, self.group_size, int4_block_rows()
         if self.planes > 1 and not self._digits():
             raise ValueError("dequantized() reads planes that are base-16 digits of one code (from_codes)")
         out = torch.empty(N, K, dtype=dtype)
-        full = N // 64 * 64
+        full = N // B * B
         if full:
             v = None
             for p in range(self.planes):
-                b = self.packed[p, :full].view(N // 64, K, 32)  # byte n: rows n (low) and n + 32 (high)
-                c = torch.cat([b & 15, b >> 4], dim=2).to(torch.int16) - 8  # (N/64, K, 64)
+                b = self.packed[p, :full].view(N // B, K, B // 2)  # byte n: rows n (low) and n + B/2 (high)
+                c = torch.cat([b & 15, b >> 4], dim=2).to(torch.int16) - 8  # (N/B, K, B)
                 v = c if v is None else v.add_(c, alpha=16 ** p)
-            sz = self.scale_zero[0, :, :full].float().view(K // g, N // 64, 64, 2).permute(1, 0, 3, 2)
-            w = torch.addcmul(sz[:, :, None, 1], v.view(N // 64, K // g, g, 64), sz[:, :, None, 0])  # zero + v·scale
-            out[:full] = w.reshape(N // 64, K, 64).transpose(1, 2).reshape(full, K)
+            sz = self.scale_zero[0, :, :full].float().view(K // g, N // B, B, 2).permute(1, 0, 3, 2)
+            w = torch.addcmul(sz[:, :, None, 1], v.view(N // B, K // g, g, B), sz[:, :, None, 0])  # zero + v·scale
+            out[:full] = w.reshape(N // B, K, B).transpose(1, 2).reshape(full, K)
         if full < N:
             scale, zero = self.scale_zero[0, :, full:].float().permute(1, 0, 2).unbind(-1)  # (N - full, K/g)
             v = self.codes()[full:].view(N - full, K // g, g).float()
@@ -294,7 +352,7 @@ class Int4Linear(nn.Module):
                    for p in range(1, self.planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = _bf16_rows(x)  # (M, K)
+        x2 = bf16_rows(x)  # (M, K)
         if x2.shape[0] > 128:  # a long prompt: dequantise once, then one bf16 product (twice the kernel's speed)
             y = x2 @ self.dequantized(torch.bfloat16).T
         else:
@@ -340,13 +398,38 @@ class Q8_0Embedding(nn.Module):
     def __init__(self, blocks: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.register_buffer("blocks", blocks.contiguous())  # (V, C/32, 34) uint8
-        self.num_embeddings, self.embedding_dim = blocks.shape[0], blocks.shape[1] * 32
         self.dtype = dtype
 
+    @property
+    def num_embeddings(self) -> int:
+        return self.blocks.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.blocks.shape[1] * 32
+
     @classmethod
-    def from_weight(cls, w: torch.Tensor, dtype: torch.dtype = torch.bfloat16, rows_per_chunk: int = 16384):
-        return cls(torch.cat([q8_0_blocks(w[r:r + rows_per_chunk]) for r in range(0, w.shape[0], rows_per_chunk)]),
-                   dtype)
+    def from_rows(cls, row_chunks: Iterable[torch.Tensor], n_rows: int, dim: int,
+                  dtype: torch.dtype = torch.bfloat16) -> "Q8_0Embedding":
+        """Quantise a table (n_rows, dim) given as consecutive chunks of rows, into blocks allocated once."""
+        blocks = torch.empty(n_rows, dim // 32, 34, dtype=torch.uint8)
+        r = 0
+        for w in row_chunks:
+            blocks[r:r + w.shape[0]] = q8_0_blocks(w)
+            r += w.shape[0]
+        if r != n_rows:
+            raise ValueError(f"the row chunks hold {r} rows, not {n_rows}")
+        return cls(blocks, dtype)
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> "Q8_0Embedding":
+        V, C = w.shape
+        return cls.from_rows((w[r:r + ROWS_PER_PACK] for r in range(0, V, ROWS_PER_PACK)), V, C, dtype)
+
+    @classmethod
+    def empty(cls, n_rows: int, dim: int, dtype: torch.dtype = torch.bfloat16) -> "Q8_0Embedding":
+        """The module with its blocks on the meta device: shapes only, for a saved state to be assigned."""
+        return cls(torch.empty(n_rows, dim // 32, 34, dtype=torch.uint8, device="meta"), dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (...) -> the exact float32 rows (..., C)."""
@@ -401,7 +484,7 @@ class RescoredHead(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # quantize: swap the modules of a float model
 # ----------------------------------------------------------------------------------------------
-def quantized_linear(level: str, w: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32):
+def quantized_linear(level: str, w, bias: torch.Tensor | None = None, group_size: int = 32):
     """The module that replaces an nn.Linear of weight w (N, K) at `level` ("int8" or "int4").
     w may also be (row_chunks, N, K): consecutive chunks of rows, read as they are quantised."""
     chunks, N, K = w if isinstance(w, tuple) else ((w[r:r + ROWS_PER_PACK] for r in range(0, w.shape[0], ROWS_PER_PACK)),
@@ -416,6 +499,12 @@ def quantized_linear(level: str, w: torch.Tensor, bias: torch.Tensor | None = No
 HEAD_GROUP_SIZE = 128  # the head only ranks (its top 64 are recomputed exactly): coarser groups, fewer bytes
 
 
+def head_group_size(dim: int, group_size: int = HEAD_GROUP_SIZE) -> int:
+    """The head's group size for an embedding of width `dim`: HEAD_GROUP_SIZE, or 64 or 32 where it does
+    not divide `dim` (small test models)."""
+    return next((g for g in (group_size, 64, 32) if dim % g == 0), group_size)
+
+
 def quantized_head(embedding: nn.Module, rescore: int = 64, group_size: int = HEAD_GROUP_SIZE) -> RescoredHead:
     """The LM head tied to `embedding` (V, C) as an int4 head whose top `rescore` logits are exact.
     Built ROWS_PER_PACK exact rows at a time.
@@ -424,16 +513,17 @@ def quantized_head(embedding: nn.Module, rescore: int = 64, group_size: int = HE
     Gemma 3 270M with groups of 128 weights (89 MB instead of 105 MB with 32) the exact arg-max ranked
     at most 12th over 2,048 positions of real text (tests/test_quant.py checks it stays within 64)."""
     V, C = embedding.num_embeddings, embedding.embedding_dim
-    group_size = next((g for g in (group_size, 64, 32) if C % g == 0), group_size)  # small test models
     chunks = (embedding_rows(embedding, torch.arange(r, min(V, r + ROWS_PER_PACK))) for r in range(0, V, ROWS_PER_PACK))
-    return RescoredHead(Int4Linear.from_rows(chunks, V, C, group_size), embedding, rescore)
+    return RescoredHead(Int4Linear.from_rows(chunks, V, C, head_group_size(C, group_size)), embedding, rescore)
 
 
 def cast_activations(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """In place: every floating parameter and buffer to `dtype`, except RMSNorm weights, which stay
-    float32: the norm computes in float32 anyway, so rounding its weight would only add error."""
-    from .layers import RMSNorm
+    float32: the norm computes in float32 anyway, so rounding its weight would only add error.
 
+    This is the one place that decides a tensor's precision: `quantize` calls it, and every loader
+    through it (on a skeleton on the meta device it costs nothing and sets the dtypes the weights are
+    then read into), so `load_pretrained(dtype=torch.bfloat16)` and `quant="bf16"` are the same model."""
     norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
     for m in model.modules():
         for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
@@ -445,34 +535,113 @@ def cast_activations(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
     return model
 
 
-@torch.no_grad()
-def quantize(model: nn.Module, level: str | None = "int8", *, group_size: int = 32, rescore: int = 64) -> nn.Module:
-    """In place: swap the modules of a float model for the quantised ones of `level`; returns the model.
+Weights = Callable[[str], Iterable[torch.Tensor]]  # name -> its float32 rows, chunk by chunk
+Codes = Callable[[str], list]  # a linear's weight name -> [(v, a, b), ...], one per stacked part
 
-    None leaves it alone; "bf16" casts it (norm weights stay float32); "int8" / "int4" replace every
-    nn.Linear of the blocks (biases kept), the tied head `lm_head` by an int4 head re-scoring its top
-    `rescore` logits, and the embedding by its Q8_0 blocks, each computed from the float weights;
-    what is left runs in bf16. The model's forward is untouched.
+
+@torch.no_grad()
+def quantize(model: nn.Module, level: str | None = "int8", weights: Weights | None = None, *,
+             codes: Codes | None = None, group_size: int = 32, rescore: int = 64) -> nn.Module:
+    """The model at `level`, in place, by swapping modules; returns it. The one place that decides
+    what each module becomes:
+
+        None     nothing swapped (float32, or whatever the model holds)
+        "bf16"   nothing swapped; every weight bf16 but the norms'
+        "int8"   every nn.Linear but the head -> Int8Linear (biases kept); the embedding ->
+                 Q8_0Embedding; a head tied to it -> RescoredHead (int4, its top `rescore` logits
+                 exact); what is left runs in bf16 (the norms' weights float32)
+        "int4"   the same with Int4Linear (a scale and a zero per `group_size` weights)
+
+    Where the float weights come from:
+
+        a float model, weights None   each module's own weights (quantising a loaded model)
+        a skeleton on the meta device, weights(name) -> the float32 rows of tensor `name`
+                 ("layers.0.mlp.gate_up_proj.weight"), chunk by chunk (`pretrained.CheckpointRows`):
+                 each quantised module is built from its chunks, then every other tensor is read
+                 into memory of its final dtype, one at a time; so the float32 model, or its
+                 262,144-row embedding, never exists whole
+        a skeleton, weights None      the quantised modules swapped in empty (on the meta device), for
+                 a saved quantised state to be assigned to (`minigemma.pretrained`'s cache)
+
+    codes (level "int4" only): codes(name) -> [(v, a, b), ...], a linear weight's integer codes
+    (w = a · v + b, one triple per stacked part, `weights.gguf.integer_codes`), kept exactly on the
+    int4 kernel (`Int4Linear.from_codes`) instead of codes computed from the float weights.
     """
     if level not in LEVELS:
         raise ValueError(f"quant level {level!r}: choose from {', '.join(map(repr, LEVELS))}")
-    if level == "gguf":
-        raise ValueError("quant='gguf' re-encodes a GGUF file's own blocks, so it needs the file: "
-                         "load_pretrained('gemma3-270m', quant='gguf') or weights.gguf.load_gguf(path, quant='gguf')")
-    if level is None:
-        return model
-    if level != "bf16":
-        embedding, head = getattr(model, "embed_tokens", None), getattr(model, "lm_head", None)
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and child is not head:
-                    setattr(parent, name, quantized_linear(level, child.weight, child.bias, group_size))
-        if isinstance(embedding, nn.Embedding):
-            tied = isinstance(head, nn.Linear) and head.weight is embedding.weight
-            model.embed_tokens = Q8_0Embedding.from_weight(embedding.weight)
-            if tied:
-                model.lm_head = quantized_head(model.embed_tokens, rescore)
-    return cast_activations(model, torch.bfloat16)
+    if codes is not None and level != "int4":
+        raise ValueError(f"given codes run on the int4 kernel: level must be 'int4', not {level!r}")
+    names = {id(m): name for name, m in model.named_modules()}
+    skeleton = weights is None and any(t.is_meta for t in model.state_dict().values())
+
+    def rows(m: nn.Module) -> Iterable[torch.Tensor]:  # a weight's float32 rows, a block at a time
+        if weights is not None:
+            return weights(f"{names[id(m)]}.weight")
+        return (m.weight[r:r + ROWS_PER_PACK] for r in range(0, m.weight.shape[0], ROWS_PER_PACK))
+
+    def bias(m: nn.Linear) -> torch.Tensor | None:
+        if m.bias is None or weights is None:
+            return m.bias
+        return torch.cat(list(weights(f"{names[id(m)]}.bias")))
+
+    embedding, head = getattr(model, "embed_tokens", None), getattr(model, "lm_head", None)
+    tied = isinstance(embedding, nn.Embedding) and isinstance(head, nn.Linear) and head.weight is embedding.weight
+
+    def linear(m: nn.Linear) -> nn.Module | None:
+        N, K = m.out_features, m.in_features
+        if m is head:
+            return None  # a tied head is built from the quantised embedding, below
+        if skeleton:
+            return Int8Linear.empty(N, K, m.bias) if level == "int8" else Int4Linear.empty(N, K, group_size, m.bias)
+        if codes is not None:
+            parts = [Int4Linear.from_codes(v, a, b, group_size) for v, a, b in codes(f"{names[id(m)]}.weight")]
+            lin = parts[0] if len(parts) == 1 else Int4Linear.cat(parts)
+            return Int4Linear(lin.packed, lin.scale_zero, group_size, bias(m))
+        return quantized_linear(level, (rows(m), N, K), bias(m), group_size)
+
+    def q8_0(m: nn.Embedding) -> Q8_0Embedding:
+        V, C = m.num_embeddings, m.embedding_dim
+        return Q8_0Embedding.empty(V, C) if skeleton else Q8_0Embedding.from_rows(rows(m), V, C)
+
+    if level in ("int8", "int4"):
+        swap_modules(model, {nn.Linear: linear, nn.Embedding: q8_0})
+        if tied:
+            emb = model.embed_tokens
+            model.lm_head = (RescoredHead(Int4Linear.empty(emb.num_embeddings, emb.embedding_dim,
+                                                           head_group_size(emb.embedding_dim)), emb, rescore)
+                             if skeleton else quantized_head(emb, rescore))
+    if level is not None:
+        cast_activations(model, torch.bfloat16)
+    if weights is not None:
+        _read_the_rest(model, weights)
+    return model
+
+
+def _read_the_rest(model: nn.Module, weights: Weights) -> None:
+    """Every tensor of `model` still on the meta device, read from `weights` into memory of the dtype it
+    already has (`cast_activations` set it), a chunk of rows at a time; tied names share the result."""
+    first: dict[int, str] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if t is not None and t.is_meta:
+            first.setdefault(id(t), name)
+    for name in first.values():
+        module_name, _, attr = name.rpartition(".")
+        old = getattr(model.get_submodule(module_name), attr)
+        new, r = torch.empty(old.shape, dtype=old.dtype), 0
+        for chunk in weights(name):
+            new[r:r + chunk.shape[0]] = chunk
+            r += chunk.shape[0]
+        if r != old.shape[0]:
+            raise ValueError(f"the weights of {name} hold {r} rows, not {old.shape[0]}")
+        new = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+        for m in model.modules():  # every module holding it (a tied head shares the embedding's)
+            for slot in (m._parameters, m._buffers):
+                for key, t in slot.items():
+                    if t is old:
+                        slot[key] = new
+    left = [n for n, t in model.state_dict(keep_vars=True).items() if t is not None and t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left unloaded: {left}")
 
 
 def weight_bytes_per_token(model: nn.Module) -> int:
@@ -488,80 +657,3 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     row = table_bytes // embed.num_embeddings
     tied = isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is getattr(embed, "weight", None)
     return sum(storages.values()) - table_bytes + row + (table_bytes if tied else 0)
-
-
-# ----------------------------------------------------------------------------------------------
-# Saving and loading a quantised model (safetensors): what makes a second start fast
-# ----------------------------------------------------------------------------------------------
-def save_quantized(model: nn.Module, path, metadata: dict[str, str]) -> None:
-    """Write every tensor of a quantised model to a safetensors file, atomically (a `.partial` file
-    renamed into place), with `metadata` (strings) in its header."""
-    import os
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    head = getattr(model, "lm_head", None)
-    meta = dict(metadata, rescore=str(head.k) if isinstance(head, RescoredHead) else "")
-    tmp = path.with_name(path.name + ".partial")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-
-
-def load_quantized(skeleton: nn.Module, path, metadata: dict[str, str]) -> nn.Module | None:
-    """Rebuild a quantised model saved by `save_quantized` into `skeleton` (the float model built on
-    the meta device: names and shapes only). Each quantised module is recognised by its tensors:
-    `packed` + `scale_zero` is an Int4Linear, `q` + `scale` an Int8Linear, `blocks` a Q8_0Embedding,
-    `lm_head.approx.*` the re-scored head. Returns None, and removes the file, if it is unreadable or
-    was written for other `metadata` (another file, level or format): the caller builds it again."""
-    from pathlib import Path
-
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), "pt") as fh:
-            stored = fh.metadata() or {}
-        if any(stored.get(k) != v for k, v in metadata.items()):
-            raise ValueError(f"written for {stored}, wanted {metadata}")
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError):
-        path.unlink(missing_ok=True)
-        return None
-
-    def int4(prefix):
-        packed, sz = state[f"{prefix}.packed"], state[f"{prefix}.scale_zero"]
-        return Int4Linear(packed, sz, packed.shape[2] * 2 // sz.shape[1], state.get(f"{prefix}.bias"))
-
-    model = skeleton
-    for name, parent in list(model.named_modules()):
-        p = f"{name}." if name else ""
-        for child_name, child in list(parent.named_children()):
-            prefix = f"{p}{child_name}"
-            if isinstance(child, nn.Linear) and f"{prefix}.packed" in state:
-                setattr(parent, child_name, int4(prefix))
-            elif isinstance(child, nn.Linear) and f"{prefix}.q" in state:
-                setattr(parent, child_name, Int8Linear(state[f"{prefix}.q"], state[f"{prefix}.scale"],
-                                                       state.get(f"{prefix}.bias")))
-    model.embed_tokens = Q8_0Embedding(state["embed_tokens.blocks"])
-    model.lm_head = RescoredHead(int4("lm_head.approx"), model.embed_tokens, int(stored["rescore"]))
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if t is not None and t.is_meta:
-                module_name, _, attr = name.rpartition(".")
-                module = model.get_submodule(module_name)
-                value = state[name]
-                if isinstance(t, nn.Parameter):
-                    setattr(module, attr, nn.Parameter(value, requires_grad=False))
-                else:
-                    setattr(module, attr, value)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t is not None and t.is_meta]
-    if left:
-        raise RuntimeError(f"{path}: no tensors for {left}")
-    return model.eval()

@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import math
-import os
 import re
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from .atomic import write_atomic
+from .encoder import pad_right, truncate
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,9 @@ def subsample(pairs: Sequence[Pair], n: int | None, seed: int = 0) -> list[Pair]
     return [pairs[i] for i in idx.tolist()]
 
 
-def document_ids(docs: Sequence[str]) -> torch.Tensor:
-    """(N,) int64: equal documents get equal ids (the first index of that text)."""
+def text_ids(docs: Sequence[str]) -> torch.Tensor:
+    """(N,) int64: equal texts get equal ids (the index of the text's first occurrence). As the
+    `doc_ids` of `contrastive.nce_loss`, they mark the same document twice in a batch."""
     first: dict[str, int] = {}
     return torch.tensor([first.setdefault(d, i) for i, d in enumerate(docs)], dtype=torch.long)
 
@@ -181,13 +182,14 @@ def ndcg_at_10(rank: torch.Tensor) -> float:
     return gain.mean().item()
 
 
-def evaluate(q: torch.Tensor, d: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Retrieval metrics of query embeddings q (Q, E) against documents d (Q, E), query i's relevant
-    document being row i (or any score matrix (Q, N) via `evaluate_scores`)."""
-    return evaluate_scores(q.float() @ d.float().T, ks)
+def retrieval_metrics(q: torch.Tensor, d: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """{"R@k": Recall@k for k in ks, "nDCG@10"} of query embeddings q (Q, E) against documents d (Q, E),
+    query i's relevant document being row i (or of any score matrix (Q, N): `retrieval_metrics_from_scores`)."""
+    return retrieval_metrics_from_scores(q.float() @ d.float().T, ks)
 
 
-def evaluate_scores(scores: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def retrieval_metrics_from_scores(scores: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """`retrieval_metrics` of a score matrix (Q, N) whose query i's relevant document is column i."""
     r = ranks(scores)
     out = {f"R@{k}": recall_at_k(r, k) for k in ks}
     out["nDCG@10"] = ndcg_at_10(r)
@@ -236,8 +238,8 @@ def teacher_embeddings(texts: Sequence[str], prompt_name: str | None, model=None
                        batch_size: int = 16, progress: bool = True, cache: str | Path | None = None) -> torch.Tensor:
     """The teacher's unit embeddings (N, 768) of `texts`, from the cache or computed and cached.
 
-    The file is named by a hash of (tag, prompt, every text); it is written to a temporary file and
-    renamed, so a killed run never leaves a half-written cache. `model` is loaded on a miss if None
+    The file is named by a hash of (tag, prompt, every text); it is written atomically
+    (`atomic.write_atomic`), so a killed run never leaves a half-written cache. `model` is loaded on a miss if None
     (`load_pretrained("embeddinggemma-300m", quant=quant)`; bf16 is the default here: it keeps cosine
     >= 0.999 with float32 (chapter 10) and was a little faster on this course's CPU, 1.49 vs 1.30
     documents/s on 32 stdlib functions, one thread, a loaded machine).
@@ -258,53 +260,17 @@ def teacher_embeddings(texts: Sequence[str], prompt_name: str | None, model=None
             _TEACHERS[quant] = load_pretrained("embeddinggemma-300m", quant=quant)[0]
         model = _TEACHERS[quant]
     e = model.encode(list(texts), prompt_name=prompt_name, batch_size=batch_size, progress=progress).contiguous()
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file({"embeddings": e}, tmp, metadata={"prompt_name": str(prompt_name), "n": str(len(texts)), "tag": tag})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    meta = {"prompt_name": str(prompt_name), "n": str(len(texts)), "tag": tag}
+    write_atomic(path, lambda tmp: save_file({"embeddings": e}, str(tmp), metadata=meta))
     return e
 
 
 # --------------------------------------------------------------------------------------------
-# The student: chapter 08's tiny decoder shape, turned encoder
+# Token rows and the student's embeddings of them
 # --------------------------------------------------------------------------------------------
-def student_config(vocab_size: int = 2048, layers: int = 2, hidden: int = 64, max_positions: int = 512):
-    """`train.PRESETS["tiny-gemma3"]`'s design (head_dim 32, 1 kv head, MLP 4x wide, window 64, QK-norm,
-    RoPE 1M) at `hidden` width (hidden // 32 heads) and depth `layers`, with `bidirectional=True`: the
-    one config value that makes the stack an encoder. The defaults are half of tiny-gemma3's width and
-    a third of its depth, so a training step fits a 2-core CPU. Local and global layers alternate
-    (1:1): a stack this shallow with Gemma 3's 5:1 would have no global layer at all."""
-    from .gemma import GemmaConfig, layer_pattern
-    from .train import PRESETS
-
-    cfg = dict(PRESETS["tiny-gemma3"]["config"])
-    if hidden % 32:
-        raise ValueError(f"hidden must be a multiple of the head_dim 32, got {hidden}")
-    cfg.update(vocab_size=vocab_size, num_hidden_layers=layers, hidden_size=hidden, intermediate_size=4 * hidden,
-               num_attention_heads=hidden // 32,
-               max_position_embeddings=max_positions, bidirectional=True, layer_types=layer_pattern(layers, 2))
-    return GemmaConfig(**cfg)
-
-
 def tokenize(tok, texts: Sequence[str], max_len: int) -> list[list[int]]:
     """BOS + text + EOS, cut to max_len tokens (the EOS kept)."""
     return [[tok.bos_id, *ids[:max_len - 2], tok.eos_id] for ids in tok.encode_batch(list(texts), add_bos=False)]
-
-
-def pad_rows(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids (B, T) int64 and the mask (B, T) True on real tokens."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = True
-    return ids, mask
 
 
 @torch.no_grad()
@@ -314,14 +280,12 @@ def encode_ids(model, rows: Sequence[Sequence[int]], batch_size: int = 64, dim: 
     out = torch.empty(len(rows), dim or model.dim)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        ids, mask = pad_rows([rows[i] for i in idx])
+        ids, mask = pad_right([rows[i] for i in idx])
         out[idx] = model(ids, mask, dim)
     return out
 
 
 def mrl_table(q: torch.Tensor, d: torch.Tensor, dims: Sequence[int]) -> dict[int, dict[str, float]]:
-    """`evaluate` at each MRL prefix (first d numbers, renormalised)."""
-    from .encoder import truncate
-
-    return {dim: evaluate(truncate(q, dim), truncate(d, dim)) for dim in dims}
+    """`retrieval_metrics` at each MRL prefix (first d numbers, renormalised)."""
+    return {dim: retrieval_metrics(truncate(q, dim), truncate(d, dim)) for dim in dims}
 

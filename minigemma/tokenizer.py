@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
-# Registry checkpoints whose tokenizer.model lives in another checkpoint's folder. The Gemma 3
+# Checkpoints whose tokenizer.model lives in another checkpoint's folder. The Gemma 3
 # GGUF carries its vocabulary inside the GGUF, not as tokenizer.model; it is the same vocabulary
 # as EmbeddingGemma's tokenizer.model (checked in tests/test_tokenizer.py).
 _TOKENIZER_FROM = {"gemma3-270m": "embeddinggemma-300m"}
@@ -51,13 +51,13 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path) -> "Tokenizer":
-        """Load from a registry name (``embeddinggemma-300m``, ``gemma3-270m``: fetched and
+        """Load from a checkpoint name (``embeddinggemma-300m``, ``gemma3-270m``: fetched and
         verified via ``minigemma.weights.fetch.path``), a folder holding ``tokenizer.model``, or
         the ``.model`` file itself."""
         from minigemma.weights import fetch
 
         key = str(name_or_path)
-        if key in fetch.REGISTRY:
+        if key in fetch.CHECKPOINTS:
             folder = fetch.path(_TOKENIZER_FROM.get(key, key), files=["tokenizer.model"])  # verify only what we read
             model = folder / "tokenizer.model"
         else:
@@ -70,7 +70,7 @@ class Tokenizer:
                 model = p
             else:
                 raise FileNotFoundError(
-                    f"{name_or_path!r} is neither a checkpoint name ({', '.join(fetch.REGISTRY)}) "
+                    f"{name_or_path!r} is neither a checkpoint name ({', '.join(fetch.CHECKPOINTS)}) "
                     "nor an existing folder or tokenizer.model file")
         return cls(model)
 

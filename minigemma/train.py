@@ -1,6 +1,6 @@
 """Training: the loop, its schedule, gradient accumulation, checkpoints, and many processes (chapter 08).
 
-    python -m minigemma train tiny-gemma3 --steps 2000 --out runs/gemma3       # a preset or a JSON file
+    python -m minigemma train tiny-gemma3 --steps 2000 --out runs/gemma3       # a recipe or a JSON file
     python -m minigemma train tiny-gemma3 --steps 2000 --out runs/gemma3 --resume
     python -m minigemma train tiny-gemma3 --steps 2000 --out runs/bf16 --precision bf16-mixed
     torchrun --nproc_per_node 2 -m minigemma train tiny-gemma3 --steps 2000 --out runs/ddp
@@ -17,7 +17,7 @@ One optimizer step:
 The batch of step s depends only on (seed, s), and the schedule only on s, so a run resumed from
 the checkpoint of step s continues bit for bit as if it had never stopped: the checkpoint holds
 the weights, AdamW's moments and step counts, the config and the history, in one safetensors
-file written atomically (a temporary file, flushed, then renamed).
+file written atomically (`atomic.write_atomic`: a temporary file, flushed, then renamed).
 
 Many processes (torchrun): each takes rows rank, rank + world, ... of the same global batch and
 DDP averages the gradients (an all-reduce), so N processes with batch B/N give the loss curve of
@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
+from .atomic import write_atomic
 from .losses import Labels, chunked_loss
 
 FORMAT = "minigemma-train-1"
@@ -126,9 +127,10 @@ def _gemma_cfg(**kw):
 # The chapter's longer run (chapter 08 states where it ends): 500 steps of 16 × 128 tokens, 1 M tokens.
 _TINY_TRAIN = dict(steps=500, batch_size=16, seq_len=128, lr=5e-3, warmup=30, eval_every=50, ckpt_every=125)
 
-# The chapter's models: about 1.5 M parameters each besides the 0.5 M of the 4096 × 128 embedding,
+# The chapter's training recipes (model + data + schedule; `gemma.PRESETS` and `griffin.PRESETS` are
+# the published models): about 1.5 M parameters each besides the 0.5 M of the 4096 × 128 embedding,
 # trained on the same tokens (Shakespeare through a 4096-piece SentencePiece model).
-PRESETS: dict[str, dict] = {
+RECIPES: dict[str, dict] = {
     "tiny-gemma3": {
         "model": "gemma3",
         "config": _gemma_cfg(vocab_size=4096, hidden_size=128, intermediate_size=512, num_hidden_layers=6,
@@ -149,15 +151,15 @@ PRESETS: dict[str, dict] = {
 
 
 def load_spec(name_or_path: str | dict) -> dict:
-    """A run spec {"model", "config", "data", "train"} from a preset name, a JSON file or a dict."""
+    """A run spec {"model", "config", "data", "train"} from a recipe name, a JSON file or a dict."""
     if isinstance(name_or_path, dict):
         spec = name_or_path
-    elif name_or_path in PRESETS:
-        spec = PRESETS[name_or_path]
+    elif name_or_path in RECIPES:
+        spec = RECIPES[name_or_path]
     elif Path(name_or_path).is_file():
         spec = json.loads(Path(name_or_path).read_text())
     else:
-        raise ValueError(f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file")
+        raise ValueError(f"{name_or_path!r} is neither a recipe ({', '.join(RECIPES)}) nor a JSON file")
     spec = json.loads(json.dumps(spec))  # a deep copy
     if spec.get("model") not in ("gemma3", "gemma2", "griffin"):
         raise ValueError(f"spec 'model' must be 'gemma3', 'gemma2' or 'griffin', got {spec.get('model')!r}")
@@ -182,23 +184,14 @@ def build_model(spec: dict, seed: int = 0) -> nn.Module:
 
 def model_spec(model: nn.Module) -> dict:
     """{"model", "config"} describing an existing Gemma or Griffin (what a checkpoint records)."""
-    cfg = model.config
-    kind = "griffin" if type(model).__name__ == "Griffin" else cfg.family
-    return {"model": kind, "config": dataclasses.asdict(cfg)}
-
-
-def head_of(model: nn.Module) -> tuple[torch.Tensor, float | None]:
-    """(LM head weight (V, C), final soft-cap) of a Gemma or a Griffin."""
-    cfg = model.config
-    cap = getattr(cfg, "final_logit_softcapping", None) if hasattr(cfg, "final_logit_softcapping") \
-        else getattr(cfg, "logits_soft_cap", None)
-    return model.lm_head.weight, cap
+    return {"model": model.config.family, "config": dataclasses.asdict(model.config)}
 
 
 class CausalLMLoss(nn.Module):
     """The model and its loss as one module (what DDP and FSDP wrap): ids (B, T + 1) -> (Σ loss, tokens).
 
-    The head runs inside the loss, chunk by chunk (`losses.chunked_loss`), on the final hidden states.
+    The head runs inside the loss, chunk by chunk (`losses.chunked_loss`), on the final hidden states;
+    `model.head()` gives its weight and soft-cap (a `torch.compile`d model passes the call through).
     """
 
     def __init__(self, model: nn.Module, chunk: int | None = None, packed: bool = True, bos_id: int = 2):
@@ -209,7 +202,7 @@ class CausalLMLoss(nn.Module):
         inputs, targets = windows[:, :-1], windows[:, 1:]
         positions = data_mod.document_positions(inputs, self.bos_id) if self.packed else None
         hidden = self.model(inputs, positions=positions, return_hidden=True)  # (B, T, C)
-        weight, cap = head_of(self.model)
+        weight, cap = self.model.head()
         target = Labels(targets)
         return chunked_loss(hidden, weight, target, cap, self.chunk, reduction="sum"), target.count()
 
@@ -372,14 +365,15 @@ def _state(model: nn.Module, optimizer, d: Dist):
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
 
 
-def _write_atomically(tensors: dict, metadata: dict, path: Path) -> None:
+def _write_checkpoint(tensors: dict, metadata: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())  # the bytes are on disk before the name says the file is complete
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name says the file is complete
+
+    write_atomic(path, write)
 
 
 def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, step: int, spec: dict,
@@ -405,10 +399,8 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, step: int,
     meta = {"format": FORMAT, "step": str(step), "spec": json.dumps(spec), "train": json.dumps(dataclasses.asdict(cfg)),
             "history": json.dumps(history), "param_groups": json.dumps(osd["param_groups"]),
             "aliases": json.dumps(aliases)}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(out_dir, step)
-    _write_atomically(tensors, meta, path)
+    _write_checkpoint(tensors, meta, path)
     return path
 
 
@@ -465,7 +457,7 @@ def load_trained(path: str | Path) -> nn.Module:
 # Evaluation and the loop
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(loss_module: nn.Module, windows: torch.Tensor, batch: int = 16, d: Dist | None = None) -> float:
+def validation_loss(loss_module: nn.Module, windows: torch.Tensor, batch: int = 16, d: Dist | None = None) -> float:
     """Mean next-token loss (nats) over validation windows (N, T + 1); this process takes rows rank::world."""
     d = d or Dist()
     was_training = loss_module.training
@@ -559,7 +551,7 @@ def train(model: nn.Module, train_stream: torch.Tensor, val_stream: torch.Tensor
         if val is not None and (final or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
             history["val_step"].append(step + 1)
             with precision_context(cfg.precision, d.device):
-                history["val_loss"].append(evaluate(wrapped, val, d=d))
+                history["val_loss"].append(validation_loss(wrapped, val, d=d))
         if bar is not None:
             post = {"loss": f"{loss:.3f}", "lr": f"{lr:.2e}"}
             if history["val_loss"]:
@@ -576,9 +568,7 @@ def train(model: nn.Module, train_stream: torch.Tensor, val_stream: torch.Tensor
     if bar is not None:
         bar.close()
     if out_dir is not None and d.main:
-        tmp = Path(out_dir) / "history.json.tmp"
-        tmp.write_text(json.dumps(history))
-        os.replace(tmp, Path(out_dir) / "history.json")
+        write_atomic(Path(out_dir) / "history.json", json.dumps(history))
     return history
 
 
@@ -601,7 +591,7 @@ def spec_data(spec: dict):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m minigemma train",
                                  description="Train a model on the Shakespeare corpus (also under torchrun).")
-    ap.add_argument("config", help=f"a preset ({', '.join(PRESETS)}) or a JSON spec file")
+    ap.add_argument("config", help=f"a recipe ({', '.join(RECIPES)}) or a JSON spec file")
     ap.add_argument("--steps", type=int, default=None, help="schedule length (default: the spec's, else 2000)")
     ap.add_argument("--out", required=True, help="run folder: checkpoints and history.json")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -668,7 +658,7 @@ def max_attention_logits(model: nn.Module, ids: torch.Tensor) -> list[float]:
     before any soft-cap, which QK-norm keeps bounded and which grow without it at a high learning
     rate. Uses a forward hook on each layer's `self_attn` (it receives (x, pos, cache)) and the
     layer's own `project`, so the model itself is untouched."""
-    from .attention import repeat_kv
+    from .attention import GroupedQueryAttention, repeat_kv
 
     found: list[float] = []
 
@@ -680,7 +670,7 @@ def max_attention_logits(model: nn.Module, ids: torch.Tensor) -> list[float]:
         causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
         found.append(float(scores.abs().masked_fill(~causal, 0).amax()))
 
-    attn = [m for m in model.modules() if type(m).__name__ == "GroupedQueryAttention"]
+    attn = [m for m in model.modules() if isinstance(m, GroupedQueryAttention)]
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in attn]
     try:
         was = model.training

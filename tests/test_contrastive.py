@@ -134,11 +134,11 @@ def test_soup_is_the_parameterwise_average():
 
 
 def test_training_lowers_the_loss_on_a_tiny_encoder():
-    from minigemma.encoder import EmbeddingGemma
-    from minigemma.retrieval import pad_rows, student_config
+    from minigemma.contrastive import tiny_encoder_config
+    from minigemma.encoder import EmbeddingGemma, pad_right
 
     torch.manual_seed(0)
-    cfg = student_config(vocab_size=64, layers=1, hidden=32)
+    cfg = tiny_encoder_config(vocab_size=64, layers=1, hidden=32)
     model = EmbeddingGemma(cfg, dense_dims=(16,))
     g = torch.Generator().manual_seed(0)
     N = 32
@@ -146,7 +146,7 @@ def test_training_lowers_the_loss_on_a_tiny_encoder():
     ds = [q + torch.randint(4, 64, (4,), generator=g).tolist() for q in qs]  # a document contains its query
 
     def encode_rows(kind, rows):
-        ids, mask = pad_rows([(qs if kind == "query" else ds)[i] for i in rows.tolist()])
+        ids, mask = pad_right([(qs if kind == "query" else ds)[i] for i in rows.tolist()])
         return model(ids, mask)
 
     hard = (torch.arange(N) + 1) % N

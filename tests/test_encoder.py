@@ -32,13 +32,15 @@ sentence_transformers = pytest.importorskip("sentence_transformers")
 
 from transformers import Gemma3TextConfig, Gemma3TextModel  # noqa: E402
 
-from minigemma import encoder  # noqa: E402
+from minigemma import embed, encoder  # noqa: E402
 from minigemma.encoder import (  # noqa: E402
     EmbeddingGemma, band_window, document_ids, encoder_mask, length_batches, mean_pool, pad_right, st_name_table,
     truncate,
 )
 from minigemma.gemma import FULL, SLIDING, GemmaConfig, layer_pattern  # noqa: E402
-from minigemma.weights.hf import CheckpointError, load_state_strict  # noqa: E402
+from minigemma.pretrained import embeddinggemma_from_st_dir  # noqa: E402
+from minigemma.pretrained import load_state_strict  # noqa: E402
+from minigemma.weights.hf import CheckpointError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 97
@@ -375,22 +377,22 @@ def test_real_cli_embed_and_rank(ours, tmp_path, monkeypatch, capsys):
     texts = ["json.loads parses a JSON document into Python objects.", "Paris is the capital of France.",
              "sorted() returns a new sorted list from an iterable."]
     out = tmp_path / "e.npy"
-    assert encoder.main([*texts, "--dim", "256", "--out", str(out)]) == 0
+    assert embed.main([*texts, "--dim", "256", "--out", str(out)]) == 0
     arr = np.load(out)
     torch.testing.assert_close(torch.from_numpy(arr), ours.encode(texts, dim=256))
     capsys.readouterr()
-    assert encoder.main([*texts, "--query", "How do I read JSON in Python?"]) == 0
+    assert embed.main([*texts, "--query", "How do I read JSON in Python?"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["rank"] for r in rows] == [1, 2, 3] and rows[0]["index"] == 0
     q = ours.encode(["How do I read JSON in Python?"], prompt_name="query")
     d = ours.encode(texts, prompt_name="document")
     assert [r["index"] for r in rows] == (d @ q[0]).argsort(descending=True).tolist()
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("first line\n\nsecond line\n"))
-    assert encoder.main([]) == 0
+    assert embed.main([]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["text"] for r in lines] == ["first line", "second line"] and len(lines[0]["embedding"]) == 768
     with pytest.raises(SystemExit):
-        encoder.main(["x", "--prompt", "no-such-prompt"])
+        embed.main(["x", "--prompt", "no-such-prompt"])
     assert "unknown prompt_name 'no-such-prompt'" in capsys.readouterr().err
 
 
@@ -417,16 +419,16 @@ def test_bad_folders_are_refused(folder, tmp_path):
 
     modules = json.loads((folder / "modules.json").read_text())
     with pytest.raises(CheckpointError, match="modules.json: pipeline"):
-        encoder.load_sentence_transformers(copy_with({"modules.json": modules[:2] + modules[3:]}))
+        embeddinggemma_from_st_dir(copy_with({"modules.json": modules[:2] + modules[3:]}))
     pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
     with pytest.raises(CheckpointError, match="mean pooling"):
-        encoder.load_sentence_transformers(copy_with({"1_Pooling/config.json": {**pooling, "pooling_mode_mean_tokens": False,
-                                                                               "pooling_mode_cls_token": True}}))
+        embeddinggemma_from_st_dir(copy_with({"1_Pooling/config.json": {**pooling, "pooling_mode_mean_tokens": False,
+                                                                       "pooling_mode_cls_token": True}}))
     with pytest.raises(CheckpointError, match="2_Dense/model.safetensors: missing"):
-        encoder.load_sentence_transformers(copy_with({}, drop=("2_Dense/model.safetensors",)))
+        embeddinggemma_from_st_dir(copy_with({}, drop=("2_Dense/model.safetensors",)))
     cfg = json.loads((folder / "config.json").read_text())
     with pytest.raises(CheckpointError, match="not an encoder"):
-        encoder.load_sentence_transformers(copy_with({"config.json": {**cfg, "use_bidirectional_attention": False}}))
+        embeddinggemma_from_st_dir(copy_with({"config.json": {**cfg, "use_bidirectional_attention": False}}))
 
 
 def test_bench_top10_agreement_counts_order_sets_and_gaps():

@@ -34,7 +34,7 @@ def _fail_download(piece, dest):
 @pytest.mark.parametrize("name", ["gemma3-270m", "embeddinggemma-300m"])
 def test_real_checkpoint_fetched_and_verified(name, monkeypatch):
     p = fetch.fetch(name, progress=False)
-    ck = fetch.REGISTRY[name]
+    ck = fetch.CHECKPOINTS[name]
     root = fetch.cache_dir() / name
     for rel, (_, size) in ck.files.items():
         assert (root / rel).stat().st_size == size
@@ -54,15 +54,15 @@ def test_real_checkpoint_fetched_and_verified(name, monkeypatch):
             assert (p / f).is_file()
 
 
-def test_real_registry_is_consistent():
-    for ck in fetch.REGISTRY.values():
+def test_real_checkpoints_are_consistent():
+    for ck in fetch.CHECKPOINTS.values():
         if ck.archive is None:
             assert sum(p.size for p in ck.pieces) == sum(s for _, s in ck.files.values())
         else:
             assert sum(p.size for p in ck.pieces) == ck.archive_size
         for sha, _ in ck.files.values():
             assert len(sha) == 64 and int(sha, 16) >= 0
-    gg = fetch.REGISTRY["embeddinggemma-300m"]
+    gg = fetch.CHECKPOINTS["embeddinggemma-300m"]
     assert [p.version for p in gg.pieces] == [f"0.2.{n}" for n in range(1, 26)]
 
 
@@ -162,7 +162,7 @@ class Toy:
                             files={r: (_sha(b), len(b)) for r, b in self.folder.items()},
                             archive="toy.zip", archive_sha256=_sha(self.zip_bytes),
                             archive_size=len(self.zip_bytes), archive_prefix="model_download/")
-        monkeypatch.setattr(fetch, "REGISTRY", {"toy-file": file_ck, "toy-zip": zip_ck})
+        monkeypatch.setattr(fetch, "CHECKPOINTS", {"toy-file": file_ck, "toy-zip": zip_ck})
         self.publish_all()
 
     def publish_all(self):
@@ -255,7 +255,7 @@ def test_corrupt_piece_names_it(toy, how):
     msg = str(e.value)
     assert "corrupt piece toy-file-part2==1.0.0" in msg and "re-run" in msg
     folder = toy.cache / "toy-file"
-    assert not (folder / "toy.bin").exists() and not (folder / "toy.bin.partial").exists()
+    assert not (folder / "toy.bin").exists() and not (folder / ".toy.bin.partial").exists()
     # The bad wheel was deleted from the work folder, so a re-run downloads it again.
     toy.publish_all()
     fetch.fetch("toy-file", progress=False)
@@ -288,7 +288,7 @@ def test_interrupted_assembly_leaves_no_final_file(toy, monkeypatch, name):
     monkeypatch.setattr(fetch, "_copy_hashing", flaky)
     with pytest.raises(KeyboardInterrupt):
         fetch.fetch(name, progress=False)
-    ck = fetch.REGISTRY[name]
+    ck = fetch.CHECKPOINTS[name]
     for rel in ck.files:
         assert not (toy.cache / name / rel).exists()
     leftovers = [f.name for f in toy.cache.rglob("*")
@@ -307,11 +307,11 @@ def test_interrupted_assembly_leaves_no_final_file(toy, monkeypatch, name):
 def test_leftover_partial_from_a_killed_run_is_not_mistaken(toy):
     folder = toy.cache / "toy-file"
     folder.mkdir(parents=True)
-    (folder / "toy.bin.partial").write_bytes(toy.file_bytes[:100])
+    (folder / ".toy.bin.partial").write_bytes(toy.file_bytes[:100])
     with pytest.raises(FetchError, match="not fetched"):
         fetch.path("toy-file")
     assert fetch.fetch("toy-file", progress=False).read_bytes() == toy.file_bytes
-    assert not (folder / "toy.bin.partial").exists()
+    assert not (folder / ".toy.bin.partial").exists()
 
 
 def test_path_detects_corrupt_and_missing_files(toy):
@@ -355,7 +355,7 @@ def test_path_traversal_is_refused(toy, monkeypatch):
                     files={"../evil.txt": (_sha(b"gotcha"), 6)}, archive="evil.zip",
                     archive_sha256=_sha(data), archive_size=len(data),
                     archive_prefix="model_download/")
-    monkeypatch.setitem(fetch.REGISTRY, "toy-evil", ck)
+    monkeypatch.setitem(fetch.CHECKPOINTS, "toy-evil", ck)
     with pytest.raises(FetchError, match="unsafe path"):
         fetch.fetch("toy-evil", progress=False)
     assert not (toy.cache / "evil.txt").exists()

@@ -220,9 +220,10 @@ def test_cli_prints_only_the_completion(real):
     assert ref.stdout == generate(model, tok, "The capital of France is", 6) + "\n"
     assert "float32 (the reference)" in ref.stderr
     fast = cli()
-    gguf, _ = minigemma.load_pretrained("gemma3-270m", quant="gguf")
-    assert fast.stdout == generate(gguf, tok, "The capital of France is", 6) + "\n"
+    codes, _ = minigemma.load_pretrained("gemma3-270m", file_codes=True)
+    assert fast.stdout == generate(codes, tok, "The capital of France is", 6) + "\n"
     assert "the GGUF file's own codes" in fast.stderr and "--dtype float32 for the reference" in fast.stderr
+    assert cli("--file-codes").stdout == fast.stdout  # the default, said out loud
     bad = subprocess.run([sys.executable, "-m", "minigemma", "generate", "x", "--top-p", "2"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert bad.returncode != 0 and "top-p" in bad.stderr and bad.stdout == ""

@@ -1,4 +1,5 @@
-"""minigemma.weights.gguf on the real Gemma 3 270M Q4_K_M GGUF, against independent references.
+"""minigemma.weights.gguf (and the Gemma 3 loader on it, pretrained.gemma_from_gguf) on the real
+Gemma 3 270M Q4_K_M GGUF, against independent references.
 
 References:
 * HF transformers loading the same GGUF (`from_pretrained(dir, gguf_file=...)`), in float32. Its
@@ -19,10 +20,11 @@ import torch
 
 from minigemma.generation import generate_ids
 from minigemma.weights import fetch
-from minigemma.weights.hf import unfused_state_dict
+from minigemma.pretrained import unfused_state_dict
+from minigemma.gemma import gguf_name_table
+from minigemma.pretrained import gemma_from_gguf
 from minigemma.weights.gguf import (
-    GGML_TYPES, CheckpointError, bits_per_weight, dequantize_q4_k, dequantize_q8_0, gguf_name_table, load_gguf,
-    read_gguf)
+    GGML_TYPES, CheckpointError, bits_per_weight, dequantize_q4_k, dequantize_q8_0, read_gguf)
 
 gguf = pytest.importorskip("gguf")
 
@@ -45,7 +47,7 @@ def path():
 
 @pytest.fixture(scope="module")
 def ours(path):
-    return load_gguf(path, torch.float32)
+    return gemma_from_gguf(path, torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -366,14 +368,20 @@ def _write_tiny(p, tensors, arch="gemma3"):
 
 
 def test_tiny_gguf_round_trip(tmp_path):
+    from minigemma import load_pretrained
+
     tensors = _tiny_tensors(np.random.default_rng(0))
-    model = load_gguf(_write_tiny(tmp_path / "tiny.gguf", tensors))
+    p = _write_tiny(tmp_path / "tiny.gguf", tensors)
+    model = gemma_from_gguf(p)
     sd = unfused_state_dict(model)
     table = gguf_name_table(TINY["layers"])
     for name, arr in tensors.items():
         want = torch.from_numpy(arr) - (1.0 if "norm" in name else 0.0)
         assert torch.equal(sd[table[name]], want), name
     assert model.config.layer_types == ["sliding_attention"] * 2 and model.config.sliding_window == 4
+    same, tokenizer = load_pretrained(p)  # a .gguf path: the same loader, and no tokenizer.model
+    want = model.state_dict()
+    assert tokenizer is None and all(torch.equal(t, want[n]) for n, t in same.state_dict().items())
 
 
 def test_truncated_and_corrupt_files(tmp_path, path):
@@ -389,15 +397,15 @@ def test_truncated_and_corrupt_files(tmp_path, path):
         p = tmp_path / name
         p.write_bytes(content)
         with pytest.raises(CheckpointError, match=message):
-            load_gguf(p)
+            gemma_from_gguf(p)
     with pytest.raises(CheckpointError, match="no such file"):
-        load_gguf(tmp_path / "absent.gguf")
+        gemma_from_gguf(tmp_path / "absent.gguf")
 
 
 def test_wrong_architecture(tmp_path):
     p = _write_tiny(tmp_path / "llama.gguf", _tiny_tensors(np.random.default_rng(0)), arch="llama")
     with pytest.raises(CheckpointError, match="architecture 'llama'"):
-        load_gguf(p)
+        gemma_from_gguf(p)
 
 
 def test_missing_unexpected_and_misshapen_tensors(tmp_path):
@@ -405,16 +413,16 @@ def test_missing_unexpected_and_misshapen_tensors(tmp_path):
     t = _tiny_tensors(rng)
     del t["blk.1.ffn_up.weight"]
     with pytest.raises(CheckpointError, match=r"missing tensors for: layers\.1\.mlp\.up_proj\.weight"):
-        load_gguf(_write_tiny(tmp_path / "missing.gguf", t))
+        gemma_from_gguf(_write_tiny(tmp_path / "missing.gguf", t))
     t = _tiny_tensors(rng)
     t["output.weight"] = rng.standard_normal((TINY["vocab"], TINY["hidden"])).astype(np.float32)
     t["blk.0.extra.weight"] = np.zeros(3, dtype=np.float32)
     with pytest.raises(CheckpointError, match=r"unexpected tensors: blk\.0\.extra\.weight, output\.weight"):
-        load_gguf(_write_tiny(tmp_path / "unexpected.gguf", t))
+        gemma_from_gguf(_write_tiny(tmp_path / "unexpected.gguf", t))
     t = _tiny_tensors(rng)
     t["blk.0.attn_k.weight"] = rng.standard_normal((16, TINY["hidden"])).astype(np.float32)
     with pytest.raises(CheckpointError, match=r"shape mismatch.*blk\.0\.attn_k\.weight \(16, 16\)"):
-        load_gguf(_write_tiny(tmp_path / "shape.gguf", t))
+        gemma_from_gguf(_write_tiny(tmp_path / "shape.gguf", t))
 
 
 # ----------------------------------------------------------------------------------------------

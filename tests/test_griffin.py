@@ -4,7 +4,7 @@ References:
 - the official `recurrentgemma` package (its torch implementation), fed our random weights
   through the name table below;
 - HF transformers' RecurrentGemmaForCausalLM, built from a config with random weights, saved with
-  `save_pretrained` and loaded by our `from_hf` (so the loader is exercised too).
+  `save_pretrained` and loaded by our `pretrained.griffin_from_hf_dir` (so the loader is exercised too).
 
 Tolerance: float32 logits within 1e-4 (absolute). Both sides compute the same float32 operations;
 what remains is summation order (einsum vs matmul, a conv vs a loop), a few ulps per layer,
@@ -27,10 +27,12 @@ import pytest
 import torch
 
 from minigemma.griffin import (
-    ATTENTION, PRESETS, RECURRENT, Griffin, GriffinConfig, associative_combine, causal_conv1d, from_hf,
+    ATTENTION, PRESETS, RECURRENT, Griffin, GriffinConfig, associative_combine, causal_conv1d,
     param_count, scan_associative, scan_sequential, state_bytes,
 )
-from minigemma.weights.hf import CheckpointError, unfused_state_dict
+from minigemma.pretrained import griffin_from_hf_dir
+from minigemma.pretrained import unfused_state_dict
+from minigemma.weights.hf import CheckpointError
 
 ATOL = 1e-4
 
@@ -103,7 +105,7 @@ def official_model(rg, ours: Griffin):
         logits_soft_cap=cfg.logits_soft_cap, lru_width=cfg.lru_width)
     model = rg.Griffin(ocfg, gradient_checkpointing=False).eval()
     sd = unfused_state_dict(ours)  # q/k/v and gate/up under their own names
-    out = {"embedder.input_embedding": sd["embed_tokens.weight"], "final_norm.scale": sd["final_norm.weight"]}
+    out = {"embedder.input_embedding": sd["embed_tokens.weight"], "final_norm.scale": sd["norm.weight"]}
     for i, kind in enumerate(cfg.block_types):
         o, m = f"blocks.{i}.", f"layers.{i}."
         out[o + "temporal_pre_norm.scale"] = sd[m + "temporal_pre_norm.weight"]
@@ -216,7 +218,7 @@ def hf_checkpoint(tmp_path_factory):
 
 def test_logits_match_hf(hf_checkpoint):
     hf, path = hf_checkpoint
-    ours = from_hf(path, window_edge="exclusive")  # HF's window: W keys
+    ours = griffin_from_hf_dir(path, window_edge="exclusive")  # HF's window: W keys
     ids = _ids(ours.config, 2, 27, seed=4)  # longer than the window of 8
     with torch.no_grad():
         expected = hf(ids, use_cache=False).logits
@@ -260,7 +262,7 @@ def test_window_edge_conventions_differ(hf_checkpoint):
     """The official edge (W + 1 keys) gives different logits from HF's (W keys) past the window,
     and identical ones before it: the disagreement is exactly the one key at q - W."""
     _, path = hf_checkpoint
-    official_edge, hf_edge = from_hf(path), from_hf(path, window_edge="exclusive")
+    official_edge, hf_edge = griffin_from_hf_dir(path), griffin_from_hf_dir(path, window_edge="exclusive")
     ids = _ids(official_edge.config, 1, 20, seed=5)
     with torch.no_grad():
         a, b = official_edge(ids), hf_edge(ids)
@@ -434,13 +436,13 @@ def test_loader_names_missing_tensor(hf_checkpoint, tmp_path):
     name = "model.layers.1.temporal_block.rg_lru.recurrent_param"
     _copy_checkpoint(hf_checkpoint[1], tmp_path, lambda t: t.pop(name))
     with pytest.raises(CheckpointError, match=r"missing tensors for: layers\.1\.temporal_block\.rg_lru\.a_param"):
-        from_hf(tmp_path)
+        griffin_from_hf_dir(tmp_path)
 
 
 def test_loader_names_unexpected_tensor(hf_checkpoint, tmp_path):
     _copy_checkpoint(hf_checkpoint[1], tmp_path, lambda t: t.update({"model.layers.2.extra.weight": torch.zeros(3)}))
     with pytest.raises(CheckpointError, match=r"unexpected tensors: model\.layers\.2\.extra\.weight"):
-        from_hf(tmp_path)
+        griffin_from_hf_dir(tmp_path)
 
 
 def test_loader_names_shape_mismatch(hf_checkpoint, tmp_path):
@@ -450,7 +452,7 @@ def test_loader_names_shape_mismatch(hf_checkpoint, tmp_path):
     cfg["lru_width"] = 32  # the weights say 64
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"shape mismatch.*linear_x\.weight \(64, 48\)"):
-        from_hf(tmp_path)
+        griffin_from_hf_dir(tmp_path)
 
 
 def test_loader_refuses_pickles(tmp_path):
@@ -459,7 +461,7 @@ def test_loader_refuses_pickles(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf_config().to_dict()))
     (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
     with pytest.raises(CheckpointError, match="never loaded"):
-        from_hf(tmp_path)
+        griffin_from_hf_dir(tmp_path)
 
 
 def test_bad_config_is_named():

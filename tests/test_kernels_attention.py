@@ -244,3 +244,15 @@ def test_the_interpreter_refuses_bfloat16_rather_than_computing_it_wrongly():
     q, k, v = _qkv(1, 2, 1, 5, 5, 16, seed=0, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="interpreter computes torch.bfloat16 wrongly"):
         A.flash_attention(q, k, v)
+
+
+@pytest.mark.parametrize("splits", [3, 5])
+def test_decode_combines_more_splits_than_it_reads_at_once(monkeypatch, splits):
+    """The combine kernel reads COMBINE_SPLITS partial results at a time (an online softmax over the
+    splits): with 2 at a time, 3 and 5 splits take several trips, the last one partly masked."""
+    monkeypatch.setattr(A, "COMBINE_SPLITS", 2)
+    q, k, v = _qkv(2, 4, 2, 1, 90, 16, seed=7)
+    with bounds_checked():
+        got = A.decode_attention(q, k, v, q_index=89, scale=0.3, splits=splits, block_n=B, window=70)
+    want = A.reference(q, k, v, scale=0.3, q_start=89, window=70)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

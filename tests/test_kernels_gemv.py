@@ -5,8 +5,9 @@ encodes), and the modules' own forward (torch's CPU int8/int4 kernels, bf16 outp
 `minigemma.quant` builds them: `Int8Linear.from_weight`; `Int4Linear.from_weight` (one plane) and
 `from_codes` (two balanced base-16 planes, as a GGUF file's 5- and 8-bit codes), and `Int4Linear.cat`
 (planes that are not digits of one code). Odd sizes, the packed layout's tail (N not a multiple of
-64, and N < 64: all tail), groups of 32, 64 and 128, biases, M = 1 (decode) up to 32 rows, K split
-over several programs. Without a GPU the kernels run in Triton's interpreter, bounds-checked.
+the block, and N < the block: all tail), both of torch's blocks (64 rows with AVX-512, 32 without: packed
+here by a loop written in the test), groups of 32, 64 and 128, biases, M = 1 (decode) up to 32 rows, K
+split over several programs. Without a GPU the kernels run in Triton's interpreter, bounds-checked.
 
 Tolerances (|got − want| <= atol + rtol·|want|, atol scaled by max|want|):
 - float32 output against the float32 reference: rtol 1e-5, atol 1e-5·max. bf16 activations times
@@ -24,7 +25,8 @@ import torch
 import minigemma.kernels  # noqa: F401  (sets TRITON_INTERPRET=1 first when there is no GPU)
 from minigemma import quant
 from minigemma.kernels import bounds_checked
-from minigemma.kernels.gemv import TritonInt4Linear, TritonInt8Linear, gemv, gemv_int4, gemv_int8, reference
+from minigemma.kernels.gemv import (TritonInt4Linear, TritonInt8Linear, gemv, gemv_int4, gemv_int8, reference,
+                                    use_gemv)
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -76,6 +78,42 @@ def test_int4_matches_the_dequantised_weight(N, K, g, planes, M, bias, split):
     close(y, reference(x, mod))
 
 
+def pack_by_hand(codes, B):
+    """codes (N, K) in [0, 15] -> (N, K/2) uint8 in torch's CPU int4 layout with blocks of B rows, one byte at a
+    time: byte j < B/2 of a block at k holds rows j (low) and j + B/2 (high); the tail pairs rows 2j, 2j + 1."""
+    N, K = codes.shape
+    full = N // B * B
+    out = []
+    for b in range(0, full, B):
+        for k in range(K):
+            out += [int(codes[b + j, k]) | int(codes[b + j + B // 2, k]) << 4 for j in range(B // 2)]
+    for k in range(K):
+        out += [int(codes[full + 2 * j, k]) | int(codes[full + 2 * j + 1, k]) << 4 for j in range((N - full) // 2)]
+    return torch.tensor(out, dtype=torch.uint8).view(N, K // 2)
+
+
+def test_int4_reads_either_block_size_of_the_layout():
+    """torch packs 64 rows a block on a CPU with AVX-512 and 32 elsewhere; packed by hand both ways (2 blocks and
+    a tail of 16), the kernel reads each with its block_rows, and this CPU's with the default."""
+    N, K, g = 144, 64, 32
+    gen = torch.Generator().manual_seed(11)
+    codes = torch.randint(0, 16, (N, K), generator=gen)
+    assert torch.equal(pack_by_hand(codes, quant.int4_block_rows()), quant.pack_int4(codes))
+    scale_zero = torch.randn(1, K // g, N, 2, generator=gen).to(torch.bfloat16)
+    s, z = (scale_zero[0, ..., i].float().T.repeat_interleave(g, 1) for i in (0, 1))  # (N, K)
+    x = rnd(3, K, seed=12).to(torch.bfloat16)
+    want = x.float() @ ((codes - 8) * s + z).T
+    for B in (32, 64):
+        packed = pack_by_hand(codes, B)[None].to(DEVICE)
+        with bounds_checked():
+            y = gemv_int4(x.to(DEVICE), packed, scale_zero.to(DEVICE), g, None, torch.float32, block_n=16, block_rows=B)
+        close(y.cpu(), want)
+    with bounds_checked():
+        y = gemv_int4(x.to(DEVICE), quant.pack_int4(codes)[None].to(DEVICE), scale_zero.to(DEVICE), g, None,
+                      torch.float32)
+    close(y.cpu(), want)
+
+
 @CPU_KERNELS
 def test_int4_planes_that_are_not_digits_match_the_cpu_kernel():
     """`Int4Linear.cat` pads a one-plane module with an all-zero plane: w = Σ_p (c_p − 8)·s_p + z_p holds
@@ -100,7 +138,8 @@ def test_modules_are_drop_ins(kind):
     x = rnd(2, 3, K, seed=7)  # (B, T, K) float32: the module takes any float, computes bf16
     want = mod(x)
     state = {k: v.data_ptr() for k, v in mod.state_dict().items()}
-    mod.__class__ = cls  # the swap: same object, same buffers
+    torch_name = type(mod).__name__
+    assert use_gemv(mod) == {torch_name: 1} and type(mod) is cls  # the swap: same object, same buffers
     assert {k: v.data_ptr() for k, v in mod.state_dict().items()} == state
     with bounds_checked():
         got = mod(x)
@@ -122,14 +161,14 @@ def test_a_quantised_gemma_with_the_kernels_swapped_in():
     ids = torch.randint(0, 128, (1, 6))
     with torch.no_grad():
         want = model(ids)
-        swapped = 0
-        for m in model.modules():
-            if type(m) in (quant.Int8Linear, quant.Int4Linear):
-                m.__class__ = TritonInt8Linear if isinstance(m, quant.Int8Linear) else TritonInt4Linear
-                swapped += 1
-        assert swapped == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the head
+        swapped = use_gemv(model)
+        assert swapped == {"Int8Linear": 2 * 4, "Int4Linear": 1}  # qkv, o, gate_up, down per layer; the head's int4
+        assert {type(m) for m in model.modules() if isinstance(m, (quant.Int8Linear, quant.Int4Linear))} == {
+            TritonInt8Linear, TritonInt4Linear}
         with bounds_checked():
             got = model(ids)
+        assert use_gemv(model, enable=False) == {"TritonInt8Linear": 8, "TritonInt4Linear": 1}
+        assert torch.equal(model(ids), want)  # torch's kernels again
     close(got, want, rtol=1.6e-2, atol=1e-2)
     assert (got[0].argmax(-1) == want[0].argmax(-1)).float().mean() >= 5 / 6
 
@@ -148,4 +187,6 @@ def test_bad_input_is_named():
     with pytest.raises(TypeError, match="Int8Linear or an Int4Linear"):
         gemv(torch.randn(1, 32), torch.nn.Linear(32, 16))
     assert TritonInt4Linear.unsupported(m4) is None
-    assert "group size 8" in TritonInt4Linear.unsupported(quant.Int4Linear.from_weight(rnd(16, 32, seed=0), 8))
+    m8 = quant.Int4Linear.from_weight(rnd(16, 32, seed=0), 8)
+    assert "group size 8" in TritonInt4Linear.unsupported(m8)
+    assert use_gemv(m8) == {} and type(m8) is quant.Int4Linear  # the kernel cannot run it: it stays torch's

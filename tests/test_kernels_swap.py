@@ -24,6 +24,7 @@ from minigemma.attention import GroupedQueryAttention
 from minigemma.encoder import EmbeddingGemma
 from minigemma.gemma import FULL, SLIDING, Gemma, GemmaConfig, layer_pattern
 from minigemma.griffin import Griffin, small_config
+from minigemma.layers import RMSNorm
 from minigemma.kernels import attention as attention_kernels
 from minigemma.kernels.swap import swap, triton_modules, use_triton
 
@@ -113,6 +114,28 @@ def test_griffin_w_plus_1_edge_resets_and_decoding():
     _decode_matches(ref, fast, ids, torch.ones_like(ids, dtype=torch.bool), prefill=5, vocab=61)
 
 
+def test_griffin_runs_the_scan_kernel_and_keeps_its_own_scan_setting(monkeypatch):
+    """The Triton RGLRU overrides `recurrence` only: the kernel runs, griffin's SCANS table is the package's
+    own (importing the kernels registers nothing there), and swapped back the layer runs its scan again."""
+    from minigemma import griffin
+    from minigemma.kernels import swap as swap_module
+
+    assert set(griffin.SCANS) == {"sequential", "associative"}
+    torch.manual_seed(4)
+    model = Griffin(small_config(vocab_size=61, width=32, num_heads=2, mlp_expanded_width=48, scan="associative"))
+    model = model.to(DEV).eval()
+    calls = []  # the kernel, counted
+    kernel = swap_module.rglru_scan
+    monkeypatch.setattr(swap_module, "rglru_scan", lambda a, b, h0: calls.append(a.shape) or kernel(a, b, h0))
+    use_triton(model, verbose=False)
+    rglrus = [m for m in model.modules() if isinstance(m, griffin.RGLRU)]
+    with torch.no_grad():
+        model(torch.randint(0, 61, (1, 5)).to(DEV))
+    assert rglrus and len(calls) == len(rglrus)
+    use_triton(model, False, verbose=False)
+    assert all(type(m) is griffin.RGLRU and m.scan == "associative" for m in rglrus)
+
+
 def test_encoder_band_and_padding_as_documents():
     torch.manual_seed(3)
     cfg = GemmaConfig(vocab_size=89, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -165,10 +188,14 @@ def test_the_report_names_what_was_swapped(capsys):
 
 
 def test_unsupported_layers_are_left_alone_and_reported():
-    model = torch.nn.Sequential(GroupedQueryAttention(64, 1, 1, 512), GroupedQueryAttention(64, 2, 1, 32))
+    class MyNorm(RMSNorm):  # a subclass with a forward of its own: never swapped by mistake
+        pass
+
+    model = torch.nn.Sequential(GroupedQueryAttention(64, 1, 1, 512), GroupedQueryAttention(64, 2, 1, 32), MyNorm(8))
     report = swap(model)
     assert report.total == 1 and type(model[1]) is attention_kernels.GroupedQueryAttention
     assert "head_dim 512 > 256" in str(report) and type(model[0]) is GroupedQueryAttention
+    assert "1 x MyNorm (a subclass the kernels were not written for)" in str(report) and type(model[2]) is MyNorm
 
 
 @pytest.mark.skipif(DEV == "cuda", reason="checks the refusal on CPU (the interpreter has no bfloat16)")

@@ -157,7 +157,7 @@ def test_decoder_layer_reference_is_the_layers_forward():
 
 def test_gguf_case_files_read_the_same_with_the_gguf_package(tmp_path):
     gguf = pytest.importorskip("gguf")
-    for i, case in enumerate(ch05._gguf_cases(0)):
+    for i, case in enumerate(core.get("05.gguf_header").cases(0)):
         path = tmp_path / f"{i}.gguf"
         path.write_bytes(case.args[0])
         theirs = gguf.GGUFReader(path)

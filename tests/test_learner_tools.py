@@ -63,7 +63,7 @@ def test_reset_restores_one_exercise_and_keeps_the_rest(tmp_path):
     changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
     rope = next(i for i, s in enumerate(pristine) if "def rope(" in s)
     assert changed == [rope] and after[rope] == pristine[rope]
-    assert not list(tmp_path.glob("*.tmp")), "the write is atomic: no temporary file left"
+    assert not list(tmp_path.glob(".*.partial")), "the write is atomic (write_atomic): no temporary file left"
     json.loads(learner.read_text())  # still a valid notebook
 
     # by function name, in a cell holding two exercises: only that function changes

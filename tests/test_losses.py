@@ -207,7 +207,7 @@ def test_teacher_cache_round_trip_and_sizes(tmp_path):
                          logp=torch.log_softmax(rnd(S, T, k), -1), hidden=rnd(S, T, C),
                          meta={"teacher": "test", "k": k, "vocab_size": 262144})
     path = cache.save(tmp_path / "c.safetensors")
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.partial"))
     back = TeacherCache.load(path)
     assert torch.equal(back.tokens, cache.tokens) and torch.equal(back.ids, cache.ids)
     torch.testing.assert_close(back.logp.float(), cache.logp, rtol=1e-3, atol=1e-3)  # stored as float16
@@ -259,6 +259,6 @@ def test_teacher_pass_and_student_objectives_match_the_plain_losses():
             "full_kd": losses.kd_loss(s_logits, t_logits),
             "sampled_kd": losses.sampled_kd_loss(s_logits, cache.ids, cache.weights())}
     for objective, want in refs.items():
-        module = distill.StudentLoss(student, objective, distill.teacher_head(teacher))
+        module = distill.StudentLoss(student, objective, teacher.head())
         total, n = module(cache.tokens, cache.ids, cache.logp, cache.hidden.float())
         torch.testing.assert_close(total / n, want, rtol=1e-4, atol=1e-5)

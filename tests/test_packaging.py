@@ -33,12 +33,13 @@ def test_torch_is_pinned_to_the_cpu_build_version():
 
 
 def test_kernels_import_name_cannot_clash_with_pypi_kernels(tmp_path):
-    """PyPI has a package named `kernels`; ours is only importable as `minigemma.kernels`."""
+    """PyPI has a package named `kernels` (transformers depends on it); ours is `minigemma.kernels`, a
+    plain subpackage, so a top-level `kernels` is always PyPI's, also in a process started in our root."""
     import minigemma.kernels
 
-    assert Path(minigemma.kernels.__file__).resolve().parent == ROOT / "kernels"
-    # A decoy top-level `kernels` (as a learner with PyPI's package would have) must not shadow
-    # ours, and ours must not shadow it.
+    assert Path(minigemma.kernels.__file__).resolve().parent == ROOT / "minigemma" / "kernels"
+    assert not (ROOT / "kernels").exists(), "a kernels/ folder in the root would shadow PyPI's `kernels`"
+    # A decoy top-level `kernels` (standing for PyPI's) and ours, side by side in one process.
     decoy = tmp_path / "kernels"
     decoy.mkdir()
     (decoy / "__init__.py").write_text("WHO = 'pypi'\n")
@@ -47,7 +48,18 @@ def test_kernels_import_name_cannot_clash_with_pypi_kernels(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     who, path = out.stdout.split()
-    assert who == "pypi" and Path(path).resolve().parent == ROOT / "kernels"
+    assert who == "pypi" and Path(path).resolve().parent == ROOT / "minigemma" / "kernels"
+
+
+def test_a_process_started_in_the_repository_can_import_transformers():
+    """transformers imports PyPI's `kernels` (when installed) at import time; from the repository's root
+    (on sys.path as '') nothing of ours may answer to that name."""
+    code = ("import importlib.util, transformers.models.gemma3.modeling_gemma3; "
+            "spec = importlib.util.find_spec('kernels'); print(spec.origin if spec else None)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    origin = out.stdout.strip().splitlines()[-1]
+    assert origin == "None" or "site-packages" in Path(origin).parts, origin  # an installed package, not ours
 
 
 def test_core_install_does_not_hold_numpy_back():
@@ -85,14 +97,3 @@ def test_ci_run_calls_the_readme_test_command():
     lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()
              if ln.strip() and not ln.strip().startswith("#")]
     assert lines[-1] == "make test", lines
-
-
-def test_a_process_started_in_the_repository_can_import_transformers():
-    """From the repository's root, `kernels/` is on sys.path as a top-level `kernels`, the name of a PyPI
-    package that transformers probes (and imports) at import time. It must stay an empty module there:
-    no version (so transformers treats it as absent) and none of our Triton modules imported twice."""
-    code = ("import kernels, transformers.models.gemma3.modeling_gemma3; "
-            "print(sorted(n for n in vars(kernels) if not n.startswith('_')))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "['os']"

@@ -68,3 +68,58 @@ def test_sharded_checkpoint_reads_every_shard(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     tensors = read_safetensors(tmp_path)
     assert set(tensors) == {"a", "b"} and tensors["b"].shape == (3,)
+
+
+def test_quant_is_a_level_and_file_codes_need_a_gguf(tmp_path):
+    with pytest.raises(ValueError, match="quant='gguf': choose from None, 'bf16', 'int8', 'int4'"):
+        load_pretrained("gemma3-270m", quant="gguf")
+    _tiny_hf_dir(tmp_path)
+    with pytest.raises(ValueError, match="no integer codes of its own"):
+        load_pretrained(tmp_path, file_codes=True)
+
+
+TINY = {"model_type": "gemma3_text", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+        "sliding_window": 8, "query_pre_attn_scalar": 32, "max_position_embeddings": 64,
+        "layer_types": ["sliding_attention", "full_attention"]}
+
+
+def _tiny_gemma():
+    from minigemma.gemma import Gemma, GemmaConfig
+
+    torch.manual_seed(0)
+    return Gemma(GemmaConfig.from_hf(TINY)).eval()
+
+
+def _tiny_hf_dir(path):
+    """A tiny Gemma 3 written as an HF checkpoint directory by hand: config.json and model.safetensors."""
+    from minigemma.pretrained import unfused_state_dict
+
+    model = _tiny_gemma()
+    state = {f"model.{k}": v.contiguous() for k, v in unfused_state_dict(model).items() if k != "lm_head.weight"}
+    save_file(state, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(TINY))
+    return model
+
+
+@torch.no_grad()
+def test_every_precision_of_a_directory_is_the_model_at_that_level(tmp_path):
+    """A directory loads through the one builder (a meta skeleton, `quant.quantize` with the weights
+    streamed): float32 is the checkpoint itself; dtype=torch.bfloat16 is quant="bf16" (norm weights
+    float32 in both); int8 and int4 equal quantising the float32 model."""
+    from minigemma.layers import RMSNorm
+    from minigemma.quant import quantize
+
+    ref = _tiny_hf_dir(tmp_path)
+
+    def same(a, b):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert set(sa) == set(sb) and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+
+    same(load_pretrained(tmp_path)[0], ref)
+    bf16 = load_pretrained(tmp_path, dtype=torch.bfloat16)[0]
+    same(bf16, load_pretrained(tmp_path, quant="bf16")[0])
+    assert all(m.weight.dtype == torch.float32 for m in bf16.modules() if isinstance(m, RMSNorm))
+    assert bf16.embed_tokens.weight.dtype == torch.bfloat16 and bf16.lm_head.weight is bf16.embed_tokens.weight
+    for level in ("int8", "int4"):
+        same(load_pretrained(tmp_path, quant=level)[0], quantize(_tiny_gemma(), level))

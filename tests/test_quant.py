@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from minigemma.gemma import Gemma, GemmaConfig
+from minigemma.layers import RMSNorm
 from minigemma.generation import generate_ids
 from minigemma.quant import (Int4Linear, Int8Linear, Q8_0Embedding, RescoredHead, int4_groups, int8_rows,
                              q8_0_blocks, quantize, weight_bytes_per_token)
@@ -194,7 +195,7 @@ def test_quantize_swaps_modules_and_keeps_the_forward(level):
     else:
         assert {"Int8Linear" if level == "int8" else "Int4Linear", "RescoredHead", "Q8_0Embedding"} <= kinds
         assert not any(type(m) is nn.Linear for m in model.modules())  # every nn.Linear was swapped
-    norms = [m.weight for m in model.modules() if type(m).__name__ == "RMSNorm"]
+    norms = [m.weight for m in model.modules() if isinstance(m, RMSNorm)]
     assert norms and all(w.dtype == torch.float32 for w in norms)  # norms stay exact
     assert float_params > 0
     # the model's own forward (and the shared decode loop) runs with the swapped modules
@@ -246,22 +247,86 @@ def _fetched():
         pytest.skip(str(e))
 
 
+def _same_tensors(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype and torch.equal(sa[name], sb[name]), name
+
+
+@pytest.mark.parametrize("level", ["bf16", "int8", "int4"])
+@torch.no_grad()
+def test_quantising_a_skeleton_from_streamed_weights_equals_quantising_the_model(level):
+    """quantize(skeleton on the meta device, level, weights) builds each module from its rows, a chunk at a
+    time (chunks smaller than a matrix here, and cut across q/k/v); it must hold the very tensors that
+    quantising the loaded float32 model computes. Norm weights stay float32 both ways."""
+    from minigemma.pretrained import CheckpointRows, unfused_state_dict
+
+    ref = tiny()
+    tensors = unfused_state_dict(ref)
+    with torch.device("meta"):
+        skeleton = Gemma(ref.config)
+    weights = CheckpointRows(skeleton, tensors, lambda n: None if n == "lm_head.weight" else n, rows=64)
+    streamed = quantize(skeleton, level, weights)
+    _same_tensors(streamed, quantize(ref, level))
+    assert all(m.weight.dtype == torch.float32 for m in streamed.modules() if isinstance(m, RMSNorm))
+
+
+def test_a_skeleton_without_weights_gets_empty_modules_of_the_level():
+    """What the quantised-model cache assigns a saved state to: the level's modules, on the meta device."""
+    with torch.device("meta"):
+        skeleton = Gemma(tiny().config)
+    quantize(skeleton, "int4")
+    assert isinstance(skeleton.lm_head, RescoredHead) and isinstance(skeleton.embed_tokens, Q8_0Embedding)
+    assert all(t.is_meta for t in skeleton.state_dict().values())
+    assert set(skeleton.state_dict()) == set(quantize(tiny(), "int4").state_dict())
+
+
 @pytest.mark.parametrize("level", ["int8", "int4"])
 @torch.no_grad()
 def test_quant_load_equals_quantising_the_float32_model(level):
-    """load_gguf(quant=...) builds each module from the file one tensor at a time; it must hold the very
+    """gemma_from_gguf(quant=...) builds each module from the file one tensor at a time; it must hold the very
     tensors that quantize() computes from the float32 reference (the embedding: the file's own bytes)."""
-    from minigemma.weights.gguf import load_gguf, read_gguf
+    from minigemma.pretrained import gemma_from_gguf
+    from minigemma.weights.gguf import read_gguf
 
     path = _fetched()
-    direct = load_gguf(path, quant=level)
-    via_float = quantize(load_gguf(path), level)
-    a, b = direct.state_dict(), via_float.state_dict()
-    assert set(a) == set(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    direct = gemma_from_gguf(path, quant=level)
+    _same_tensors(direct, quantize(gemma_from_gguf(path), level))
     f = read_gguf(path)
     assert torch.equal(direct.embed_tokens.blocks.reshape(-1), f.raw("token_embd.weight"))
+
+
+@torch.no_grad()
+def test_bfloat16_dtype_is_the_bf16_level():
+    """`dtype=torch.bfloat16` and `quant="bf16"` are one model: every weight bf16 but the norms', float32."""
+    import minigemma
+
+    _fetched()
+    a, _ = minigemma.load_pretrained("gemma3-270m", dtype=torch.bfloat16)
+    b, _ = minigemma.load_pretrained("gemma3-270m", quant="bf16")
+    _same_tensors(a, b)
+    dtypes = {name: t.dtype for name, t in a.state_dict().items()}
+    assert {dtypes[n] for n in dtypes if "norm" in n} == {torch.float32}
+    assert {dtypes[n] for n in dtypes if "norm" not in n} == {torch.bfloat16}
+
+
+@torch.no_grad()
+def test_the_quantised_cache_reads_back_the_model_it_saved(tmp_path):
+    """A quantised model is saved beside the GGUF once and read back (the level's modules swapped into a
+    meta skeleton, the saved tensors assigned): the same tensors; a file for another hash is rebuilt."""
+    from minigemma.pretrained import QUANTIZED_FORMAT, gemma_from_gguf, read_quantized
+
+    path = tmp_path / "model.gguf"
+    path.symlink_to(_fetched())
+    built = gemma_from_gguf(path, file_codes=True, cache_key="abc")
+    saved = tmp_path / "quantized" / "model.file-codes.safetensors"
+    assert saved.is_file()
+    _same_tensors(gemma_from_gguf(path, file_codes=True, cache_key="abc"), built)
+    with torch.device("meta"):
+        skeleton = Gemma(built.config)
+    other = {"gguf_sha256": "another file", "level": "file-codes", "format": QUANTIZED_FORMAT}
+    assert read_quantized(skeleton, "int4", saved, other) is None and not saved.exists()  # to be rebuilt
 
 
 def test_loading_int8_never_holds_a_float32_model():
@@ -282,7 +347,7 @@ def test_loading_int8_never_holds_a_float32_model():
 
 
 # ----------------------------------------------------------------------------------------------
-# The file's own codes on the int4 kernel (quant="gguf")
+# The file's own codes on the int4 kernel (file_codes=True)
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("N", [64 * 3, 96, 48])
 def test_int4_layout_unpacks_what_the_kernel_packs(N):
@@ -317,12 +382,21 @@ def test_codes_run_exactly_on_the_int4_kernel(lo, hi, planes):
     assert (lin(x).float() - ref).abs().max() < 0.02 * ref.abs().max()  # the kernel's bf16 output
 
 
-def test_the_gguf_level_needs_the_file():
-    with pytest.raises(ValueError, match="quant='gguf'"):
+def test_a_source_is_not_a_level():
+    """"gguf" names where weights come from, not a precision: the file's codes are `file_codes=True`."""
+    import minigemma
+
+    with pytest.raises(ValueError, match="'gguf': choose from None, 'bf16', 'int8', 'int4'"):
         quantize(tiny(), "gguf")
+    with pytest.raises(ValueError, match="codes run on the int4 kernel"):
+        quantize(tiny(), "int8", codes=lambda name: [])
+    with pytest.raises(ValueError, match="does not go with quant='int8'"):
+        minigemma.load_pretrained("gemma3-270m", quant="int8", file_codes=True)
+    with pytest.raises(ValueError, match="no integer codes of its own"):
+        minigemma.load_pretrained("embeddinggemma-300m", file_codes=True)
 
 
-def test_the_gguf_level_holds_the_files_codes():
+def test_the_file_codes_are_kept_exactly():
     """Q4_K, Q5_0 and Q8_0 tensors: a·v + b is the file's dequantised weight exactly, and the loaded module
     multiplies by it up to the kernel's bf16 scales. Q6_K (a scale per 16 weights, the kernel's smallest
     group is 32) is rounded to its groups' larger step: its extra error is measured against the file's own."""
@@ -359,7 +433,7 @@ def test_the_int4_head_ranks_the_exact_winner_in_its_top_64():
     from minigemma.quant import embedding_rows
 
     _fetched()
-    model, tok = minigemma.load_pretrained("gemma3-270m", quant="gguf")
+    model, tok = minigemma.load_pretrained("gemma3-270m", file_codes=True)
     h = model(torch.tensor([prompt_ids(tok, 256)]), return_hidden=True)[0]  # (T, C)
     emb, V = model.embed_tokens, model.embed_tokens.num_embeddings
     exact = torch.cat([h.float() @ embedding_rows(emb, torch.arange(r, min(V, r + 32768))).T
@@ -372,7 +446,7 @@ def test_the_int4_head_ranks_the_exact_winner_in_its_top_64():
 
 @torch.no_grad()
 def test_the_fast_default_keeps_float32s_greedy_tokens_but_at_near_ties():
-    """The fast path (`quant="gguf"`) must give the float32 reference's greedy tokens on the test prompts, or
+    """The fast path (`file_codes=True`) must give the float32 reference's greedy tokens on the test prompts, or
     part from them only where float32's own top two logits are nearly tied (bf16 activations round the
     logits by a few hundredths; a real difference between the models would show at a clear margin)."""
     import minigemma
@@ -380,7 +454,7 @@ def test_the_fast_default_keeps_float32s_greedy_tokens_but_at_near_ties():
 
     _fetched()
     ref, tok = minigemma.load_pretrained("gemma3-270m")
-    fast, _ = minigemma.load_pretrained("gemma3-270m", quant="gguf")
+    fast, _ = minigemma.load_pretrained("gemma3-270m", file_codes=True)
     prompts = ["The capital of France is", "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
                "Once upon a time", "The three primary colours are", "Water boils at"]
     identical = 0

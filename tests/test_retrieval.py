@@ -49,7 +49,7 @@ def test_ranks_recall_ndcg_against_loops_and_sklearn():
     truth[torch.arange(20), torch.arange(20)] = 1
     want = ndcg_score(truth.numpy(), scores.numpy(), k=10)
     assert abs(R.ndcg_at_10(r) - want) < 1e-9
-    m = R.evaluate(F.normalize(torch.eye(4), dim=-1), torch.eye(4))
+    m = R.retrieval_metrics(F.normalize(torch.eye(4), dim=-1), torch.eye(4))
     assert m == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0, "nDCG@10": 1.0}
 
 
@@ -79,7 +79,7 @@ def test_bm25_matches_the_formula():
 def test_hard_negatives_skip_the_positive_and_duplicates():
     q = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.7, 0.7]]), dim=-1)
     d = q.clone()
-    ids = R.document_ids(["a", "b", "a", "c"])
+    ids = R.text_ids(["a", "b", "a", "c"])
     assert ids.tolist() == [0, 1, 0, 3]
     hn = R.mine_hard_negatives(q, d, ids)
     assert hn.tolist()[0] == 3 and hn.tolist()[2] == 3  # not itself, not its duplicate
@@ -102,20 +102,21 @@ def test_teacher_cache_round_trips_and_is_keyed_by_texts_and_prompt(tmp_path):
     R.teacher_embeddings(["x", "y"], "document", t, cache=tmp_path, progress=False)
     R.teacher_embeddings(["x", "z"], "query", t, cache=tmp_path, progress=False)
     assert _FakeTeacher.calls == 3
-    assert not list(tmp_path.glob(".tmp-*")) and len(list(tmp_path.glob("*.safetensors"))) == 3
+    assert not list(tmp_path.glob("*.partial")) and len(list(tmp_path.glob("*.safetensors"))) == 3
 
 
 def test_student_is_the_tiny_decoder_shape_turned_encoder():
-    from minigemma.encoder import EmbeddingGemma
+    from minigemma.contrastive import tiny_encoder_config
+    from minigemma.encoder import EmbeddingGemma, pad_right
 
-    cfg = R.student_config(vocab_size=128, layers=2, hidden=64)
+    cfg = tiny_encoder_config(vocab_size=128, layers=2, hidden=64)
     assert cfg.bidirectional and cfg.hidden_size == 64 and cfg.num_hidden_layers == 2
     assert (cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size) == (2, 32, 256)
     assert cfg.layer_types == ["sliding_attention", "full_attention"]
     with pytest.raises(ValueError, match="multiple"):
-        R.student_config(hidden=48)
+        tiny_encoder_config(hidden=48)
     m = EmbeddingGemma(cfg, dense_dims=(64,))
-    ids, mask = R.pad_rows([[2, 5, 6, 1], [2, 7, 1]])
+    ids, mask = pad_right([[2, 5, 6, 1], [2, 7, 1]])
     e = R.encode_ids(m, [[2, 5, 6, 1], [2, 7, 1]], dim=32)
     assert e.shape == (2, 32)
     torch.testing.assert_close(e.norm(dim=-1), torch.ones(2))

@@ -162,7 +162,7 @@ def test_compiled_training_step_matches_eager():
     grads = []
     for compiled in (False, True):
         m = T.build_model(spec, seed=0)
-        module = T.CausalLMLoss(torch.compile(m) if compiled else m, packed=False)  # head_of reads through it
+        module = T.CausalLMLoss(torch.compile(m) if compiled else m, packed=False)  # model.head() reads through it
         loss, n = module(ids)
         grads.append((loss / n, torch.autograd.grad(loss / n, list(m.parameters()))))
     (l0, g0), (l1, g1) = grads
@@ -231,7 +231,7 @@ def test_a_checkpoint_write_killed_midway_leaves_the_previous_one(tmp_path):
     finally:
         p.kill()
         p.wait()
-    assert list(out.glob("*.tmp")), "the half-written file exists under its temporary name"
+    assert list(out.glob("*.partial")), "the half-written file exists under its temporary name"
     assert T.latest_checkpoint(out).name == "step-0000003.safetensors"
     spec = tiny_spec()
     m = T.build_model(spec)
@@ -258,16 +258,16 @@ def test_bad_batch_split_is_a_clear_error():
 
 
 def test_spec_errors_name_the_problem(tmp_path):
-    with pytest.raises(ValueError, match="neither a preset"):
-        T.load_spec("no-such-preset")
+    with pytest.raises(ValueError, match="neither a recipe"):
+        T.load_spec("no-such-recipe")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"model": "llama", "config": {}}))
     with pytest.raises(ValueError, match="'model' must be"):
         T.load_spec(str(bad))
 
 
-def test_presets_have_about_the_same_size():
-    sizes = {name: sum(p.numel() for p in T.build_model(T.load_spec(name)).parameters()) for name in T.PRESETS}
+def test_recipes_have_about_the_same_size():
+    sizes = {name: sum(p.numel() for p in T.build_model(T.load_spec(name)).parameters()) for name in T.RECIPES}
     assert 1.5e6 < sizes["tiny-gemma3"] < 2.5e6
     assert abs(sizes["tiny-griffin"] / sizes["tiny-gemma3"] - 1) < 0.1, sizes
 
@@ -292,7 +292,7 @@ def test_cli_trains_and_resumes(tmp_path):
     assert h["step"] == [1, 2, 3, 4, 5]
     r = subprocess.run([sys.executable, "-m", "minigemma", "train", "nope", "--out", str(tmp_path / "x")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode == 2 and "neither a preset" in r.stderr
+    assert r.returncode == 2 and "neither a recipe" in r.stderr
 
 
 def test_bench_train_compares_each_system_with_hf_at_its_own_precision():

@@ -14,8 +14,12 @@ import sys
 
 
 def available() -> list[str]:
-    """The benchmarks of this package: every module with a `main`."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    """The benchmarks of this package: every module with a `main` (`common`, the shared helpers, has none).
+
+    Each module is imported to ask; they import only the standard library at the top (torch and the
+    models load inside `main`), so listing stays fast."""
+    names = (m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    return sorted(n for n in names if callable(getattr(importlib.import_module(f"{__name__}.{n}"), "main", None)))
 
 
 def main(argv=None) -> int:

@@ -38,56 +38,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .generate import _atomic_write, _machine, _peak_rss_mb, _versions, child_result
+from ..atomic import write_atomic
+from .common import benchmark_texts, child_result, machine, peak_rss_mb, versions
 
 SYSTEMS = ["st-float32", "minigemma-float32", "minigemma-bf16", "minigemma-int8", "minigemma-int4",
            "minigemma-bf16-compile", "minigemma-int8-compile"]
-MODULES = ["argparse", "collections", "typing", "pathlib", "subprocess", "asyncio", "email", "json", "re",
-           "unittest", "logging", "decimal", "datetime", "itertools", "functools", "threading", "socket",
-           "textwrap", "string", "inspect", "dataclasses", "enum", "contextlib", "shutil", "os"]
-
-
-def corpus_docstrings() -> list[str]:
-    """Python's documentation strings of MODULES and their members, in a fixed order, deduplicated."""
-    import importlib
-    import inspect
-
-    seen, out = set(), []
-    for name in MODULES:
-        mod = importlib.import_module(name)
-        for obj in [mod] + [o for _, o in inspect.getmembers(mod)]:
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 80 and doc not in seen:
-                seen.add(doc)
-                out.append(doc)
-    return out
-
-
-def benchmark_texts(tokenizer, lengths: list[int], counts: list[int], seed: int = 0) -> dict[int, list[str]]:
-    """{L: texts}: consecutive pieces of the docstring corpus, each of a token count drawn uniformly
-    from [0.75 L, 1.25 L], decoded back to text (re-tokenising gives about the same count)."""
-    stream: list[int] = []
-    for doc in corpus_docstrings():
-        stream += tokenizer.encode(doc + "\n\n", add_bos=False)
-    rng = random.Random(seed)
-    out, at = {}, 0
-    for L, n in zip(lengths, counts):
-        texts = []
-        for _ in range(n):
-            k = rng.randint(int(0.75 * L), int(1.25 * L))
-            if at + k > len(stream):
-                at = 0  # wrap around (the corpus is ~200k tokens: only for very large runs)
-            texts.append(tokenizer.decode(stream[at:at + k]))
-            at += k
-        out[L] = texts
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +108,7 @@ def _child(system: str, texts_file: str, out_dir: str, batch_size: int) -> None:
         with torch.inference_mode():
             for kind in ("query", "document"):
                 np.save(Path(out_dir) / f"{system}-eval-{kind}.npy", encode(ev[kind], prompt_name=kind).numpy())
-    print("RESULT " + json.dumps(dict(system=system, load_s=load_s, rows=rows, peak_rss_mb=_peak_rss_mb(),
+    print("RESULT " + json.dumps(dict(system=system, load_s=load_s, rows=rows, peak_rss_mb=peak_rss_mb(),
                                       threads=torch.get_num_threads())), flush=True)
 
 
@@ -219,10 +180,10 @@ def run(systems: list[str], lengths: list[int], counts: list[int], batch_size: i
         for row in r["rows"]:
             if row["length"] in st:
                 row["speedup_vs_st"] = row["docs_per_s"] / st[row["length"]]
-    return dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), machine=_machine(), batch_size=batch_size,
+    return dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine(), batch_size=batch_size,
                 lengths=lengths, docs=counts, prompt="document",
                 mean_tokens={L: sum(c) / len(c) for L, c in token_counts.items()},
-                results=results, versions=_versions(("torch", "transformers", "sentence-transformers")),
+                results=results, versions=versions(("torch", "transformers", "sentence-transformers")),
                 load_average_at_start=load_start,
                 load_average_at_end=os.getloadavg()[0])
 
@@ -310,9 +271,8 @@ def main(argv=None) -> int:
     print(table)
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "embed-cpu.json", json.dumps(report, indent=1) + "\n")
-        _atomic_write(out / "embed-cpu.md", f"# `{report['command']}`\n\n{table}\n")
+        write_atomic(out / "embed-cpu.json", json.dumps(report, indent=1) + "\n")
+        write_atomic(out / "embed-cpu.md", f"# `{report['command']}`\n\n{table}\n")
         print(f"[saved {out / 'embed-cpu.json'} and .md]", file=sys.stderr)
     return 0
 

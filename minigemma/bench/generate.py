@@ -10,8 +10,8 @@ not mix, and every system reads the same GGUF file:
     minigemma-bf16      `load_pretrained(..., quant="bf16")`
     minigemma-int8      `load_pretrained(..., quant="int8")`: int8 layers, int4 head re-scored, Q8_0 embedding
     minigemma-int4      `load_pretrained(..., quant="int4")`
-    minigemma-gguf      `load_pretrained(..., quant="gguf")`: the file's own codes on the int4 kernel (the
-                        default of `python -m minigemma generate`)
+    minigemma-file-codes `load_pretrained(..., file_codes=True)`: the file's own codes on the int4 kernel
+                        (the default of `python -m minigemma generate`)
     hf-float32          transformers' Gemma3ForCausalLM from the same GGUF (sdpa attention), float32
     llama.cpp-Q4_K_M    llama-cpp-python on the file as stored, flash_attn=True, n_batch=512
                         (only if `llama_cpp` is importable: `pip install -e '.[bench]'`)
@@ -38,19 +38,21 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-SYSTEMS = ["minigemma-float32", "minigemma-bf16", "minigemma-int8", "minigemma-int4", "minigemma-gguf",
+from ..atomic import write_atomic
+from .common import child_result, machine, peak_rss_mb, versions
+
+SYSTEMS = ["minigemma-float32", "minigemma-bf16", "minigemma-int8", "minigemma-int4", "minigemma-file-codes",
            "hf-float32", "llama.cpp-Q4_K_M"]
 DEFAULT_SYSTEMS = SYSTEMS
 LICENCES = ["GPL-3", "GFDL-1.3", "Apache-2.0", "MPL-2.0", "LGPL-3", "Artistic"]
 
 
-def benchmark_text() -> str:
-    """Real prose that is not in this project: Debian's licence texts, or else Python's docstrings."""
+def prompt_text() -> str:
+    """The prompts' real prose, not in this project: Debian's licence texts, or else Python's docstrings."""
     root = Path("/usr/share/common-licenses")
     texts = [(root / n).read_text(errors="replace") for n in LICENCES if (root / n).is_file()]
     if sum(len(t) for t in texts) > 60_000:
@@ -70,25 +72,23 @@ def benchmark_text() -> str:
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
-    """Exactly n token ids (BOS first) of the benchmark text, repeated if it is too short."""
-    ids = tokenizer.encode(benchmark_text())
+    """Exactly n token ids (BOS first) of `prompt_text()`, repeated if it is too short."""
+    ids = tokenizer.encode(prompt_text())
     while len(ids) < n:
         ids = ids + ids[1:]
     return ids[:n]
 
 
-def _peak_rss_mb() -> float:
-    """This process's own peak resident set (VmHWM); ru_maxrss would include the parent it forked from."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # ----------------------------------------------------------------------------------------------
 # One (system, context), run in its own process: prints one JSON line
 # ----------------------------------------------------------------------------------------------
+def load_kwargs(level: str) -> dict:
+    """`load_pretrained`'s arguments for a minigemma system's level ("float32", "bf16", ..., "file-codes")."""
+    if level == "file-codes":
+        return {"file_codes": True}
+    return {"quant": None if level == "float32" else level}
+
+
 def _run_minigemma(level: str, ids: list[int], n_decode: int, clock) -> dict:
     import torch
 
@@ -96,9 +96,8 @@ def _run_minigemma(level: str, ids: list[int], n_decode: int, clock) -> dict:
     from minigemma.generation import generate_ids
     from minigemma.quant import weight_bytes_per_token
 
-    quant = None if level == "float32" else level
     t = time.perf_counter()
-    model, _ = minigemma.load_pretrained("gemma3-270m", quant=quant)
+    model, _ = minigemma.load_pretrained("gemma3-270m", **load_kwargs(level))
     load_s = time.perf_counter() - t
     steps: list[float] = []
     with torch.inference_mode():
@@ -201,7 +200,7 @@ def _child(system: str, n_prompt: int, n_decode: int) -> None:
         raise SystemExit(f"unknown system {system!r}")
     import torch
 
-    r.update(system=system, peak_rss_mb=_peak_rss_mb(), prompt_tokens=len(ids), decode_tokens=n_decode,
+    r.update(system=system, peak_rss_mb=peak_rss_mb(), prompt_tokens=len(ids), decode_tokens=n_decode,
              threads=torch.get_num_threads(), first_token_at=clock.first_token_at)
     print("RESULT " + json.dumps(r), flush=True)
 
@@ -215,7 +214,7 @@ def _profile_child(system: str, n_prompt: int, n_steps: int = 5) -> None:
     from minigemma.tokenizer import Tokenizer
 
     level = system.split("-", 1)[1]
-    model, _ = minigemma.load_pretrained("gemma3-270m", quant=None if level == "float32" else level)
+    model, _ = minigemma.load_pretrained("gemma3-270m", **load_kwargs(level))
     ids = torch.tensor([prompt_ids(Tokenizer.from_pretrained("gemma3-270m"), n_prompt)])
     cache = model.new_cache(1, n_prompt + 2 * n_steps + 8)
     with torch.inference_mode():
@@ -288,17 +287,6 @@ def _available(system: str) -> bool:
     return True
 
 
-def child_result(module_args: list[str], label: str) -> dict | None:
-    """Run `python -m <module_args>` in a fresh process and parse its one `RESULT {json}` line
-    (None, with the child's stderr shown, if it failed)."""
-    p = subprocess.run([sys.executable, "-m", *module_args], capture_output=True, text=True)
-    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if p.returncode != 0 or line is None:
-        print(f"[{label} failed]\n{p.stderr[-3000:]}", file=sys.stderr)
-        return None
-    return json.loads(line[len("RESULT "):])
-
-
 def run_one(system: str, n_prompt: int, n_decode: int) -> dict | None:
     started = time.time()
     r = child_result(["minigemma.bench.generate", "--child", system, str(n_prompt), str(n_decode)],
@@ -330,43 +318,15 @@ def run(systems: list[str], contexts: list[int], n_decode: int) -> dict:
             r["first_difference_vs_float32"] = _first_difference(r["tokens"], ref["tokens"])
         r["roofline_tok_s"] = bw * 1e9 / r["weight_bytes"]
     profiles = []
-    for system in ("minigemma-gguf", "minigemma-int8"):
+    for system in ("minigemma-file-codes", "minigemma-int8"):
         if system in systems and 512 in contexts:
             print(f"[profiling one decode step of {system} at 512 tokens ...]", file=sys.stderr, flush=True)
             prof = profile_step(system, 512)
             if prof is not None:
                 profiles.append(prof)
-    return dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), machine=_machine(), python=platform.python_version(),
+    return dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine(), python=platform.python_version(),
                 memory_bandwidth_gb_s=bw, contexts=contexts, decode_tokens=n_decode, results=results,
-                profiles=profiles, versions=_versions())
-
-
-def _versions(packages=("torch", "transformers", "llama-cpp-python")) -> dict:
-    """The installed versions of `packages` (those not installed are left out)."""
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in packages:
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def _machine() -> str:
-    model = platform.processor() or platform.machine()
-    extra = []
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        for line in info.splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-        extra = [f for f in ("avx512_bf16", "avx512_vnni", "amx_bf16") if f in info]
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores" + (f" ({', '.join(extra)})" if extra else "")
+                profiles=profiles, versions=versions())
 
 
 def _get(report, system, L, key):
@@ -402,7 +362,7 @@ def format_table(report: dict) -> str:
              + f"; memory read bandwidth ~{report['memory_bandwidth_gb_s']:.1f} GB/s; "
              f"decode = 1 / median step time over {report['decode_tokens']} steps after an L-token prompt.",
              "", *rows]
-    for fast in ("minigemma-gguf", "minigemma-int8"):
+    for fast in ("minigemma-file-codes", "minigemma-int8"):
         if any(r["system"] == fast for r in report["results"]):
             lines += ["", targets(report, fast)]
     for prof in report.get("profiles", []):
@@ -410,7 +370,7 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def targets(report: dict, fast: str = "minigemma-gguf", anchor: str = "llama.cpp-Q4_K_M") -> str:
+def targets(report: dict, fast: str = "minigemma-file-codes", anchor: str = "llama.cpp-Q4_K_M") -> str:
     """Issue 8's targets, as ratios measured in this run."""
     Ls = report["contexts"]
     out = [f"Targets ({fast} against {anchor}, same run):"]
@@ -463,17 +423,10 @@ def main(argv=None) -> int:
     print(table)
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "generate-cpu.json", json.dumps(report, indent=1) + "\n")
-        _atomic_write(out / "generate-cpu.md", f"# `{report['command']}`\n\n{table}\n")
+        write_atomic(out / "generate-cpu.json", json.dumps(report, indent=1) + "\n")
+        write_atomic(out / "generate-cpu.md", f"# `{report['command']}`\n\n{table}\n")
         print(f"[saved {out / 'generate-cpu.json'} and .md]", file=sys.stderr)
     return 0
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

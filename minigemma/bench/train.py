@@ -4,7 +4,8 @@
                                     [--systems ...] [--out docs/benchmarks]
 
 One optimizer step (forward, backward, gradient clipping, AdamW) on batch × seq_len tokens of the
-`tiny-gemma3` preset, in one run on one machine, every system in a fresh process of its own:
+`tiny-gemma3` recipe's model (`train.RECIPES`), in one run on one machine, every system in a fresh
+process of its own:
 
     minigemma-eager     `train.CausalLMLoss`: the model's one forward, the head and the loss chunked
     minigemma-compile   the same with the model under `torch.compile` (the chunked loss stays eager)
@@ -36,12 +37,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ..atomic import write_atomic
+from .common import machine, versions
 
 SYSTEMS = ["minigemma-eager", "minigemma-compile", "hf-sdpa",
            "minigemma-eager-bf16", "minigemma-compile-bf16", "hf-sdpa-bf16"]
@@ -134,20 +137,6 @@ def _worker(system: str, steps: int, warmup: int, batch: int, seq_len: int, thre
             "threads": torch.get_num_threads()}
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m minigemma bench train", description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=10, help="timed steps per system")
@@ -206,15 +195,14 @@ def main(argv=None) -> int:
             print(f"loss at V=262144, {N} rows: {kind:8} peak extra {m['extra_mib']:8.1f} MiB", flush=True)
     load_after = os.getloadavg()
     result = {"command": "python -m minigemma bench train " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": _machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "machine": f"{machine()}, torch {versions(('torch',)).get('torch')}", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "load_average_1min": [load_before[0], load_after[0]], "batch_size": args.batch_size,
               "seq_len": args.seq_len, "steps": args.steps, "repeats": args.repeats, "systems": rows,
               "loss_memory": loss_mem}
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train-cpu.json").write_text(json.dumps(result, indent=1) + "\n")
-        (out / "train-cpu.md").write_text(_markdown(result, hf))
+        write_atomic(out / "train-cpu.json", json.dumps(result, indent=1) + "\n")
+        write_atomic(out / "train-cpu.md", _markdown(result, hf))
         print(f"wrote {out / 'train-cpu.md'}")
     return 0
 

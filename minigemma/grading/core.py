@@ -21,61 +21,9 @@ from typing import Any, Callable
 
 import torch
 
+from .exercise import EXERCISES, Case, Exercise, clone_inputs, register  # noqa: F401  (the public API)
+
 REPORT_ENV = "MINIGEMMA_GRADE_REPORT"  # the grader sets it; check() appends one JSON line per run
-
-
-@dataclass
-class Case:
-    """One call of the learner's function: positional args, keyword args, and a label.
-
-    atol/rtol: this case's own tolerance, where reduced precision is the point of the case (a
-    bfloat16 input, say); None keeps the exercise's.
-    """
-
-    label: str
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-    atol: float | None = None
-    rtol: float | None = None
-
-
-@dataclass
-class Exercise:
-    """A graded exercise.
-
-    name:      "<chapter>.<short name>", e.g. "01.masked_attention".
-    cases:     (seed) -> list[Case]; random draws use a torch.Generator seeded with `seed`, so every
-               run sees fresh inputs but a failure can be reproduced.
-    reference: the package's implementation, called with the same arguments.
-    atol/rtol: tolerance for tensor outputs (float32 references; the tolerance covers
-               summation-order differences, not algorithmic ones). A Case may set its own.
-    exact_types: the statement fixes the output's type: a floating tensor must have the
-               reference's dtype ("a float32 tensor", "in x's dtype") and an int must be a
-               Python int, not 1.0 ("return an int"). Off, only values and shapes count.
-    hint:      revealed on request by `hint(name)`; it nudges, it does not give the answer.
-    call:      (fn, args, kwargs) -> what is compared; how the check calls the reference and the
-               learner's function alike. Default fn(*args, **kwargs); a check that also grades
-               gradients (where a missing stop-gradient changes nothing but the gradient) wraps it.
-    """
-
-    name: str
-    cases: Callable[[int], list[Case]]
-    reference: Callable[..., Any]
-    atol: float = 1e-5
-    rtol: float = 1e-4
-    timeout_s: float = 30.0
-    description: str = ""
-    exact_types: bool = False
-    hint: str = ""
-    # diagnose(fn, case, expected) -> str | None: run on the smallest failing case to say what broke it
-    # (the capstone swaps the learner's functions in one at a time and names the one that breaks the text)
-    diagnose: Callable[[Callable[..., Any], Case, Any], str | None] | None = None
-    call: Callable[[Callable[..., Any], tuple, dict], Any] | None = None
-
-    def run(self, fn: Callable[..., Any], case: Case) -> Any:
-        """fn on a fresh copy of the case's inputs (a function that writes into them spoils nothing)."""
-        args, kwargs = _clone(case.args), _clone(case.kwargs)
-        return fn(*args, **kwargs) if self.call is None else self.call(fn, args, kwargs)
 
 
 @dataclass
@@ -95,16 +43,6 @@ class Result:
         """A notebook shows the report, once: `check(...)` as a cell's last line prints it already."""
         if not self.printed:
             print(format_result(self))
-
-
-EXERCISES: dict[str, Exercise] = {}
-
-
-def register(ex: Exercise) -> Exercise:
-    if ex.name in EXERCISES:
-        raise ValueError(f"exercise {ex.name} registered twice")
-    EXERCISES[ex.name] = ex
-    return ex
 
 
 def exercises_for(chapter: str) -> list[Exercise]:
@@ -241,19 +179,6 @@ def _time_limit(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-def _clone(x: Any) -> Any:
-    """Deep-copy tensors so a learner's in-place edit cannot change the reference's inputs."""
-    if isinstance(x, torch.Tensor):
-        return x.clone()
-    if isinstance(x, tuple):
-        return tuple(_clone(v) for v in x)
-    if isinstance(x, list):
-        return [_clone(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _clone(v) for k, v in x.items()}
-    return x
-
-
 def run_check(name: str, fn: Callable[..., Any], seed: int | None = None) -> Result:
     """Run every case of exercise `name` on `fn` and report the smallest failing one. Never raises.
 
@@ -335,6 +260,15 @@ def check(name: str, fn: Callable[..., Any], seed: int | None = None) -> Result:
     print(format_result(result))
     result.printed = True
     return result
+
+
+def check_kernel(name: str, kernel, seed: int | None = None) -> Result:
+    """`check` for a Triton kernel exercise: the exercise's launcher runs `kernel` with its grid and
+    blocks on every case."""
+    ex = get(name)
+    if ex.launch is None:
+        raise ValueError(f"{name} is not a kernel exercise: use check({name!r}, fn)")
+    return check(name, ex.launch(kernel), seed)
 
 
 def hint(name: str) -> None:

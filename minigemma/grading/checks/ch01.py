@@ -4,7 +4,7 @@ import torch
 
 from ...attention import causal_mask, merge_heads, scaled_dot_product_attention, split_heads
 from ...layers import apply_rope, rope_cos_sin, rope_frequencies
-from ..core import Case, Exercise, register
+from ..exercise import Case, Exercise, register
 
 
 def _randn(g, *shape):

@@ -3,7 +3,7 @@
 import torch
 
 from ...attention import KVCache, causal_mask, grouped_query_attention, repeat_kv
-from ..core import Case, Exercise, register
+from ..exercise import Case, Exercise, register
 
 
 def _randn(g, *shape):

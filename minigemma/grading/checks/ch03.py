@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ...attention import Positions
 from ...gemma import DecoderLayer
 from ...layers import GeGLU, RMSNorm, soft_cap
-from ..core import Case, Exercise, register
+from ..exercise import Case, Exercise, register
 
 
 def _randn(g, *shape, scale=1.0):

@@ -6,7 +6,7 @@ import torch
 
 from ...attention import Positions, RingKVCache, causal_mask, sliding_window_mask
 from ...gemma import FULL, PRESETS, SLIDING, DecoderLayer, GemmaConfig, kv_cache_bytes, layer_pattern
-from ..core import Case, Exercise, register
+from ..exercise import Case, Exercise, register
 
 
 def _pattern_cases(seed):

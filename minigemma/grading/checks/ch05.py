@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ...weights.gguf import GGML_TYPES, dequantize_q4_k, dequantize_q8_0, read_gguf
-from ..core import Case, Exercise, register
+from ..exercise import Case, Exercise, register
 
 
 def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:

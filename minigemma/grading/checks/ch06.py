@@ -7,7 +7,7 @@ import torch
 from ... import learner
 from ...attention import make_positions
 from ...generation import left_pad, top_k_filter, top_p_filter
-from ..core import Case, Exercise, register
+from ..exercise import Case, Exercise, register
 
 NEG_INF = float("-inf")
 

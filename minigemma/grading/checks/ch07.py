@@ -9,7 +9,7 @@ from ...attention import Positions, grouped_query_attention, sliding_window_mask
 from ...griffin import (RGLRU, Conv1D, GriffinConfig, RecurrentBlock, associative_combine, causal_conv1d,
                         rglru_step, scan_associative)
 from ...layers import apply_rope, rope_cos_sin, rope_frequencies
-from ..core import Case, Exercise, register
+from ..exercise import Case, Exercise, register
 from .ch03 import Sublayer
 
 

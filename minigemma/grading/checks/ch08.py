@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from ...losses import next_token_loss
 from ...train import accumulate_gradients, lr_at
-from ..core import Case, Exercise, register
+from ..exercise import Case, Exercise, register
 
 
 def _loss_cases(seed):

@@ -3,7 +3,7 @@
 import torch
 
 from ...losses import kd_loss, sampled_target
-from ..core import Case, Exercise, register
+from ..exercise import Case, Exercise, register
 
 
 def _kd_cases(seed):

@@ -3,7 +3,7 @@
 import torch
 
 from ...encoder import encoder_mask, mean_pool, truncate
-from ..core import Case, Exercise, register
+from ..exercise import Case, Exercise, register
 
 
 def _mask(B, T, spans, dtype=torch.long):

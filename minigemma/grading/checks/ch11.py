@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ...contrastive import nce_loss, spread_out
-from ..core import Case, Exercise, register
+from ..exercise import Case, Exercise, register
 
 
 def _unit(g, *shape):

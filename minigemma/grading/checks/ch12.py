@@ -9,6 +9,8 @@ the program and the argument) rather than passing by luck. Outputs start as NaN,
 program writes shows up too.
 
     check_kernel("12.vector_add", add_kernel)  ==  check("12.vector_add", launch("12.vector_add", add_kernel))
+
+(`check_kernel` is `minigemma.grading.check_kernel`: it finds the launcher on the exercise, `Exercise.launch`.)
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from ...griffin import scan_sequential
 from ...layers import gelu_tanh
-from ..core import Case, Exercise, check, register
+from ..exercise import Case, Exercise, register
 
 PAD = 3  # extra columns around strided inputs: their row stride is never their width
 
@@ -258,34 +260,32 @@ def launch(name: str, kernel):
     return LAUNCHERS[name](kernel)
 
 
-def check_kernel(name: str, kernel, seed: int | None = None):
-    """`check(name, ...)` for a kernel: run it through the exercise's launcher on every case."""
-    return check(name, launch(name, kernel), seed)
-
-
 register(Exercise("12.vector_add", _add_cases, vector_add_spec,
                   description="out = x + y, BLOCK = 32 elements per program, grid = cdiv(n, 32).",
                   hint="offsets = pid * BLOCK + tl.arange(0, BLOCK); the last program's block runs past n, so "
-                       "every tl.load and tl.store needs mask=offsets < n."))
+                       "every tl.load and tl.store needs mask=offsets < n.", launch=LAUNCHERS["12.vector_add"]))
 register(Exercise("12.scale_columns", _scale_cases, scale_columns_spec,
                   description="out[i, j] = x[i, j] · s[j] with 8 x 16 blocks; x's rows are stride_x apart.",
                   hint="Program (0) picks the block of rows and program (1) the block of columns. Element (i, j) "
                        "of x is at i * stride_x + j, of out at i * N + j: build both with rows[:, None] and "
-                       "cols[None, :], and mask with both conditions."))
+                       "cols[None, :], and mask with both conditions.", launch=LAUNCHERS["12.scale_columns"]))
 register(Exercise("12.rms_norm_rows", _rms_cases, rms_norm_spec,
                   description="Gemma's RMSNorm (1 + w) of one row per program, statistics in float32.",
                   hint="Load the row with mask=cols < N and other=0.0, so the padding adds nothing to Σx²; then "
-                       "divide by N (not BLOCK), add eps inside the square root, and scale by (1 + w)."))
+                       "divide by N (not BLOCK), add eps inside the square root, and scale by (1 + w).",
+                       launch=LAUNCHERS["12.rms_norm_rows"]))
 register(Exercise("12.geglu_rows", _geglu_cases, geglu_spec,
                   description="gelu_tanh(gate) · up from gate_up = [gate, up], blocks of 32 columns.",
                   hint="Row r's gate column j is at r * stride_gu + j and its up column j at r * stride_gu + F + j. "
-                       "Triton has no tanh: tanh(u) = 2 * tl.sigmoid(2 * u) - 1."))
+                       "Triton has no tanh: tanh(u) = 2 * tl.sigmoid(2 * u) - 1.",
+                       launch=LAUNCHERS["12.geglu_rows"]))
 register(Exercise("12.online_logsumexp", _lse_cases, logsumexp_spec,
                   description="log Σ exp(z) of each row, walking it in blocks of 32 with a running max and sum.",
                   hint="Keep a running max m (start at float('-inf')) and a running sum l of exp(z - m) (start at 0). "
                        "For each block: m_new = max(m, max of the block); l = l * exp(m - m_new) + Σ exp(z - m_new). "
-                       "Load with other=float('-inf') so lanes past V add exp(-inf) = 0. The answer is m + log(l)."))
+                       "Load with other=float('-inf') so lanes past V add exp(-inf) = 0. The answer is m + log(l).",
+                       launch=LAUNCHERS["12.online_logsumexp"]))
 register(Exercise("12.linear_scan", _scan_cases, linear_scan_spec,
                   description="h_t = a_t · h_{t-1} + b_t from h0, a program per (sequence, 16 channels).",
                   hint="Start from h = h0 for this sequence's channels, then `for t in range(T)`: element (seq, t, d) "
-                       "is at (seq * T + t) * D + d; update h, then store it."))
+                       "is at (seq * T + t) * D + d; update h, then store it.", launch=LAUNCHERS["12.linear_scan"]))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ...attention import index_mask
-from ..core import Case, Exercise, check, register
+from ..exercise import Case, Exercise, register
 
 
 def _run(kernel, grid, *args, **meta):
@@ -208,25 +208,22 @@ def launch(name: str, kernel):
     return LAUNCHERS[name](kernel)
 
 
-def check_kernel(name: str, kernel, seed: int | None = None):
-    """`check(name, ...)` for a kernel: run it through the exercise's launcher on every case."""
-    return check(name, launch(name, kernel), seed)
-
-
 register(Exercise("13.online_softmax", _online_cases, online_softmax_spec,
                   description="Fold one block of scores into the running (m, l, acc) of flash attention; "
                               "16 queries per program.",
                   hint="m_new = tl.maximum(m, tl.max(x, axis=1)). Rescale what was summed so far by "
                        "alpha = exp(m - m_new), both l and acc. A row whose m_new is -inf would compute "
-                       "exp(-inf - (-inf)) = nan: subtract tl.where(m_new == -inf, 0.0, m_new) instead."))
+                       "exp(-inf - (-inf)) = nan: subtract tl.where(m_new == -inf, 0.0, m_new) instead.",
+                       launch=LAUNCHERS["13.online_softmax"]))
 register(Exercise("13.key_range", _range_cases, key_range_spec,
                   description="For each block of 16 queries, the slots [lo, hi) of the keys any of them can see.",
                   hint="Work in indices: the block's queries are i_lo .. i_hi (the last one is the last real "
                        "query, T may cut the block). Causal: nothing after i_hi. A window W: nothing before "
                        "i_lo - W + 1, and for a band nothing after i_hi + W - 1. Clip to the keys' own indices "
-                       "k_first .. k_first + S - 1, then subtract k_first."))
+                       "k_first .. k_first + S - 1, then subtract k_first.", launch=LAUNCHERS["13.key_range"]))
 register(Exercise("13.combine_splits", _combine_cases, combine_splits_spec,
                   description="Merge the partial outputs of split-K decoding, weighted by exp(lse), "
                               "one program per (row, block of 16 columns).",
                   hint="w_s = exp(lse_s - max_s lse_s): subtracting the maximum keeps exp from overflowing. "
-                       "Load the missing splits with other=-inf so they weigh 0, and divide by Σ w_s."))
+                       "Load the missing splits with other=-inf so they weigh 0, and divide by Σ w_s.",
+                  launch=LAUNCHERS["13.combine_splits"]))

@@ -50,6 +50,8 @@ from typing import Any, Callable
 
 import torch
 
+from minigemma.atomic import write_atomic
+
 GPU = torch.cuda.is_available()
 if not GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton: the correctness path of the entries
@@ -93,7 +95,7 @@ def register(entry: Entry) -> Entry:
     return entry
 
 
-def _fwd_bwd(fn, inputs_needing_grad, seed=0):
+def fwd_bwd(fn, inputs_needing_grad, seed=0):
     """A thunk running fn() and a backward of a fixed random cotangent, gradients cleared each time."""
     state = {}
 
@@ -109,11 +111,11 @@ def _fwd_bwd(fn, inputs_needing_grad, seed=0):
     return run
 
 
-def _compiled(fn):
+def compile_fn(fn):
     return torch.compile(fn, dynamic=False)
 
 
-def _liger(module: str, attr: str):
+def load_liger(module: str, attr: str):
     try:
         mod = __import__(module, fromlist=[attr])
         return getattr(mod, attr)
@@ -123,7 +125,7 @@ def _liger(module: str, attr: str):
         raise Unavailable(f"this Liger-Kernel has no {module}.{attr}") from None
 
 
-def _need_gpu(inputs):
+def need_gpu(inputs):
     if next(iter(t for t in inputs.values() if isinstance(t, torch.Tensor))).device.type != "cuda":
         raise Unavailable("GPU only")
 
@@ -153,15 +155,15 @@ def _rms_impls(backward: bool):
             if not backward:
                 return lambda: f(inputs["x"], inputs["w"])
             ins = with_grad(inputs)
-            return _fwd_bwd(lambda: f(ins["x"], ins["w"]), [ins["x"], ins["w"]])
+            return fwd_bwd(lambda: f(ins["x"], ins["w"]), [ins["x"], ins["w"]])
         return factory
 
     def liger(inputs):
-        _need_gpu(inputs)
-        fn = _liger("liger_kernel.transformers.functional", "liger_rms_norm")
+        need_gpu(inputs)
+        fn = load_liger("liger_kernel.transformers.functional", "liger_rms_norm")
         return wrap(lambda x, w: fn(x, w, 1e-6, offset=1.0, casting_mode="gemma", in_place=False))(inputs)
 
-    return {"eager": wrap(reference), "compile": wrap(_compiled(reference)), "ours": wrap(rms_norm), "liger": liger}
+    return {"eager": wrap(reference), "compile": wrap(compile_fn(reference)), "ours": wrap(rms_norm), "liger": liger}
 
 
 def _rms_bytes(backward):
@@ -186,19 +188,19 @@ def _geglu_impls(backward: bool):
             if not backward:
                 return lambda: f(inputs["gate_up"])
             gu = inputs["gate_up"].detach().requires_grad_()
-            return _fwd_bwd(lambda: f(gu), [gu])
+            return fwd_bwd(lambda: f(gu), [gu])
         return factory
 
     def liger(inputs):
-        _need_gpu(inputs)
-        fn = _liger("liger_kernel.transformers.functional", "liger_geglu")
+        need_gpu(inputs)
+        fn = load_liger("liger_kernel.transformers.functional", "liger_geglu")
         gate, up = (t.contiguous() for t in inputs["gate_up"].chunk(2, dim=-1))  # Liger takes two tensors
         if not backward:
             return lambda: fn(gate, up)
         gate.requires_grad_(), up.requires_grad_()
-        return _fwd_bwd(lambda: fn(gate, up), [gate, up])
+        return fwd_bwd(lambda: fn(gate, up), [gate, up])
 
-    return {"eager": wrap(reference), "compile": wrap(_compiled(reference)), "ours": wrap(geglu), "liger": liger}
+    return {"eager": wrap(reference), "compile": wrap(compile_fn(reference)), "ours": wrap(geglu), "liger": liger}
 
 
 def _geglu_bytes(backward):
@@ -231,14 +233,14 @@ def _rope_impls(backward: bool):
     def eager_fn(compiled):
         def qk(q, k, cos, sin):
             return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return _compiled(qk) if compiled else qk
+        return compile_fn(qk) if compiled else qk
 
     def factory_for(run):
         def factory(inputs):
             if not backward:
                 return lambda: run(inputs["q"], inputs["k"], inputs)
             q, k = inputs["q"].detach().requires_grad_(), inputs["k"].detach().requires_grad_()
-            return _fwd_bwd(lambda: run(q, k, inputs), [q, k])
+            return fwd_bwd(lambda: run(q, k, inputs), [q, k])
         return factory
 
     def eager(compiled):
@@ -253,8 +255,8 @@ def _rope_impls(backward: bool):
         return rope(q, inputs["positions"]), rope(k, inputs["positions"])
 
     def liger(inputs):
-        _need_gpu(inputs)
-        fn = _liger("liger_kernel.transformers.functional", "liger_rope")
+        need_gpu(inputs)
+        fn = load_liger("liger_kernel.transformers.functional", "liger_rope")
         cos, sin = tables(inputs)
         cos, sin = cos[None].to(inputs["q"].dtype), sin[None].to(inputs["q"].dtype)  # (1, T, D)
         return factory_for(lambda q, k, _: fn(q, k, cos, sin))(inputs)
@@ -290,7 +292,7 @@ def _scan_impls(backward: bool):
             if not backward:
                 return lambda: f(inputs["a"], inputs["b"], None, inputs["reset"])
             a, b = inputs["a"].detach().requires_grad_(), inputs["b"].detach().requires_grad_()
-            return _fwd_bwd(lambda: f(a, b, None, inputs["reset"]), [a, b])
+            return fwd_bwd(lambda: f(a, b, None, inputs["reset"]), [a, b])
         return factory
 
     def associative(a, b, h0, reset):
@@ -303,7 +305,7 @@ def _scan_impls(backward: bool):
         raise Unavailable("Liger-Kernel has no linear-recurrence scan")
 
     return {"eager": wrap(reference), "eager (assoc.)": wrap(associative),
-            "compile (assoc.)": wrap(_compiled(associative)), "compile": no_compile, "ours": wrap(rglru_scan),
+            "compile (assoc.)": wrap(compile_fn(associative)), "compile": no_compile, "ours": wrap(rglru_scan),
             "liger": no_liger}
 
 
@@ -397,7 +399,7 @@ def _attention_impls(backward: bool):
             if not backward:
                 return lambda: run(q, k, v, m)
             q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-            return _fwd_bwd(lambda: run(q, k, v, m), [q, k, v])
+            return fwd_bwd(lambda: run(q, k, v, m), [q, k, v])
         return factory
 
     def eager(q, k, v, m):  # the model's own path: SDPA over attention_blocks, explicit scores under a soft-cap
@@ -408,7 +410,7 @@ def _attention_impls(backward: bool):
         return flash_attention(q, k, v, softcap=m["softcap"], causal=m["causal"], window=m["window"])
 
     def sdpa(inputs):
-        _need_gpu(inputs)
+        need_gpu(inputs)
         m = inputs["mask"]
         if m["softcap"]:
             raise Unavailable("SDPA has no soft-cap")
@@ -433,7 +435,7 @@ def _attention_impls(backward: bool):
         return wrap(run)(inputs)
 
     def flex(inputs):
-        _need_gpu(inputs)
+        need_gpu(inputs)
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         m = inputs["mask"]
@@ -696,7 +698,7 @@ def e2e_embed(device: str, size: str, ceil: dict) -> list[dict]:
         return [{"what": "embed", "impl": "torch", "setting": "", "value": None,
                  "note": "needs the real EmbeddingGemma folder: GPU size only"}]
     import minigemma
-    from minigemma.bench.embed import benchmark_texts
+    from minigemma.bench.common import benchmark_texts
     from minigemma.weights.fetch import path
 
     encoder, tok = minigemma.load_pretrained("embeddinggemma-300m")
@@ -804,16 +806,13 @@ def format_report(rep: dict) -> str:
 
 def _save(rep: dict, folder: str) -> list[Path]:
     out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
     slug = "".join(ch if ch.isalnum() else "-" for ch in rep["device"].lower()).strip("-")
     while "--" in slug:
         slug = slug.replace("--", "-")
     stem = out / f"kernels-{'cpu-' if rep['kind'] == 'cpu' else ''}{slug}-{rep['date'][:10]}"
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     for p, text in zip(paths, (json.dumps(rep, indent=1) + "\n", format_report(rep))):
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, p)
+        write_atomic(p, text)
     return paths
 
 

@@ -1,6 +1,4 @@
-"""Triton kernels, imported as `minigemma.kernels` (never as a top-level `kernels`, a name PyPI already uses).
-
-Each kernel sits beside its torch reference, its test and its benchmark:
+"""The Triton kernels of chapters 12 and 13, each beside its torch reference, its test and its benchmark:
 
     rms_norm.py    Gemma's RMSNorm (1 + w), float32 statistics; also the QK-norm over head_dim   (chapter 12)
     geglu.py       gelu_tanh(gate) · up from the fused (..., 2F) gate_up projection              (chapter 12)
@@ -28,19 +26,15 @@ launchers of forward and backward, and `reference` (the package's torch code it 
 
 import os
 
-# Found by accident as a top-level `kernels` (a process started in the repository's root has it on
-# sys.path, and transformers probes `import kernels` looking for PyPI's package): stay an empty module
-# there, with no version, so the probe says "not installed" and nothing is imported twice.
-if __name__ == "minigemma.kernels":
-    import torch
+import torch
 
-    if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"  # must precede every @triton.jit below
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede every @triton.jit below
 
-    # modules; each op is `<module>.<module>`
-    from . import attention, fused_linear_loss, geglu, gemv, rglru_scan, rms_norm, rope, swap  # noqa: E402
-    from .interpret import INTERPRET, OutOfBoundsError, bounds_checked  # noqa: E402
-    from .swap import use_triton  # noqa: E402
+# modules; each op is `<module>.<module>`
+from . import attention, fused_linear_loss, geglu, gemv, rglru_scan, rms_norm, rope, swap  # noqa: E402
+from .interpret import INTERPRET, OutOfBoundsError, bounds_checked  # noqa: E402
+from .swap import use_triton  # noqa: E402
 
-    __all__ = ["INTERPRET", "OutOfBoundsError", "bounds_checked", "attention", "fused_linear_loss", "geglu", "gemv",
-               "rglru_scan", "rms_norm", "rope", "swap", "use_triton"]
+__all__ = ["INTERPRET", "OutOfBoundsError", "bounds_checked", "attention", "fused_linear_loss", "geglu", "gemv",
+           "rglru_scan", "rms_norm", "rope", "swap", "use_triton"]

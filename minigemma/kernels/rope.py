@@ -26,6 +26,7 @@ from .utils import check_device, num_warps
 
 
 # 2π as C1 + C2 + C3 (Cody and Waite): C1 has 8 significant bits, so k·C1 is exact for k < 2^16.
+# (for Python: `_reduce` writes them as literals, since a jit function may not read a plain Python global)
 TWO_PI_1, TWO_PI_2, TWO_PI_3 = 6.28125, 0.0019353071693331003, 1.0253131677018246e-11
 INV_TWO_PI = 0.15915494309189535
 
@@ -34,10 +35,10 @@ INV_TWO_PI = 0.15915494309189535
 def _reduce(angle):
     """angle − k·2π in [−π, π], as exact as float32 allows, so cos and sin only see small arguments
     (a GPU's fast sin/cos lose accuracy far from 0; positions reach 10^5 radians)."""
-    k = tl.floor(angle * INV_TWO_PI + 0.5)
-    r = tl.fma(-k, TWO_PI_1, angle)
-    r = tl.fma(-k, TWO_PI_2, r)
-    return tl.fma(-k, TWO_PI_3, r)
+    k = tl.floor(angle * 0.15915494309189535 + 0.5)  # INV_TWO_PI
+    r = tl.fma(-k, 6.28125, angle)  # TWO_PI_1
+    r = tl.fma(-k, 0.0019353071693331003, r)  # TWO_PI_2
+    return tl.fma(-k, 1.0253131677018246e-11, r)  # TWO_PI_3
 
 
 @triton.jit

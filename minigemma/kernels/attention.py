@@ -56,10 +56,9 @@ from minigemma.attention import GroupedQueryAttention as TorchGroupedQueryAttent
 from minigemma.attention import Keys, Positions, attend, attention_blocks, split_heads
 from minigemma.layers import rope_frequencies
 
-from .geglu import _tanh
 from .interpret import INTERPRET
 from .rope import rope
-from .utils import check_device
+from .utils import DeviceProps, check_device, device_props, tanh
 
 MAX_D = 256  # head_dim the kernels keep in registers (Gemma: 256, 128; Griffin: 128, 256)
 
@@ -138,7 +137,7 @@ def _scores(q, k, scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr
     """q kᵀ · scale, soft-capped if asked: (BLOCK_M, BLOCK_N) float32."""
     x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     if SOFTCAP:
-        x = softcap * _tanh(x / softcap)
+        x = softcap * tanh(x / softcap)
     return x
 
 
@@ -276,20 +275,40 @@ def _decode_kernel(Q, K, V, K_IDX, POS, O_PART, LSE_PART,
 @triton.jit
 def _combine_kernel(O_PART, LSE_PART, O, s_ob, s_oh, H, n_splits, D: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_SPLITS: tl.constexpr):
-    """One program per (batch row, head): out = Σ_splits e^(lse_s − max) o_s / Σ_splits e^(lse_s − max)."""
+    """One program per (batch row, head): out = Σ_splits e^(lse_s − max) o_s / Σ_splits e^(lse_s − max).
+
+    The splits are read BLOCK_SPLITS at a time with a running maximum (the online softmax once more), so
+    the registers hold one (BLOCK_SPLITS, BLOCK_D) tile however many splits there are."""
     bh = tl.program_id(0).to(tl.int64)
-    sp = tl.arange(0, BLOCK_SPLITS)
-    sp_ok = sp < n_splits
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    lse = tl.load(LSE_PART + bh * n_splits + sp, mask=sp_ok, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    w = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m))  # a split that saw nothing weighs 0
-    o = tl.load(O_PART + (bh * n_splits + sp)[:, None] * D + d[None, :], mask=sp_ok[:, None] & d_ok[None, :],
-                other=0.0)
-    total = tl.sum(w, axis=0)
-    out = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    m = tl.max(tl.full((BLOCK_SPLITS,), float("-inf"), tl.float32), axis=0)  # running max of the lse
+    total = tl.sum(tl.zeros((BLOCK_SPLITS,), tl.float32), axis=0)  # running Σ e^(lse − m)
+    acc = tl.zeros((BLOCK_D,), tl.float32)  # running Σ e^(lse − m) o
+    for s0 in range(0, n_splits, BLOCK_SPLITS):
+        sp = s0 + tl.arange(0, BLOCK_SPLITS)
+        sp_ok = sp < n_splits
+        lse = tl.load(LSE_PART + bh * n_splits + sp, mask=sp_ok, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a split that saw nothing weighs 0
+        alpha = tl.exp(m - m_use)
+        w = tl.exp(lse - m_use)
+        o = tl.load(O_PART + (bh * n_splits + sp)[:, None] * D + d[None, :], mask=sp_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        acc = acc * alpha + tl.sum(o * w[:, None], axis=0)
+        total = total * alpha + tl.sum(w, axis=0)
+        m = m_new
+    out = acc / tl.where(total > 0, total, 1.0)
     tl.store(O + (bh // H) * s_ob + (bh % H) * s_oh + d, out.to(O.dtype.element_ty), mask=d_ok)
+
+
+COMBINE_SPLITS = 16  # splits the combine kernel reads at once: 16 × 256 float32 is 32 registers a thread
+
+
+def _combine_config(n_splits: int, D: int) -> dict:
+    """The combine kernel's constexprs for n_splits partial results of head_dim D."""
+    return dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                BLOCK_SPLITS=min(COMBINE_SPLITS, triton.next_power_of_2(n_splits)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,7 +322,7 @@ def _probabilities(q, k, lse, i, j, pos_i, doc_i, doc_j, ok, scale, softcap, win
     x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     dcap = tl.full(x.shape, 1.0, tl.float32)
     if SOFTCAP:
-        c = _tanh(x / softcap)
+        c = tanh(x / softcap)
         x = softcap * c
         dcap = 1.0 - c * c
     ok = ok & _visible(i, j, pos_i, doc_i, doc_j, window, CAUSAL, WINDOW, PACKED, DOCS)
@@ -449,11 +468,54 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is Triton's default, unused by bf16/fp16 inputs
 
 
-def _blocks(D: int, device: torch.device, block_m: int | None, block_n: int | None):
-    """(BLOCK_M, BLOCK_N, warps, stages). On a GPU, untuned starting points by head_dim (a 256-wide row
-    of q and of acc must fit in registers); in the interpreter, 16 × 16: small tiles, many programs."""
-    if device.type == "cuda":
-        bm, bn, warps, stages = (128, 64, 4, 3) if D <= 64 else (128, 64, 8, 3) if D <= 128 else (64, 32, 8, 2)
+# Tile choices on a GPU, best first: (BLOCK_M, BLOCK_N, warps, stages, shared memory in bytes for bf16,
+# lowest compute capability). The shared memory is what Triton 3.9 allocated at these tiles (`python -m
+# minigemma.kernels.aot`, the larger of the two backward kernels), doubled for float32 operands; the first
+# choice that fits the device's per-block limit and capability is taken, and the AOT check verifies it.
+# The backward's tiles are smaller than the forward's: its programs hold two (BLOCK_N, D) float32
+# accumulators and recompute P and dS; 128 × 64 tiles in 3 stages need ~242 KB (more than an H100's
+# 227 KB) and spill. At head_dim 128, 128 × 32 backward tiles use Hopper's wgmma without spilling, but
+# spill on an A100's mma.sync, which gets 32 × 32.
+_TILES = {
+    ("forward", 64): [(128, 64, 4, 3, 65536, 0), (64, 32, 4, 2, 32768, 0)],
+    ("forward", 128): [(128, 64, 8, 3, 131072, 0), (64, 32, 4, 2, 49152, 0)],
+    ("forward", 256): [(64, 32, 8, 2, 98304, 0), (32, 32, 4, 2, 65536, 0)],
+    ("backward", 64): [(128, 32, 8, 2, 49152, 9), (32, 32, 4, 2, 24576, 0)],
+    ("backward", 128): [(128, 32, 8, 2, 98304, 9), (32, 32, 4, 2, 35328, 0)],
+    ("backward", 256): [(32, 32, 8, 2, 68096, 0), (16, 16, 4, 2, 33536, 0)],
+}
+
+
+def _smem_need(D: int, bm: int, bn: int, stages: int, elem: int = 2, backward: bool = False) -> int:
+    """Shared memory (bytes) a program needs at these tiles: the table's figure when it lists them,
+    else a conservative estimate (every pipelined stage holds a tile of K and of V, or of q and dO)."""
+    width = 64 if D <= 64 else 128 if D <= 128 else 256
+    for bm_, bn_, _, st_, need, _ in _TILES[("backward" if backward else "forward", width)]:
+        if (bm_, bn_, st_) == (bm, bn, stages):
+            return need * elem // 2
+    rows = max(bm, bn)
+    return (stages + 1) * 2 * rows * width * elem + 2 * bm * bn * 4
+
+
+def _gpu_blocks(D: int, props: DeviceProps, backward: bool = False, elem: int = 2):
+    """(BLOCK_M, BLOCK_N, warps, stages) on a GPU with these props: the first of `_TILES` whose shared
+    memory fits one program's limit (a 256-wide row of q and of acc must fit in registers too)."""
+    width = 64 if D <= 64 else 128 if D <= 128 else 256
+    choices = _TILES[("backward" if backward else "forward", width)]
+    for bm, bn, warps, stages, need, cap in choices:
+        if need * elem // 2 <= props.smem_per_block and props.capability[0] >= cap:
+            return bm, bn, warps, stages
+    return choices[-1][:4]
+
+
+def _blocks(D: int, device: torch.device | None, block_m: int | None, block_n: int | None, *,
+            props: DeviceProps | None = None, backward: bool = False, elem: int = 2):
+    """(BLOCK_M, BLOCK_N, warps, stages). On a GPU, `_gpu_blocks` for its props (given, or read from the
+    device); in the interpreter, 16 × 16: small tiles, many programs."""
+    if props is None and device is not None:
+        props = device_props(device)
+    if props is not None:
+        bm, bn, warps, stages = _gpu_blocks(D, props, backward, elem)
     else:
         bm, bn, warps, stages = 16, 16, 1, 1
     return block_m or bm, block_n or bn, warps, stages
@@ -521,7 +583,7 @@ def flash_attention_forward(q, k, v, mask: Mask, scale: float, softcap: float | 
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    BLOCK_M, BLOCK_N, warps, stages = _blocks(D, q.device, block_m, block_n)
+    BLOCK_M, BLOCK_N, warps, stages = _blocks(D, q.device, block_m, block_n, elem=q.element_size())
     grid = (triton.cdiv(T, BLOCK_M), B * H)
     if tiles is not None and tiles.shape != (B * H, grid[0]):
         raise ValueError(f"tiles must be ({B * H}, {grid[0]}), got {tuple(tiles.shape)}")
@@ -545,7 +607,8 @@ def flash_attention_backward(do, q, k, v, out, lse, mask: Mask, scale: float, so
     delta = (do.float() * out.float()).sum(-1)  # (B, H, T): δ = rowsum(dO ⊙ O)
     k, v = k.contiguous(), v.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    BLOCK_M, BLOCK_N, warps, stages = _blocks(D, q.device, block_m, block_n)
+    BLOCK_M, BLOCK_N, warps, stages = _blocks(D, q.device, block_m, block_n, backward=True,
+                                              elem=q.element_size())
     (pos, doc), pd_strides, switches = _flags(mask, softcap, q)
     common = dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                   num_warps=warps, num_stages=stages, **switches)
@@ -587,10 +650,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     return FlashAttentionFunction.apply(q, k, v, mask, scale, softcap, block_m, block_n)
 
 
-def target_programs(device: torch.device) -> int:
-    """Programs a decode step should launch: two per streaming multiprocessor on a GPU; 4 in the
-    interpreter (enough to exercise the merge)."""
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+def target_programs(device: torch.device | None, props: DeviceProps | None = None) -> int:
+    """Programs a decode step should launch: two per streaming multiprocessor on a GPU (props given, or
+    read from the device); 4 in the interpreter (enough to exercise the merge)."""
+    if props is None and device is not None:
+        props = device_props(device)
+    return 2 * props.sm_count if props is not None else 4
 
 
 def decode_splits(batch: int, kv_heads: int, S: int, block_n: int, programs: int) -> int:
@@ -621,7 +686,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_ind
     out = torch.empty(B, 1, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     if out.numel() == 0 or S == 0:
         return out.zero_()
-    _, BLOCK_N, warps, stages = _blocks(D, q.device, None, block_n)
+    _, BLOCK_N, warps, stages = _blocks(D, q.device, None, block_n, elem=q.element_size())
     n_splits = splits or decode_splits(B, K, S, BLOCK_N, target_programs(q.device))
     keys_per_split = triton.cdiv(triton.cdiv(S, n_splits), BLOCK_N) * BLOCK_N  # whole tiles per split
     n_splits = triton.cdiv(S, keys_per_split)
@@ -638,8 +703,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_ind
         D=D, BLOCK_D=BLOCK_D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=BLOCK_N,
         CAUSAL=causal, WINDOW=window is not None, SOFTCAP=bool(softcap), PACKED=pos is not None,
         RING=k_index is not None, PRECISION=_precision(q.dtype), num_warps=min(warps, 4), num_stages=stages)
-    _combine_kernel[(B * H,)](o_part, lse_part, out, out.stride(0), out.stride(1), H, n_splits, D=D,
-                              BLOCK_D=BLOCK_D, BLOCK_SPLITS=triton.next_power_of_2(n_splits))
+    _combine_kernel[(B * H,)](o_part, lse_part, out, out.stride(0), out.stride(1), H, n_splits,
+                              **_combine_config(n_splits, D))
     return out
 
 
@@ -721,3 +786,7 @@ class GroupedQueryAttention(TorchGroupedQueryAttention):
 
 __all__ = ["Mask", "flash_attention", "decode_attention", "flash_attention_forward", "flash_attention_backward",
            "decode_splits", "target_programs", "reference", "GroupedQueryAttention", "MAX_D", "INTERPRET"]
+
+
+# the launchers' choices, public for `kernels.aot` (which compiles them for a GPU it does not have)
+blocks, combine_config = _blocks, _combine_config

@@ -10,11 +10,12 @@ step reads 1 byte per weight (int8) or half a byte per plane (int4) instead of 2
                  w[n, k] = Σ_p (c_p[n, k] − 8) · scale_p[k/g, n] + zero_p[k/g, n]
                  (P = 1: a 4-bit quantisation; P = 2: a GGUF file's 5- and 8-bit codes as two base-16 digits)
 
-`packed` is torch's CPU int4 layout (`quant.pack_int4`): rows go in blocks of 64 and, for each k, byte
-j of a block (j < 32) holds row j in its low nibble and row j + 32 in its high nibble, so the block
-is (K, 32) bytes, k-major; rows past the last whole block of 64 form a (K, R/2) tail whose byte j holds
-rows 2j (low) and 2j + 1 (high). `_code_offsets` turns a row index into (byte offset, stride per k,
-nibble shift): one formula covers both, so any BLOCK_N works and the tail needs no second kernel.
+`packed` is torch's CPU int4 layout (`quant.pack_int4`): rows go in blocks of B (`quant.int4_block_rows()`:
+64 where the CPU that packed them has AVX-512, 32 elsewhere) and, for each k, byte j of a block (j < B/2)
+holds row j in its low nibble and row j + B/2 in its high nibble, so the block is (K, B/2) bytes, k-major;
+rows past the last whole block form a (K, R/2) tail whose byte j holds rows 2j (low) and 2j + 1 (high).
+`_code_offsets` turns a row index into (byte offset, stride per k, nibble shift): one formula covers both,
+so any BLOCK_N works and the tail needs no second kernel.
 
 One program computes a (BLOCK_M, BLOCK_N) tile of y: it walks K in tiles of BLOCK_K, loads x's tile
 and W's codes for BLOCK_N rows, and accumulates x · codesᵀ with `tl.dot` in float32. The scale
@@ -37,14 +38,18 @@ x @ module.dequantized().T.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import triton
 import triton.language as tl
+from torch import nn
 
-from minigemma.quant import Int4Linear, Int8Linear, _bf16_rows
+from minigemma.quant import Int4Linear, Int8Linear, bf16_rows, int4_block_rows
+from minigemma.swap import retype
 
 from .interpret import INTERPRET
-from .utils import check_device
+from .utils import DeviceProps, check_device, device_props, retype_modules
 
 
 @triton.jit
@@ -81,16 +86,16 @@ def _gemv_int8_kernel(X, Q, S, B, Y, M, N, K, stride_xm, stride_qn, stride_ys, s
 
 
 @triton.jit
-def _code_offsets(n, N, n_full, K):
+def _code_offsets(n, N, n_full, K, HALF: tl.constexpr):
     """Where the 4-bit code of row n sits in one plane of `packed`: (offset of its byte at k = 0, bytes
-    from one k to the next, shift of its nibble). n_full = rows in whole blocks of 64."""
+    from one k to the next, shift of its nibble). Blocks of 2·HALF rows; n_full = rows in whole blocks."""
     n = n.to(tl.int64)
-    j = n % 64
+    j = n % (2 * HALF)
     in_block = n < n_full
     t = n - n_full  # a tail row: byte t // 2 of a (K, R/2) tail, R = N − n_full rows
-    base = tl.where(in_block, (n // 64) * (32 * K) + (j % 32), n_full * (K // 2) + t // 2)
-    step = tl.where(in_block, 32, (N - n_full) // 2)
-    shift = tl.where(in_block, (j // 32) * 4, (t % 2) * 4)
+    base = tl.where(in_block, (n // (2 * HALF)) * (HALF * K) + (j % HALF), n_full * (K // 2) + t // 2)
+    step = tl.where(in_block, HALF, (N - n_full) // 2)
+    shift = tl.where(in_block, (j // HALF) * 4, (t % 2) * 4)
     return base, step, shift.to(tl.int32)
 
 
@@ -98,13 +103,13 @@ def _code_offsets(n, N, n_full, K):
 def _gemv_int4_kernel(X, PK, SZ, B, Y, M, N, K, n_full, group_size, n_planes, stride_xm, stride_pk, stride_szp,
                       stride_szg, stride_ys, stride_ym,
                       HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[m, n] = Σ_p Σ_groups scale_p · Σ_k x (c_p − 8) + zero_p · Σ_k x, a K tile inside one group."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_ok, m_ok = n < N, m < M
-    base, step, shift = _code_offsets(n, N, n_full, K)
+    base, step, shift = _code_offsets(n, N, n_full, K, HALF)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)  # K is a multiple of the group size, which BLOCK_K divides: no tail
@@ -129,13 +134,16 @@ def _gemv_int4_kernel(X, PK, SZ, B, Y, M, N, K, n_full, group_size, n_planes, st
 MAX_DECODE_ROWS = 32  # the batch sizes these kernels are written for; more rows still work (a plain tiled matmul)
 
 
-def _config(M: int, N: int, K: int, x_dtype: torch.dtype, device: torch.device, block_k: int, split_k: int | None,
-            block_n: int | None):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, grid, dot dtype, precision, warps)."""
+def _config(M: int, N: int, K: int, x_dtype: torch.dtype, device: torch.device | None, block_k: int,
+            split_k: int | None, block_n: int | None, props: DeviceProps | None = None):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, grid, dot dtype, precision, warps); a GPU's from its props (given,
+    or read from `device`), the interpreter's when there are none."""
     BLOCK_M = 16 if M <= 16 else 32 if M <= 32 else 64  # tl.dot needs 16 rows at least: the rest are masked
-    if device.type == "cuda" and not INTERPRET:
+    if props is None and device is not None and device.type == "cuda" and not INTERPRET:
+        props = device_props(device)
+    if props is not None:
         BLOCK_N = block_n or 64
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = props.sm_count
         tiles = triton.cdiv(N, BLOCK_N) * triton.cdiv(M, BLOCK_M)
         k_tiles = triton.cdiv(K, block_k)
         split = split_k or max(1, min(k_tiles, 16, (2 * sms) // max(1, tiles)))
@@ -208,9 +216,10 @@ def gemv_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch
 
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *, split_k: int | None = None,
-              block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
-    """x (M, K) @ Wᵀ + bias -> (M, N), W in 4-bit planes: packed (P, N, K/2) uint8 (torch's CPU int4 layout),
-    scale_zero (P, K/g, N, 2) (scale, zero), w = Σ_p (c_p − 8) · scale_p + zero_p per group of g."""
+              block_n: int | None = None, block_k: int | None = None, block_rows: int | None = None) -> torch.Tensor:
+    """x (M, K) @ Wᵀ + bias -> (M, N), W in 4-bit planes: packed (P, N, K/2) uint8 (torch's CPU int4 layout,
+    in blocks of block_rows rows: by default this CPU's, `quant.int4_block_rows()`), scale_zero (P, K/g, N, 2)
+    (scale, zero), w = Σ_p (c_p − 8) · scale_p + zero_p per group of g."""
     if packed.dim() != 3 or packed.dtype != torch.uint8:
         raise ValueError(f"gemv_int4: packed must be (P, N, K/2) uint8, got {packed.dtype} {tuple(packed.shape)}")
     P, N, K = packed.shape[0], packed.shape[1], packed.shape[2] * 2
@@ -219,7 +228,10 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, g
     if K % group_size or scale_zero.shape != (P, K // group_size, N, 2):
         raise ValueError(f"gemv_int4: scale_zero must be (P, K/g, N, 2) = {(P, K // group_size, N, 2)} with K = {K} "
                          f"a multiple of group_size = {group_size}; got {tuple(scale_zero.shape)}")
-    n_full = N // 64 * 64
+    B = block_rows or int4_block_rows()
+    if B not in (32, 64):
+        raise ValueError(f"gemv_int4: torch's int4 layout has blocks of 32 or 64 rows, not {B}")
+    n_full = N // B * B
     if (N - n_full) % 2:
         raise ValueError(f"gemv_int4: N = {N} rows: the packed tail pairs rows, so N must be even")
     out_dtype = out_dtype or x.dtype
@@ -236,8 +248,8 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, g
                                 group_size, P, x.stride(0), packed.stride(0), scale_zero.stride(0),
                                 scale_zero.stride(1), y.stride(0), y.stride(1),
                                 HAS_BIAS=bias is not None and split == 1,
-                                SPLIT_K=split, DOT=dot, PRECISION=precision, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-                                num_warps=warps)
+                                SPLIT_K=split, DOT=dot, PRECISION=precision, HALF=B // 2, BLOCK_M=BM, BLOCK_N=BN,
+                                BLOCK_K=BK, num_warps=warps)
     elif M:
         y.zero_()
     return _finish(y, bias if split > 1 else None, out_dtype)
@@ -245,7 +257,7 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, g
 
 def gemv(x: torch.Tensor, module: Int8Linear | Int4Linear) -> torch.Tensor:
     """module(x) on the kernels: x (..., K) -> (..., N) in bf16, as the module returns it."""
-    x2 = _bf16_rows(x)  # (M, K) bf16, the activations the modules take
+    x2 = bf16_rows(x)  # (M, K) bf16, the activations the modules take
     if isinstance(module, Int8Linear):
         y = gemv_int8(x2, module.q, module.scale, module.bias, torch.bfloat16)
     elif isinstance(module, Int4Linear):
@@ -258,9 +270,9 @@ def gemv(x: torch.Tensor, module: Int8Linear | Int4Linear) -> torch.Tensor:
 class TritonInt8Linear(Int8Linear):
     """`minigemma.quant.Int8Linear` whose forward is the Triton kernel: same buffers, same state dict.
 
-    Swap one in with `module.__class__ = TritonInt8Linear` (tests/test_kernels_gemv.py does, on a whole quantised
-    Gemma). It runs right in Triton's interpreter with the module's bf16 activations too: the kernel only loads
-    bf16 (widened exactly to float32) and writes float32 there, which torch rounds. `kernels.swap.use_triton`
+    `use_gemv(model)` swaps every Int8Linear of a model for one (tests/test_kernels_gemv.py does, on a whole
+    quantised Gemma). It runs right in Triton's interpreter with the module's bf16 activations too: the kernel only
+    loads bf16 (widened exactly to float32) and writes float32 there, which torch rounds. `kernels.swap.use_triton`
     does not swap it in yet: quantised modules keep their torch kernels there."""
 
     @staticmethod
@@ -288,10 +300,27 @@ class TritonInt4Linear(Int4Linear):
         return gemv(x, self)
 
 
-SWAPS = {Int8Linear: TritonInt8Linear, Int4Linear: TritonInt4Linear}  # torch class -> its Triton drop-in
+GEMV_CLASSES: dict[type, type] = {Int8Linear: TritonInt8Linear, Int4Linear: TritonInt4Linear}  # torch -> Triton
+
+
+def use_gemv(model: nn.Module, enable: bool = True) -> Counter:
+    """Every Int8Linear and Int4Linear of `model` (itself included) onto the GEMV kernels (enable=False: back to
+    torch's), in place, by retyping (`minigemma.swap`): same objects, same buffers. An Int4Linear the kernel cannot
+    run (`TritonInt4Linear.unsupported`) stays torch's. Returns how many modules of each class were swapped."""
+    if not enable:
+        return retype_modules(model, {triton_cls: retype(torch_cls) for torch_cls, triton_cls in GEMV_CLASSES.items()})
+
+    def swap_in(triton_cls: type):
+        return lambda module: None if triton_cls.unsupported(module) else retype(triton_cls)(module)
+
+    return retype_modules(model, {torch_cls: swap_in(triton_cls) for torch_cls, triton_cls in GEMV_CLASSES.items()})
 
 
 def reference(x: torch.Tensor, module: Int8Linear | Int4Linear) -> torch.Tensor:
     """What the kernels must match in float32: x @ module.dequantized().T + bias (float32 throughout)."""
     y = x.float() @ module.dequantized().T
     return y + module.bias.float() if module.bias is not None else y
+
+
+# the launchers' choice, public for `kernels.aot`
+launch_config = _config

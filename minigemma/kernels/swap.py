@@ -1,16 +1,17 @@
 """`use_triton(model)`: the Triton kernels swapped into any model of the course, module by module.
 
 A kernel never needs a model change. Each swappable module class has a Triton subclass with the same
-parameters and no state of its own, whose `forward` (or `attention`) calls the kernels; swapping
-changes the class of the module object itself (`module.__class__`), so its parameters, state dict,
-caches, hooks and every reference to it stay as they are, and swapping back restores the torch class.
+parameters and no state of its own, whose `forward` (or `attention`, or `recurrence`) calls the kernels;
+swapping changes the class of the module object itself (`minigemma.swap.retype`, through
+`swap_modules`, the package's one swap mechanism), so its parameters, state dict, caches, hooks and every
+reference to it stay as they are, and swapping back restores the torch class. `TRITON_CLASSES` is the table:
 
     torch module                          Triton subclass                       what runs as a kernel
     attention.GroupedQueryAttention       kernels.attention.GroupedQueryAttention   RoPE, attention (all masks,
                                                                                   decode over the cache)
     layers.RMSNorm                        kernels.rms_norm.RMSNorm                  RMSNorm, QK-norm
     layers.GeGLU                          kernels.swap.GeGLU                        gelu_tanh(gate) · up
-    griffin.RGLRU                         kernels.swap.RGLRU                        the linear scan
+    griffin.RGLRU                         kernels.swap.RGLRU                        the linear scan (`recurrence`)
 
 That covers every family: Gemma 2 and 3 (decoder layers), EmbeddingGemma (the same layers, bidirectional),
 Griffin (its local attention is the same GroupedQueryAttention, plus the RG-LRU). Matching is by exact
@@ -19,7 +20,7 @@ class, so a subclass with its own forward is left alone and reported. The quanti
 do every nn.Linear and the embedding: the matrix products are torch's (cuBLAS on a GPU).
 
 Without a GPU the kernels run in Triton's interpreter, which computes only float32 correctly: a model
-computing in bfloat16 (quant="bf16", "int8", "int4", "gguf") is then left as it is, and the report says why.
+computing in bfloat16 (quant="bf16", "int8", "int4", or file_codes=True) is then left as it is, and the report says why.
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ from torch import nn
 
 from minigemma import attention as torch_attention
 from minigemma import griffin, layers, quant
+from minigemma.swap import Swap, retype
 
 from . import attention as attention_kernels
 from . import rms_norm as rms_norm_kernels
 from .geglu import geglu
 from .interpret import INTERPRET
 from .rglru_scan import rglru_scan
+from .utils import retype_modules
 
 
 class GeGLU(layers.GeGLU):
@@ -49,42 +52,28 @@ class GeGLU(layers.GeGLU):
         return self.down_proj(geglu(self.gate_up_proj(x)))
 
 
-def _triton_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None):
-    """`griffin.SCANS`' signature (a, b, h0) -> (h float32, h_T), on the chunked Triton scan."""
-    return rglru_scan(a, b, h0)
-
-
-griffin.SCANS.setdefault("triton", _triton_scan)  # the registry RGLRU looks its scan up in
-
-
 class RGLRU(griffin.RGLRU):
-    """`minigemma.griffin.RGLRU` whose scan is the Triton kernel (`kernels.rglru_scan`).
+    """`minigemma.griffin.RGLRU` whose recurrence h_t = a_t ⊙ h_{t-1} + b_t is the chunked Triton scan
+    (`kernels.rglru_scan`); the gates stay torch's. The instance's own `scan` setting is untouched,
+    so the torch class swapped back runs the scan it had."""
 
-    RGLRU.forward computes its gates and calls `SCANS[self.scan](a, b, h0)`. Here `scan` is a
-    read-only property saying "triton", which hides the instance's own setting while this class is
-    swapped in; swapped back, the instance's setting ("sequential" or "associative") is seen again."""
-
-    @property
-    def scan(self) -> str:
-        return "triton"
-
-    @scan.setter
-    def scan(self, value: str) -> None:  # RGLRU.__init__ assigns it; the torch class keeps that value
-        self.__dict__["scan"] = value
+    def recurrence(self, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None):
+        """a, b (B, T, R), h0 (B, R) or None -> (h (B, T, R) float32, h_T (B, R))."""
+        return rglru_scan(a, b, h0)
 
 
-SWAPS: dict[type, type] = {
+TRITON_CLASSES: dict[type, type] = {  # torch class -> its Triton subclass
     torch_attention.GroupedQueryAttention: attention_kernels.GroupedQueryAttention,
     layers.RMSNorm: rms_norm_kernels.RMSNorm,
     layers.GeGLU: GeGLU,
     griffin.RGLRU: RGLRU,
 }
-BACK = {triton_cls: torch_cls for torch_cls, triton_cls in SWAPS.items()}
-WHAT = {  # what each swap runs as a kernel, for the report
-    torch_attention.GroupedQueryAttention: "RoPE and attention kernels",
-    layers.RMSNorm: "RMSNorm kernel",
-    layers.GeGLU: "activation kernel",
-    griffin.RGLRU: "scan kernel",
+TORCH_CLASSES = {triton_cls: torch_cls for torch_cls, triton_cls in TRITON_CLASSES.items()}  # the way back
+WHAT = {  # torch class name -> what its swap runs as a kernel, for the report
+    "GroupedQueryAttention": "RoPE and attention kernels",
+    "RMSNorm": "RMSNorm kernel",
+    "GeGLU": "activation kernel",
+    "RGLRU": "scan kernel",
 }
 QUANTISED = (quant.Int8Linear, quant.Int4Linear, quant.Q8_0Embedding, quant.RescoredHead)
 
@@ -130,35 +119,54 @@ def _device(model: nn.Module) -> torch.device | None:
     return next((t.device for t in list(model.parameters()) + list(model.buffers())), None)
 
 
+def _swap_in(torch_cls: type, triton_cls: type, report: SwapReport) -> Swap:
+    """The swap of one torch class: retype to its Triton subclass, unless the subclass says it cannot run
+    this module (`unsupported(module)`: why, or None), which stays torch and is reported."""
+    unsupported = getattr(triton_cls, "unsupported", lambda module: None)
+
+    def swap_in(module: nn.Module) -> nn.Module | None:
+        why = unsupported(module)
+        if why:
+            report.left_alone[f"{torch_cls.__name__}: {why} (torch)"] += 1
+            return None
+        return retype(triton_cls)(module)
+
+    return swap_in
+
+
+def _left_alone(model: nn.Module) -> Counter:
+    """The modules no table entry matches that a reader might expect swapped, and why: quantised modules,
+    and subclasses of a swappable class (their own forward, which the kernels were not written for)."""
+    why: Counter = Counter()
+    for module in model.modules():
+        cls = type(module)
+        if isinstance(module, QUANTISED):
+            why[f"{cls.__name__} (quantised: its own torch kernel)"] += 1
+        elif cls not in TRITON_CLASSES and cls not in TORCH_CLASSES and isinstance(module, tuple(TRITON_CLASSES)):
+            why[f"{cls.__name__} (a subclass the kernels were not written for)"] += 1
+    return why
+
+
 def swap(model: nn.Module, enable: bool = True) -> SwapReport:
     """Swap the Triton subclasses in (or back out, enable=False), in place; return what was done."""
     report = SwapReport(enable)
-    if enable:
-        device = _device(model)
-        if device is not None and device.type == "cpu" and not INTERPRET:
-            raise ValueError("the model is on the CPU but Triton's interpreter is off: move it to the GPU "
-                             "(model.cuda()) first, or set TRITON_INTERPRET=1 before importing minigemma.kernels")
-        dtype = _activation_dtype(model)
-        if INTERPRET and dtype != torch.float32 and (device is None or device.type == "cpu"):
-            report.refused = (f"the model computes in {dtype}, and Triton's interpreter (no GPU here) computes only "
-                              "float32 correctly; load it with quant=None (float32), or run it on a GPU")
-            return report
-    for name, module in model.named_modules():
-        cls = type(module)
-        if enable and cls in SWAPS:
-            why = getattr(SWAPS[cls], "unsupported", lambda m: None)(module)
-            if why:
-                report.left_alone[f"{cls.__name__}: {why} (torch)"] += 1
-                continue
-            module.__class__ = SWAPS[cls]
-            report.swapped[f"{cls.__name__}: {WHAT[cls]}"] += 1
-        elif not enable and cls in BACK:
-            module.__class__ = BACK[cls]
-            report.swapped[BACK[cls].__name__] += 1
-        elif enable and isinstance(module, QUANTISED):
-            report.left_alone[f"{cls.__name__} (quantised: its own torch kernel)"] += 1
-        elif enable and cls not in BACK and isinstance(module, tuple(SWAPS)):
-            report.left_alone[f"{cls.__name__} (a subclass the kernels were not written for)"] += 1
+    if not enable:
+        report.swapped.update(retype_modules(model, {triton_cls: retype(torch_cls)
+                                                     for triton_cls, torch_cls in TORCH_CLASSES.items()}))
+        return report
+    device = _device(model)
+    if device is not None and device.type == "cpu" and not INTERPRET:
+        raise ValueError("the model is on the CPU but Triton's interpreter is off: move it to the GPU "
+                         "(model.cuda()) first, or set TRITON_INTERPRET=1 before importing minigemma.kernels")
+    dtype = _activation_dtype(model)
+    if INTERPRET and dtype != torch.float32 and (device is None or device.type == "cpu"):
+        report.refused = (f"the model computes in {dtype}, and Triton's interpreter (no GPU here) computes only "
+                          "float32 correctly; load it with quant=None (float32), or run it on a GPU")
+        return report
+    table = {torch_cls: _swap_in(torch_cls, triton_cls, report) for torch_cls, triton_cls in TRITON_CLASSES.items()}
+    swapped = retype_modules(model, table)  # the model itself too: use_triton(layer) swaps one layer
+    report.swapped.update({f"{name}: {WHAT[name]}": n for name, n in swapped.items()})
+    report.left_alone.update(_left_alone(model))
     return report
 
 
@@ -178,4 +186,4 @@ def use_triton(model: nn.Module, enable: bool = True, verbose: bool = True) -> n
 
 def triton_modules(model: nn.Module) -> dict[str, str]:
     """Qualified name -> Triton class name, for every module of `model` that runs a Triton kernel now."""
-    return {name: type(m).__name__ for name, m in model.named_modules() if type(m) in BACK}
+    return {name: type(m).__name__ for name, m in model.named_modules() if type(m) in TORCH_CLASSES}

@@ -50,16 +50,15 @@ import triton.language as tl
 from minigemma import losses
 from minigemma.losses import Labels, Sampled, TeacherHead
 
-from .geglu import _tanh
 from .interpret import INTERPRET
-from .utils import check_device
+from .utils import check_device, tanh
 
 
 @triton.jit
 def _cap(z, softcap, SOFTCAP: tl.constexpr):
     """Gemma 2's final-logit soft-cap c · tanh(z / c) (or z itself)."""
     if SOFTCAP:
-        z = softcap * _tanh(z / softcap)
+        z = softcap * tanh(z / softcap)
     return z
 
 

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from minigemma.layers import RMSNorm as TorchRMSNorm  # the reference, and the module we replace
 
-from .utils import check_device, lead_rows, num_warps
+from .utils import check_device, device_props, lead_rows, num_warps
 
 
 @triton.jit
@@ -92,8 +92,9 @@ def _blocks(n_rows: int, n_cols: int) -> tuple[int, int]:
 
 def _programs(device: torch.device, n_tiles: int) -> int:
     """How many programs share the backward's tiles (each writes one partial dw row)."""
-    if device.type == "cuda":
-        return max(1, min(n_tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    props = device_props(device)
+    if props is not None:
+        return max(1, min(n_tiles, 4 * props.sm_count))
     return max(1, min(n_tiles, 4))  # the interpreter: few programs, numpy does the width
 
 
@@ -163,3 +164,7 @@ class RMSNorm(TorchRMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+
+# the launcher's choice, public for `kernels.aot`
+block_sizes = _blocks

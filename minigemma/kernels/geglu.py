@@ -21,17 +21,10 @@ import triton.language as tl
 
 from minigemma.layers import gelu_tanh
 
-from .utils import check_device, num_warps
+from .utils import check_device, num_warps, tanh
 
-SQRT_2_OVER_PI = 0.7978845608028654
-
-
-@triton.jit
-def _tanh(u):
-    # tanh(u) = sign(u) · (1 − e) / (1 + e), e = exp(−2|u|) in (0, 1]: never overflows, saturates to ±1
-    e = tl.exp(-2.0 * tl.abs(u))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(u >= 0, t, -t)
+SQRT_2_OVER_PI = 0.7978845608028654  # for Python; the kernels write it as a literal (a jit function may not
+# read a plain Python global, and the interpreter mishandles constexpr · tensor)
 
 
 @triton.jit
@@ -45,7 +38,8 @@ def _geglu_fwd_kernel(GU, OUT, n_rows, F, s_gu, BLOCK_R: tl.constexpr, BLOCK_F: 
     gate_p = GU + rows.to(tl.int64)[:, None] * s_gu + cols[None, :]
     gate = tl.load(gate_p, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_p + F, mask=mask, other=0.0).to(tl.float32)  # up = the second half of the row
-    t = _tanh(SQRT_2_OVER_PI * (gate + 0.044715 * gate * gate * gate))
+    k = 0.7978845608028654  # SQRT_2_OVER_PI
+    t = tanh(k * (gate + 0.044715 * gate * gate * gate))
     out = 0.5 * gate * (1.0 + t) * up
     out_p = OUT + rows.to(tl.int64)[:, None] * F + cols[None, :]
     tl.store(out_p, out.to(OUT.dtype.element_ty), mask=mask)
@@ -64,9 +58,10 @@ def _geglu_bwd_kernel(DY, GU, DGU, n_rows, F, s_gu, BLOCK_R: tl.constexpr, BLOCK
     gate = tl.load(gate_p, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_p + F, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + r64 * F + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    t = _tanh(SQRT_2_OVER_PI * (gate + 0.044715 * gate * gate * gate))
+    k = 0.7978845608028654  # SQRT_2_OVER_PI
+    t = tanh(k * (gate + 0.044715 * gate * gate * gate))
     gelu = 0.5 * gate * (1.0 + t)
-    dgelu = 0.5 * (1.0 + t) + 0.5 * gate * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * gate * gate)
+    dgelu = 0.5 * (1.0 + t) + 0.5 * gate * (1.0 - t * t) * k * (1.0 + 3 * 0.044715 * gate * gate)
     dgate_p = DGU + r64 * (2 * F) + cols[None, :]
     tl.store(dgate_p, (dy * up * dgelu).to(DGU.dtype.element_ty), mask=mask)
     tl.store(dgate_p + F, (dy * gelu).to(DGU.dtype.element_ty), mask=mask)
@@ -130,3 +125,7 @@ def reference(gate_up: torch.Tensor) -> torch.Tensor:
     """What `minigemma.layers.GeGLU.forward` does between its two projections."""
     gate, up = gate_up.chunk(2, dim=-1)
     return gelu_tanh(gate) * up
+
+
+# the launcher's choice, public for `kernels.aot`
+launch_config = _launch

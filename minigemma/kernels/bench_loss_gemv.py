@@ -98,7 +98,7 @@ def _loss_impls(backward: bool):
                         return run(inputs["h"], inputs["w"], inputs)
                 return fwd
             h, w = inputs["h"].detach().requires_grad_(), inputs["w"].detach().requires_grad_()
-            return B._fwd_bwd(lambda: run(h, w, inputs), [h, w])
+            return B.fwd_bwd(lambda: run(h, w, inputs), [h, w])
         return factory
 
     def chunked(h, w, inputs):
@@ -112,15 +112,15 @@ def _loss_impls(backward: bool):
     def compile_(inputs):
         kind = inputs["kind"]
         if kind not in compiled:
-            compiled[kind] = B._compiled(_eager_loss)
+            compiled[kind] = B.compile_fn(_eager_loss)
         return wrap(compiled[kind])(inputs)
 
     def liger(inputs):
-        B._need_gpu(inputs)
+        B.need_gpu(inputs)
         if inputs["kind"] != "labels":
             raise B.Unavailable("Liger's fused linear JSD is a different loss (a JSD, or a KL without the "
                                 "sampled targets): no counterpart")
-        cls = B._liger("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss")
+        cls = B.load_liger("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss")
         try:
             fn = cls(softcap=inputs["cap"]) if inputs["cap"] else cls()
         except TypeError:
@@ -201,7 +201,7 @@ def _gemv_impls():
     def compiled(inputs):
         x, m = inputs["x"], inputs["module"]
         if isinstance(m, quant.Int8Linear):
-            fn = B._compiled(lambda x, q, s: x @ (q.to(x.dtype) * s[:, None].to(x.dtype)).T)
+            fn = B.compile_fn(lambda x, q, s: x @ (q.to(x.dtype) * s[:, None].to(x.dtype)).T)
             return lambda: fn(x, m.q, m.scale)
         raise B.Unavailable("not timed: the int4 layout's unpacking does not compile to one kernel")
 
