@@ -1,0 +1,98 @@
+"""The ahead-of-time check (`python -m minigemma.kernels.aot`): real Triton compiles for H100 and A100
+without a GPU, judged on compile errors, shared memory and spills.
+
+What the suite covers (CI: 2 cores): one compile per (kernel, kind, dtype) of Gemma 3 270M's matrix for
+H100 (sm_90), bf16 and float32 (`aot.representative`): each compiles and fits shared memory (spills are
+not asserted: some forward/decode configurations still spill); plus two kernels made to fail. The full matrix
+(every model, both GPUs) is the command itself; its table is docs/benchmarks/kernels-aot.md. Results
+are cached (~/.cache/minigemma/triton-aot), so a second run takes seconds; a cold run about a minute.
+"""
+
+import os
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+pytest.importorskip("triton.backends.nvidia.compiler")
+
+from minigemma.kernels import aot  # noqa: E402
+from minigemma.kernels.utils import A100, H100  # noqa: E402
+
+PROPS = {"sm_90": H100, "sm_80": A100}
+
+BAD = textwrap.dedent('''
+    import triton
+    import triton.language as tl
+
+    SCALE = 0.5  # a plain Python float: the interpreter reads it, the compiler refuses it
+
+
+    @triton.jit
+    def reads_a_global(X, n, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        x = tl.load(X + i, mask=i < n)
+        tl.store(X + i, x * SCALE, mask=i < n)
+
+
+    @triton.jit
+    def huge_tiles(A, B, C, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        m = tl.arange(0, BM)
+        n = tl.arange(0, BN)
+        k = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), tl.float32)
+        for k0 in range(0, K, BK):  # pipelined: every stage holds a (BM, BK) and a (BK, BN) tile
+            a = tl.load(A + m[:, None] * K + (k0 + k)[None, :])
+            b = tl.load(B + (k0 + k)[:, None] * BN + n[None, :])
+            acc += tl.dot(a, b)
+        tl.store(C + m[:, None] * BN + n[None, :], acc)
+''')
+
+
+def _job(path, fn, types, constexprs, warps=4, stages=3, kind="forward", target="sm_90"):
+    return aot.Job(f"{path}:{fn}", kind, target, types, constexprs, warps, stages, ["test"])
+
+
+def test_the_check_fails_on_a_global_and_on_tiles_over_shared_memory(tmp_path):
+    path = tmp_path / "bad_kernels.py"
+    path.write_text(BAD)
+    jobs = [_job(path, "reads_a_global", dict(X="*fp32"), dict(BLOCK=128)),
+            _job(path, "huge_tiles", dict(A="*bf16", B="*bf16", C="*fp32"), dict(BM=256, BN=256, BK=128)),
+            _job(path, "huge_tiles", dict(A="*bf16", B="*bf16", C="*fp32"), dict(BM=64, BN=64, BK=32))]
+    before = os.environ.get("TRITON_INTERPRET")
+    table = aot.check(jobs, PROPS, workers=2, use_cache=False)
+    assert os.environ.get("TRITON_INTERPRET") == before, "the workers' compiler setting leaked into this process"
+    glob, huge, fine = table
+    assert not glob["ok"] and "global" in glob["error"].lower(), glob
+    assert glob["problems"] == ["does not compile"]
+    assert huge["ok"] and huge["shared"] > H100.smem_per_block, huge
+    assert any("shared memory" in p for p in huge["problems"]), huge
+    assert fine["ok"] and not fine["problems"] and fine["dot"] == "wgmma", fine
+    assert fine["blocks_per_sm"] >= 1
+
+
+def test_a_representative_subset_of_the_matrix_compiles_within_limits():
+    jobs = aot.representative(aot.dedupe(aot.jobs_for(H100, "sm_90", models=("gemma3-270m",))))
+    kernels = {aot._short(j.kernel) for j in jobs}
+    assert {"fwd", "bwd_dkdv", "bwd_dq", "decode", "combine", "rms_norm_fwd", "rms_norm_bwd", "geglu_fwd",
+            "geglu_bwd", "rope", "loss", "gemv_int8", "gemv_int4"} <= kernels
+    table = aot.check(jobs, PROPS, workers=2)
+    # every kernel compiles and fits shared memory; spills are reported (the full table) but not asserted
+    # here: some forward and decode configurations still spill (see docs/benchmarks/kernels-aot.md)
+    bad = [(r["kernel"], r["kind"], r["dtype"], r["config"], r["problems"], r["error"]) for r in table
+           if not r["ok"] or any("shared memory" in p for p in r["problems"])]
+    assert not bad, bad
+    assert all(r["regs"] and r["blocks_per_sm"] >= 1 for r in table)
+    bf16_fwd = [r for r in table if r["kernel"] == "fwd" and r["dtype"] == "bf16"]
+    assert bf16_fwd and all(r["dot"] == "wgmma" for r in bf16_fwd)
+
+
+def test_launch_configurations_follow_the_device_props():
+    from minigemma.kernels import attention as A
+
+    assert A.target_programs(None, H100) == 264 and A.target_programs(None, A100) == 216
+    for props in (H100, A100):
+        for D in (128, 256):
+            bm, bn, warps, stages = A._blocks(D, None, None, None, props=props, backward=True)
+            assert A._smem_need(D, bm, bn, stages, 2, backward=True) <= props.smem_per_block
+    assert A._blocks(256, None, None, None) == (16, 16, 1, 1)  # no props: the interpreter's tiles
