@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.minigemma-installed
 PORT    ?= 8888
 PYTEST_ARGS ?=
 
-.PHONY: lab test setup weights exercises bench bench-kernels mutation clean-venv help
+.PHONY: lab test setup weights exercises bench bench-kernels bench-gpu mutation clean-venv help
 
 help:
 	@echo "make lab        set up if needed, then start JupyterLab on chapters/"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench      CPU generation benchmark on the real Gemma 3 270M"
 	@echo "make mutation   mutation-test the exercise checks (mutmut); writes docs/mutation.md"
 	@echo "make bench-kernels  Triton kernels vs torch eager/compile/Liger (a GPU; without one it says so)"
+	@echo "make bench-gpu  on a lent GPU: kernel tests in bf16, the AOT check on this device, the kernel benchmarks"
 
 setup: $(STAMP)
 
@@ -52,6 +53,10 @@ bench: weights
 # Liger-Kernel, the optional comparison, comes with the [bench] extra: .venv/bin/pip install -e '.[bench]'
 bench-kernels: $(STAMP)
 	$(PY) -m minigemma.kernels.bench --save docs/benchmarks
+
+# Everything a GPU should run, written to docs/benchmarks/ with the commands (tools/bench_gpu.sh).
+bench-gpu: $(STAMP)
+	bash tools/bench_gpu.sh
 
 # Mutation testing of the exercise checks: mutmut mutates a copy of the references in build/mutation/
 # and runs each exercise's check on every mutant (tools/mutation/run.py); the table goes to docs/mutation.md.

@@ -177,14 +177,14 @@ def jobs_for(props, target: str, models: tuple[str, ...] | None = None,
                 add(m + "attention:_bwd_dq_kernel", "backward", types, cx, w, st, f"{who} training")
             if s["decoder"]:
                 for ring in ([False] if not s["windowed"] else [False, True] if s["glob"] else [True]):
-                    _, bn, w, st = A.blocks(D, None, None, None, props=props, elem=elem)
+                    bn, w, st = A.decode_blocks(D, None, None, props=props, elem=elem)
                     G = H // K
                     types = dict(Q=P, K=P, V=P, K_IDX="*i64" if ring else "*i32", POS="*i32", O_PART="*fp32",
                                  LSE_PART="*fp32", scale="fp32", softcap="fp32")
                     add(m + "attention:_decode_kernel", "decode", types,
                         dict(D=D, BLOCK_D=BLOCK_D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=bn,
                              CAUSAL=True, WINDOW=ring, SOFTCAP=s["softcap"], PACKED=False, RING=ring,
-                             PRECISION=prec), min(w, 4), st, f"{who} decode")
+                             PRECISION=prec), w, st, f"{who} decode")
                     for batch in DECODE_BATCHES:
                         S = CACHE_LEN if not ring else 4096
                         n = A.decode_splits(batch, K, S, bn, A.target_programs(None, props))
@@ -242,13 +242,13 @@ def jobs_for(props, target: str, models: tuple[str, ...] | None = None,
                     dict(A_SUM="*fp32", H_SUM="*fp32", H0="*fp32", CARRY="*fp32"),
                     dict(HAS_H0=False, BLOCK_D=BD), num_warps(BD * 8), 3, f"{who} training")
             # ---- the fused LM head + loss (training): labels, and Gemma 3's sampled distillation
-            bv = min(8192, triton.next_power_of_2(s["V"]))
+            bv, lw = FL.launch_config(s["V"], None, props)
             for k_ids, teacher in ((1, False), (256, False), (1, True)):
                 types = dict(Z="*fp32", ZT="*fp32" if not teacher else P, IDS="*i64", WTS="*fp32", VALID="*fp32",
                              LOSS="*fp32", softcap="fp32", softcap_t="fp32", scale="fp32")
                 add(m + "fused_linear_loss:_loss_kernel", "forward", types,
                     dict(SOFTCAP=s["softcap"], SOFTCAP_T=teacher and s["softcap"], TEACHER=teacher, GRAD=True,
-                         BLOCK_V=bv, BLOCK_K=max(16, triton.next_power_of_2(k_ids))), 8, 3, f"{who} training")
+                         BLOCK_V=bv, BLOCK_K=max(16, triton.next_power_of_2(k_ids))), lw, 3, f"{who} training")
             # ---- weight-only int8 / int4 GEMVs (decode), every linear layer of the model and the head
             if s["decoder"]:
                 C, F, V = s["C"], s["F"], s["V"]

@@ -470,40 +470,72 @@ def _precision(dtype: torch.dtype) -> str:
 
 # Tile choices on a GPU, best first: (BLOCK_M, BLOCK_N, warps, stages, shared memory in bytes for bf16,
 # lowest compute capability). The shared memory is what Triton 3.9 allocated at these tiles (`python -m
-# minigemma.kernels.aot`, the larger of the two backward kernels), doubled for float32 operands; the first
-# choice that fits the device's per-block limit and capability is taken, and the AOT check verifies it.
+# minigemma.kernels.aot`, the larger of sm_90's and sm_80's, and of the two backward kernels), doubled for
+# float32 operands; the first choice that fits the device's per-block limit and capability is taken, and
+# the AOT check verifies it. At head_dim 128 the forward's 128 × 64 tiles spilled 4-84 bytes a thread
+# on both GPUs once the packed mask (int64 positions) was live beside the (128, 128) accumulator, the
+# scores and P; 128 × 32 spills nothing (254 registers) and keeps BLOCK_M = 128, which on Hopper is two
+# warpgroups of 64 whole query rows: the online softmax exchanges nothing between warps (64 × 64 tiles
+# fit too, but split each row's scores over two warpgroups).
 # The backward's tiles are smaller than the forward's: its programs hold two (BLOCK_N, D) float32
 # accumulators and recompute P and dS; 128 × 64 tiles in 3 stages need ~242 KB (more than an H100's
 # 227 KB) and spill. At head_dim 128, 128 × 32 backward tiles use Hopper's wgmma without spilling, but
 # spill on an A100's mma.sync, which gets 32 × 32.
 _TILES = {
     ("forward", 64): [(128, 64, 4, 3, 65536, 0), (64, 32, 4, 2, 32768, 0)],
-    ("forward", 128): [(128, 64, 8, 3, 131072, 0), (64, 32, 4, 2, 49152, 0)],
+    ("forward", 128): [(128, 32, 8, 3, 81920, 0), (64, 32, 4, 2, 49152, 0)],
     ("forward", 256): [(64, 32, 8, 2, 98304, 0), (32, 32, 4, 2, 65536, 0)],
     ("backward", 64): [(128, 32, 8, 2, 49152, 9), (32, 32, 4, 2, 24576, 0)],
     ("backward", 128): [(128, 32, 8, 2, 98304, 9), (32, 32, 4, 2, 35328, 0)],
     ("backward", 256): [(32, 32, 8, 2, 68096, 0), (16, 16, 4, 2, 33536, 0)],
 }
+# The float32 forward ("ieee" products on the CUDA cores, not the tensor cores) has tiles of its own, the
+# same on both GPUs, with the shared memory Triton allocated in float32 (not doubled). An FMA `tl.dot`
+# keeps both operands in registers, and a float32 value takes a whole register where bf16 packs two: the
+# bf16 tiles, doubled, spilled 16 B to 2.4 KB a thread (64 × 32 on 4 warps at head_dim 128, 64 × 32 on
+# 8 at 256). 32 query rows on 8 warps take at most 150 registers and spill nothing on sm_90 or sm_80, for
+# every mask. At head_dim 256 the keys go 16 a step: 32 × 32 spilled 16 B on sm_80 (8 warps) and on
+# sm_90 (4 warps), 32 × 16 on 4 warps 80 B on sm_90.
+_TILES_FP32_FORWARD = {
+    64: [(32, 32, 8, 2, 28800, 0)],
+    128: [(32, 32, 8, 2, 53248, 0)],
+    256: [(32, 16, 8, 2, 67712, 0)],
+}
+# The decode kernel: 16-bit inputs take the forward's BLOCK_N and stages with at most 4 warps (its rows
+# are the G ≤ 16 query heads of a group); float32 takes 16 keys a step on 4 warps: with the forward's 32
+# it spilled 52-104 B on sm_80 and up to 10 KB on sm_90 at head_dim 256, 492 B on sm_90 at 128.
+_DECODE_FP32 = (16, 4, 2)  # (BLOCK_N, warps, stages)
+
+
+def _width(D: int) -> int:
+    return 64 if D <= 64 else 128 if D <= 128 else 256
+
+
+def _choices(D: int, backward: bool, elem: int) -> list[tuple[int, int, int, int, int, int]]:
+    """The tile choices for head_dim D, with shared memory in bytes for `elem`-byte operands."""
+    if elem == 4 and not backward:
+        return _TILES_FP32_FORWARD[_width(D)]
+    return [(bm, bn, w, st, need * elem // 2, cap)
+            for bm, bn, w, st, need, cap in _TILES[("backward" if backward else "forward", _width(D))]]
 
 
 def _smem_need(D: int, bm: int, bn: int, stages: int, elem: int = 2, backward: bool = False) -> int:
     """Shared memory (bytes) a program needs at these tiles: the table's figure when it lists them,
     else a conservative estimate (every pipelined stage holds a tile of K and of V, or of q and dO)."""
-    width = 64 if D <= 64 else 128 if D <= 128 else 256
-    for bm_, bn_, _, st_, need, _ in _TILES[("backward" if backward else "forward", width)]:
+    for bm_, bn_, _, st_, need, _ in _choices(D, backward, elem):
         if (bm_, bn_, st_) == (bm, bn, stages):
-            return need * elem // 2
+            return need
     rows = max(bm, bn)
-    return (stages + 1) * 2 * rows * width * elem + 2 * bm * bn * 4
+    return (stages + 1) * 2 * rows * _width(D) * elem + 2 * bm * bn * 4
 
 
 def _gpu_blocks(D: int, props: DeviceProps, backward: bool = False, elem: int = 2):
-    """(BLOCK_M, BLOCK_N, warps, stages) on a GPU with these props: the first of `_TILES` whose shared
-    memory fits one program's limit (a 256-wide row of q and of acc must fit in registers too)."""
-    width = 64 if D <= 64 else 128 if D <= 128 else 256
-    choices = _TILES[("backward" if backward else "forward", width)]
+    """(BLOCK_M, BLOCK_N, warps, stages) on a GPU with these props: the first of `_TILES` (float32
+    forward: `_TILES_FP32_FORWARD`) whose shared memory fits one program's limit and whose capability
+    the device has (a 256-wide row of q and of acc must fit in registers too)."""
+    choices = _choices(D, backward, elem)
     for bm, bn, warps, stages, need, cap in choices:
-        if need * elem // 2 <= props.smem_per_block and props.capability[0] >= cap:
+        if need <= props.smem_per_block and props.capability[0] >= cap:
             return bm, bn, warps, stages
     return choices[-1][:4]
 
@@ -511,7 +543,7 @@ def _gpu_blocks(D: int, props: DeviceProps, backward: bool = False, elem: int = 
 def _blocks(D: int, device: torch.device | None, block_m: int | None, block_n: int | None, *,
             props: DeviceProps | None = None, backward: bool = False, elem: int = 2):
     """(BLOCK_M, BLOCK_N, warps, stages). On a GPU, `_gpu_blocks` for its props (given, or read from the
-    device); in the interpreter, 16 × 16: small tiles, many programs."""
+    device) and the operands' element size; in the interpreter, 16 × 16: small tiles, many programs."""
     if props is None and device is not None:
         props = device_props(device)
     if props is not None:
@@ -519,6 +551,22 @@ def _blocks(D: int, device: torch.device | None, block_m: int | None, block_n: i
     else:
         bm, bn, warps, stages = 16, 16, 1, 1
     return block_m or bm, block_n or bn, warps, stages
+
+
+def _decode_blocks(D: int, device: torch.device | None, block_n: int | None, *, props: DeviceProps | None = None,
+                   elem: int = 2):
+    """(BLOCK_N, warps, stages) of the decode kernel: on a GPU, the forward's BLOCK_N and stages with at
+    most 4 warps for 16-bit inputs, `_DECODE_FP32` for float32; in the interpreter 16 keys, 1 warp."""
+    if props is None and device is not None:
+        props = device_props(device)
+    if props is None:
+        bn, warps, stages = 16, 1, 1
+    elif elem == 4:
+        bn, warps, stages = _DECODE_FP32
+    else:
+        _, bn, warps, stages = _gpu_blocks(D, props, False, elem)
+        warps = min(warps, 4)
+    return block_n or bn, warps, stages
 
 
 def _check(q, k, v, mask: Mask):
@@ -686,7 +734,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_ind
     out = torch.empty(B, 1, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     if out.numel() == 0 or S == 0:
         return out.zero_()
-    _, BLOCK_N, warps, stages = _blocks(D, q.device, None, block_n, elem=q.element_size())
+    BLOCK_N, warps, stages = _decode_blocks(D, q.device, block_n, elem=q.element_size())
     n_splits = splits or decode_splits(B, K, S, BLOCK_N, target_programs(q.device))
     keys_per_split = triton.cdiv(triton.cdiv(S, n_splits), BLOCK_N) * BLOCK_N  # whole tiles per split
     n_splits = triton.cdiv(S, keys_per_split)
@@ -702,7 +750,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_ind
         K, S, G, keys_per_split, q_index, k_first, scale, float(softcap or 1.0), window or 0,
         D=D, BLOCK_D=BLOCK_D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=BLOCK_N,
         CAUSAL=causal, WINDOW=window is not None, SOFTCAP=bool(softcap), PACKED=pos is not None,
-        RING=k_index is not None, PRECISION=_precision(q.dtype), num_warps=min(warps, 4), num_stages=stages)
+        RING=k_index is not None, PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
     _combine_kernel[(B * H,)](o_part, lse_part, out, out.stride(0), out.stride(1), H, n_splits,
                               **_combine_config(n_splits, D))
     return out
@@ -789,4 +837,4 @@ __all__ = ["Mask", "flash_attention", "decode_attention", "flash_attention_forwa
 
 
 # the launchers' choices, public for `kernels.aot` (which compiles them for a GPU it does not have)
-blocks, combine_config = _blocks, _combine_config
+blocks, decode_blocks, combine_config = _blocks, _decode_blocks, _combine_config

@@ -3,6 +3,7 @@
     python -m minigemma.kernels.bench                      # on a GPU: everything
     python -m minigemma.kernels.bench --ops rms_norm,rglru_scan --save docs/benchmarks
     python -m minigemma.kernels.bench --cpu                # no GPU: torch eager and torch.compile on this CPU
+    python -m minigemma.kernels.bench --plan               # runs nothing: the cost model's prediction (kernels.cost)
     make bench-kernels
 
 On a GPU it first measures two ceilings on this very device: the bandwidth of a large device-to-
@@ -112,7 +113,14 @@ def fwd_bwd(fn, inputs_needing_grad, seed=0):
 
 
 def compile_fn(fn):
-    return torch.compile(fn, dynamic=False)
+    """torch.compile(fn, dynamic=False), made at the first call: importing this module (`--plan`) compiles nothing."""
+    compiled = []
+
+    def run(*args, **kwargs):
+        if not compiled:
+            compiled.append(torch.compile(fn, dynamic=False))
+        return compiled[0](*args, **kwargs)
+    return run
 
 
 def load_liger(module: str, attr: str):
@@ -816,6 +824,23 @@ def _save(rep: dict, folder: str) -> list[Path]:
     return paths
 
 
+def print_plan(args) -> int:
+    """`--plan`: the cost model of the kernels at Gemma 3 270M's shapes, printed; nothing runs on a device."""
+    from minigemma.gemma import PRESETS
+
+    from . import cost
+
+    unknown = sorted(set(args.gpu.split(",")) - set(cost.GPUS))
+    if unknown:
+        raise SystemExit(f"--gpu: unknown {unknown}; choose from {sorted(cost.GPUS)}")
+    plans = cost.plans(PRESETS["gemma3-270m"], contexts=[int(n) for n in args.context.split(",") if n],
+                       prefill_tokens=[int(n) for n in args.prefill.split(",") if n],
+                       gpus=[cost.GPUS[g] for g in args.gpu.split(",")],
+                       launch_us=cost.LAUNCH_US if args.launch_us is None else args.launch_us)
+    print(json.dumps(cost.as_json(plans), indent=1) if args.json else cost.report(plans))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(prog="python -m minigemma.kernels.bench", description=__doc__.split("\n\n")[0])
@@ -825,7 +850,16 @@ def main(argv=None) -> int:
     ap.add_argument("--size", choices=["gpu", "cpu", "tiny"], default=None,
                     help="problem sizes (default: the device's)")
     ap.add_argument("--save", default="", help="folder for kernels-<device>-<date>.md/.json ('' = do not save)")
+    ap.add_argument("--plan", action="store_true",
+                    help="run nothing: print the cost model's prediction for Gemma 3 270M (kernels.cost)")
+    ap.add_argument("--json", action="store_true", help="with --plan: the prediction as JSON")
+    ap.add_argument("--gpu", default="h100,a100", help="with --plan: GPUs to predict for (h100, a100)")
+    ap.add_argument("--context", default="512,8192", help="with --plan: cached tokens before a decode step")
+    ap.add_argument("--prefill", default="8192", help="with --plan: prompt lengths of a prefill")
+    ap.add_argument("--launch-us", type=float, default=None, help="with --plan: µs per launch (default 4)")
     args = ap.parse_args(argv)
+    if args.plan:
+        return print_plan(args)
     ops = [o for o in args.ops.split(",") if o]
     known = sorted({e.name.split()[0] for e in ENTRIES} | set(E2E))
     unknown = sorted(set(ops) - set(known))

@@ -51,7 +51,7 @@ from minigemma import losses
 from minigemma.losses import Labels, Sampled, TeacherHead
 
 from .interpret import INTERPRET
-from .utils import check_device, tanh
+from .utils import DeviceProps, check_device, tanh
 
 
 @triton.jit
@@ -208,9 +208,12 @@ def _addmm32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc += _mm32(a, b)
 
 
-def _block_v(vocab: int, device: torch.device) -> int:
-    cap = 8192 if device.type == "cuda" else 1024  # the interpreter: fewer, wider numpy steps
-    return min(cap, triton.next_power_of_2(vocab))
+def _launch(vocab: int, device: torch.device | None, props: DeviceProps | None = None) -> tuple[int, int]:
+    """(BLOCK_V, warps) of the loss kernel. On a GPU (props given, or a CUDA device) 4096 logits a step
+    over 8 warps: 16 float32 values a thread (8192, 32 a thread, spilled 28 B on sm_90 under a soft-cap;
+    16 warps spilled too). The interpreter: 1024 over 1 warp, fewer and wider numpy steps."""
+    gpu = props is not None or (device is not None and device.type == "cuda")
+    return min(4096 if gpu else 1024, triton.next_power_of_2(vocab)), 8 if gpu else 1
 
 
 def default_chunk(vocab: int, device: torch.device) -> int:
@@ -238,7 +241,8 @@ def fused_linear_loss_forward(hidden: torch.Tensor, weight: torch.Tensor, target
     t = _as_target(target, N, V)
     device = hidden.device
     chunk = chunk or default_chunk(V, device)
-    block_v = block_v or _block_v(V, device)
+    auto_v, warps = _launch(V, device)
+    block_v = block_v or auto_v
     grad = grad_hidden or grad_weight
     dtype = weight.dtype if weight.dtype in (torch.bfloat16, torch.float16) and device.type == "cuda" \
         else torch.float32  # the products' input dtype; float32 on a CPU (the interpreter computes float32)
@@ -266,7 +270,7 @@ def fused_linear_loss_forward(hidden: torch.Tensor, weight: torch.Tensor, target
             float(softcap or 0.0), float((t.teacher.softcap if t.teacher is not None else None) or 0.0), scale,
             SOFTCAP=bool(softcap), SOFTCAP_T=bool(t.teacher is not None and t.teacher.softcap),
             TEACHER=t.teacher is not None, GRAD=grad, BLOCK_V=block_v,
-            BLOCK_K=max(16, triton.next_power_of_2(k)), num_warps=8 if device.type == "cuda" else 1)
+            BLOCK_K=max(16, triton.next_power_of_2(k)), num_warps=warps)
         del zt
         if grad:
             dz = z.to(dtype)  # ∂(loss · scale)/∂z, written over the logits by the kernel
@@ -350,3 +354,7 @@ def reference(hidden: torch.Tensor, weight: torch.Tensor, target, softcap: float
 
 __all__ = ["FusedLinearLossFunction", "default_chunk", "fused_linear_cross_entropy", "fused_linear_loss",
            "fused_linear_loss_forward", "per_token_nll", "reference", "INTERPRET"]
+
+
+# the launcher's choice, public for `kernels.aot`
+launch_config = _launch

@@ -142,16 +142,19 @@ def _config(M: int, N: int, K: int, x_dtype: torch.dtype, device: torch.device |
     if props is None and device is not None and device.type == "cuda" and not INTERPRET:
         props = device_props(device)
     if props is not None:
-        BLOCK_N = block_n or 64
+        if x_dtype in (torch.bfloat16, torch.float16):  # x and the codes exact in x's dtype: the tensor cores
+            dot, precision = (tl.bfloat16 if x_dtype == torch.bfloat16 else tl.float16), "tf32"  # (unused by 16-bit)
+            BLOCK_N = block_n or 64
+        else:  # float32 activations stay float32 ("ieee": no rounding to TF32), products on the CUDA cores
+            dot, precision = tl.float32, "ieee"
+            # an FMA tl.dot holds both operands in registers, every value in its own: 64 rows of codes spilled
+            # (72-352 B a thread on sm_90 and sm_80 at 4 warps), 32 take 128-167 registers and spill nothing
+            BLOCK_N = block_n or 32
         sms = props.sm_count
         tiles = triton.cdiv(N, BLOCK_N) * triton.cdiv(M, BLOCK_M)
         k_tiles = triton.cdiv(K, block_k)
         split = split_k or max(1, min(k_tiles, 16, (2 * sms) // max(1, tiles)))
         warps = 4
-        if x_dtype in (torch.bfloat16, torch.float16):  # x and the codes exact in x's dtype: the tensor cores
-            dot, precision = (tl.bfloat16 if x_dtype == torch.bfloat16 else tl.float16), "tf32"  # (unused by 16-bit)
-        else:  # float32 activations stay float32 ("ieee": no rounding to TF32)
-            dot, precision = tl.float32, "ieee"
     else:  # the interpreter: numpy on the CPU computes float32
         BLOCK_N = block_n or 32
         split = split_k or 1
