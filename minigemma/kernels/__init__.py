@@ -10,7 +10,9 @@
     swap.py        `use_triton(model)`: the kernels swapped into any model, module by module      (chapter 13)
     interpret.py   running them on CPU in Triton's interpreter, with out-of-bounds accesses reported
     bench.py       `python -m minigemma.kernels.bench`: the device's ceilings, then every op
-                   (bench_loss_gemv.py: its entries for the fused loss and the GEMVs)
+                   (bench_loss_gemv.py: its entries for the fused loss and the GEMVs); `--plan`
+                   prints cost.py's prediction (bytes, FLOPs, launches, tok/s on H100/A100)
+    aot.py         `python -m minigemma.kernels.aot`: every kernel compiled for sm_90/sm_80, no GPU
 
 Without a GPU, importing this package sets TRITON_INTERPRET=1 for the process (unless it is set
 already) before any kernel below is decorated, so the same kernels run on CPU tensors in Triton's

@@ -561,15 +561,28 @@ def main(argv=None) -> int:
                     help="write OUT.md and OUT.json ('' to skip)")
     ap.add_argument("--no-cache", action="store_true", help="ignore this module's cached results")
     ap.add_argument("--strict-fp32", action="store_true", help="hold float32 backward kernels to the budget too")
+    ap.add_argument("--device", default="", help="'cuda': this machine's GPU, its own props and target, "
+                    "instead of --targets")
     ap.add_argument("--kernels", default="", help="only kernels whose name contains one of these (comma separated)")
     args = ap.parse_args(argv)
 
     from .utils import A100, H100
 
     props_by_target = {"sm_90": H100, "sm_80": A100}
+    targets = args.targets.split(",")
+    if args.device:  # the real device (make bench-gpu): its SM count and shared memory, its compute capability
+        import torch
+
+        from .utils import device_props
+
+        props = device_props(torch.device(args.device))
+        if props is None:
+            ap.error(f"--device {args.device}: not a CUDA device")
+        target = f"sm_{props.capability[0]}{props.capability[1]}"
+        props_by_target, targets = {target: props}, [target]
     t0 = time.perf_counter()
     jobs = []
-    for t in args.targets.split(","):
+    for t in targets:
         jobs += jobs_for(props_by_target[t], t)
     n_req = len(jobs)
     jobs = dedupe(jobs)
