@@ -63,7 +63,7 @@ def teacher_pass(teacher: nn.Module, windows: torch.Tensor, k: int = 256, seed: 
     """
     from tqdm.auto import tqdm
 
-    from .losses import capped_logits, sample_ids
+    from .losses import capped_logits, float_copy_for_products, sample_ids
 
     weight, cap = teacher.head()  # (V, C) in the teacher's dtype; a quantised head is refused
     gen = torch.Generator().manual_seed(seed)
@@ -72,6 +72,7 @@ def teacher_pass(teacher: nn.Module, windows: torch.Tensor, k: int = 256, seed: 
     logp = torch.empty(S, T, k, dtype=torch.float16)
     hidden = None
     rows = default_chunk(weight.shape[0]) * 4
+    weight32 = float_copy_for_products(weight)  # converted once, not per chunk (or None)
     for s0 in tqdm(range(0, S, batch), desc="teacher", disable=not progress, leave=False):
         x = windows[s0:s0 + batch, :-1]
         h = teacher(x, return_hidden=True)  # (b, T, C)
@@ -83,7 +84,7 @@ def teacher_pass(teacher: nn.Module, windows: torch.Tensor, k: int = 256, seed: 
         out_i, out_l = [], []
         for r0 in range(0, flat.shape[0], rows):
             hc = flat[r0:r0 + rows]
-            z = capped_logits(hc, weight, cap)  # (n, V) float32 (from a bf16 product for a bf16 teacher)
+            z = capped_logits(hc, weight, cap, weight32=weight32)  # (n, V) float32 (a bf16 product's values)
             sel = sample_ids(z, k, gen)
             exact = torch.einsum("nc,nkc->nk", hc.float(), weight[sel].float())  # the k sampled logits in float32
             if cap:

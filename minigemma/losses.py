@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import write_atomic
+from .quant import BF16_MATMUL_NATIVE, bf16_matmul
 
 IGNORE = -100  # a target that is not scored (padding, the last position of a row)
 
@@ -190,6 +191,7 @@ class TeacherHead:
                  mask: torch.Tensor | None = None):
         self.hidden = hidden.reshape(-1, hidden.shape[-1])
         self.weight, self.softcap = weight.detach(), softcap
+        self.weight32 = float_copy_for_products(self.weight)  # converted once for every chunk (or None)
         self.valid = torch.ones(self.hidden.shape[0], dtype=torch.bool, device=hidden.device) if mask is None \
             else mask.reshape(-1).bool()
 
@@ -197,7 +199,7 @@ class TeacherHead:
         return self.valid.sum()
 
     def loss_and_grad(self, logp, r0, r1):
-        zt = capped_logits(self.hidden[r0:r1], self.weight, self.softcap)
+        zt = capped_logits(self.hidden[r0:r1], self.weight, self.softcap, weight32=self.weight32)
         q = torch.softmax(zt, dim=-1).mul_(self.valid[r0:r1, None])
         mass = q.sum(-1)
         loss = -(q * logp).sum()
@@ -205,17 +207,34 @@ class TeacherHead:
         return loss, dz
 
 
+def float_copy_for_products(weight: torch.Tensor) -> torch.Tensor | None:
+    """A float32 copy of a bf16 head for `capped_logits(..., weight32=)`, made once by a caller that runs
+    many chunks, where the CPU has no fast bf16 product (`quant.BF16_MATMUL_NATIVE`); else None."""
+    if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not BF16_MATMUL_NATIVE:
+        return weight.detach().float()
+    return None
+
+
 def capped_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None,
-                  out: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, scratch: torch.Tensor | None = None,
+                  weight32: torch.Tensor | None = None) -> torch.Tensor:
     """float32 logits of rows h (n, C) under the head (V, C), soft-capped in place.
 
     The product runs in the weight's dtype: float32 for a float32 head; for a bfloat16 head (a bf16
     teacher, or the student's head under autocast) the logits come out rounded to bfloat16 (3x
     faster on CPUs with bf16 instructions; a KL of ~1e-3 nats from the float32 product, which
-    chapter 09 measures). Buffers reused chunk after chunk: `out` (n, V) float32 receives the
+    chapter 09 measures); on a CPU without them, the same values from a float32 product
+    (`quant.bf16_matmul`; `weight32`: the head's float32 copy, from `float_copy_for_products`, so that
+    chunk after chunk does not convert the head again). Buffers reused chunk after chunk: `out` (n, V) float32 receives the
     logits; `scratch` (n, V) in the weight's dtype receives a low-precision product first."""
     if weight.dtype == torch.float32:
         z = torch.mm(h.float(), weight.T, out=out) if out is not None else h.float() @ weight.T
+    elif weight32 is not None or (weight.dtype == torch.bfloat16 and h.shape[0] > 8 and not BF16_MATMUL_NATIVE
+                                  and weight.device.type == "cpu"):
+        # a slow-bf16 CPU: the bf16 values multiplied in float32, the sums rounded to bf16 as the bf16 product's
+        product = (h.to(weight.dtype).float() @ weight32.T).to(weight.dtype) if weight32 is not None \
+            else bf16_matmul(h.to(weight.dtype), weight)
+        z = out.copy_(product) if out is not None else product.float()
     else:
         product = torch.mm(h.to(weight.dtype), weight.T, out=scratch) if scratch is not None \
             else h.to(weight.dtype) @ weight.T
@@ -416,12 +435,15 @@ def per_token_nll(hidden: torch.Tensor, head, targets: torch.Tensor, softcap: fl
     h = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1)
     V = head.shape[0] if isinstance(head, torch.Tensor) else None
-    chunk = chunk or default_chunk(V or 262_144)
+    # 8 × the training chunk (no gradients here): at V = 262k, 128 rows, 128 MiB of logits; each chunk reads the
+    # whole head once, so fewer, larger chunks read it fewer times
+    chunk = chunk or 8 * default_chunk(V or 262_144)
     out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    head32 = float_copy_for_products(head) if isinstance(head, torch.Tensor) else None
     for r0 in range(0, h.shape[0], chunk):
         hc = h[r0:r0 + chunk]
         if isinstance(head, torch.Tensor):
-            z = capped_logits(hc, head, softcap)
+            z = capped_logits(hc, head, softcap, weight32=head32)
         else:
             z = head(hc).float()
             if softcap:

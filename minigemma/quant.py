@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import RMSNorm
-from .swap import swap_modules
+from .swap import retype, swap_modules
 
 LEVELS = (None, "bf16", "int8", "int4")
 ROWS_PER_PACK = 4096  # weights are quantised this many rows at a time: the 262k-row head is never float32 whole
@@ -58,6 +58,35 @@ def bf16_rows(x: torch.Tensor) -> torch.Tensor:
     if x2.dtype != torch.bfloat16:
         x2 = x2.to(torch.bfloat16)
     return x2 if x2.is_contiguous() else x2.contiguous()
+
+
+# oneDNN multiplies bf16 matrices on the CPU's own bf16 units from AVX-512 on; below that (AVX2) PyTorch
+# falls back to a plain loop, about 8x slower than its float32 product (measured: a (256, 768) x (768,
+# 1152) product took 45 ms in bf16, 6 ms in float32, on a 2-core AVX2 machine). There a prompt's product
+# runs in float32 on the same bf16 values and is rounded to bf16 after: the same sums in float32, in
+# another order.
+BF16_MATMUL_NATIVE = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def bf16_matmul(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x2 (M, K) bf16 @ w (N, K)ᵀ bf16 [+ bias (N,)] -> (M, N) bf16: float32 sums, rounded once; in
+    float32 where the CPU has no fast bf16 product (`BF16_MATMUL_NATIVE`)."""
+    if BF16_MATMUL_NATIVE or x2.device.type != "cpu":
+        return F.linear(x2, w, bias)
+    return F.linear(x2.float(), w.float(), None if bias is None else bias.float()).to(torch.bfloat16)
+
+
+class BF16Linear(nn.Linear):
+    """`nn.Linear` of a bf16 model: the same module (`cast_activations` retypes it), whose product of a
+    prompt (more than 8 rows) goes through `bf16_matmul`, so it runs in float32 on a CPU without fast bf16
+    products. Decode's single rows keep torch's bf16 product, faster there than converting the weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (BF16_MATMUL_NATIVE or x.device.type != "cpu" or x.dtype != torch.bfloat16
+                or self.weight.dtype != torch.bfloat16 or x.numel() <= 8 * x.shape[-1]):
+            return super().forward(x)
+        y = bf16_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.bias)  # (M, N)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +146,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = bf16_rows(x)  # (M, K)
         if x2.shape[0] > 16:  # a prompt: a bf16 matrix product on the dequantised weight beats the GEMV kernel
-            y = x2 @ (self.q.to(torch.bfloat16) * self.scale[:, None]).T
+            y = bf16_matmul(x2, self.q * self.scale[:, None])  # int8 · bf16 -> bf16, one pass over the weight
         else:  # decode: read 1 byte per weight
             y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)
         if self.bias is not None:
@@ -354,7 +383,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = bf16_rows(x)  # (M, K)
         if x2.shape[0] > 128:  # a long prompt: dequantise once, then one bf16 product (twice the kernel's speed)
-            y = x2 @ self.dequantized(torch.bfloat16).T
+            y = bf16_matmul(x2, self.dequantized(torch.bfloat16))
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed[0], self.group_size, self.scale_zero[0])
             for p in range(1, self.planes):
@@ -523,7 +552,11 @@ def cast_activations(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
 
     This is the one place that decides a tensor's precision: `quantize` calls it, and every loader
     through it (on a skeleton on the meta device it costs nothing and sets the dtypes the weights are
-    then read into), so `load_pretrained(dtype=torch.bfloat16)` and `quant="bf16"` are the same model."""
+    then read into), so `load_pretrained(dtype=torch.bfloat16)` and `quant="bf16"` are the same model.
+    In bf16 every nn.Linear becomes a `BF16Linear` (the same module object, retyped)."""
+    # every nn.Linear of a bf16 model is a BF16Linear (its prompts' products fast on any CPU); back to
+    # nn.Linear in any other dtype
+    swap_modules(model, {nn.Linear: retype(BF16Linear)} if dtype == torch.bfloat16 else {BF16Linear: retype(nn.Linear)})
     norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
     for m in model.modules():
         for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from minigemma import quant
 from minigemma.gemma import Gemma, GemmaConfig
 from minigemma.layers import RMSNorm
 from minigemma.generation import generate_ids
@@ -190,7 +191,8 @@ def test_quantize_swaps_modules_and_keeps_the_forward(level):
     quantize(model, level)
     kinds = {type(m).__name__ for m in model.modules()}
     if level == "bf16":
-        assert "Linear" in kinds and model.lm_head.weight is model.embed_tokens.weight  # still tied
+        assert "BF16Linear" in kinds and model.lm_head.weight is model.embed_tokens.weight  # still tied
+        assert not any(type(m) is nn.Linear for m in model.modules())  # every nn.Linear retyped
         assert model.embed_tokens.weight.dtype == torch.bfloat16
     else:
         assert {"Int8Linear" if level == "int8" else "Int4Linear", "RescoredHead", "Q8_0Embedding"} <= kinds
@@ -468,3 +470,29 @@ def test_the_fast_default_keeps_float32s_greedy_tokens_but_at_near_ties():
         top2 = ref(torch.tensor([ids + want[:k]]), last_only=True)[0, -1].topk(2).values
         assert top2[0] - top2[1] < 0.25, f"{p!r}: differs at step {k} where float32's margin is {top2[0] - top2[1]:.3f}"
     assert identical >= 3
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_linear_prompt_product_is_the_bf16_product(native, monkeypatch):
+    """A bf16 model's prompt products go through `bf16_matmul`: in float32 on a CPU without fast bf16
+    products, rounded to bf16 after. Against torch's own bf16 product (float32 sums, another order):
+    each rounds the float32 sum (bias included) once, so they differ by at most one bf16 rounding each:
+    |Δ| <= 2 · 2^-8 · |y| (plus the sums' float32 order, far below)."""
+    monkeypatch.setattr(quant, "BF16_MATMUL_NATIVE", native)
+    g = torch.Generator().manual_seed(3)
+    lin = nn.Linear(96, 40, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 96, generator=g))
+        lin.bias.copy_(torch.randn(40, generator=g))
+    x = torch.randn(3, 12, 96, generator=g).bfloat16()
+    with torch.no_grad():
+        want = lin.to(torch.bfloat16)(x).float()  # nn.Linear's own bf16 product
+    model = nn.Sequential(lin)
+    quant.cast_activations(model, torch.bfloat16)
+    assert type(model[0]) is quant.BF16Linear
+    with torch.no_grad():
+        got = model[0](x)
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 12, 40)
+    assert ((got.float() - want).abs() <= 2 * 2 ** -8 * want.abs() + 1e-5).all()
+    quant.cast_activations(model, torch.float32)
+    assert type(model[0]) is nn.Linear  # back to float32: back to nn.Linear
