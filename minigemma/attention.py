@@ -216,20 +216,25 @@ class Positions:
     documents: torch.Tensor | None = None
     _memo: dict = field(default_factory=dict, repr=False)
 
+    def once(self, key: tuple, make: Callable[[], object]):
+        """make(), computed by the first layer that asks for `key` in this call; later layers get it stored."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
     def rope(self, rotary: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, 1, T, d) for this RoPE setting, computed once per call."""
-        key = ("rope", rotary.rotary_dim, rotary.base, rotary.scaling)
-        if key not in self._memo:
-            self._memo[key] = rotary(self.positions)
-        return self._memo[key]
+        return self.once(("rope", rotary.rotary_dim, rotary.base, rotary.scaling), lambda: rotary(self.positions))
 
     def blocks(self, keys: "Keys", window: int | None, causal: bool = True) -> list["Block"]:
         """How these queries attend `keys` (see `attention_blocks`), computed once per call and
         key layout: every layer with the same kind of cache and window gets the same list."""
-        key = ("blocks", keys.layout, window, causal)
-        if key not in self._memo:
-            self._memo[key] = attention_blocks(self, keys, window, causal)
-        return self._memo[key]
+        return self.once(("blocks", keys.layout, window, causal), lambda: attention_blocks(self, keys, window, causal))
+
+    def key_index(self, keys: "Keys") -> torch.Tensor:
+        """keys.index(), (S,), computed once per call and key layout (a ring's slot indices: every local
+        layer's ring holds the same slots)."""
+        return self.once(("key index", keys.layout), keys.index)
 
 
 @dataclass
@@ -283,7 +288,7 @@ def attention_blocks(pos: Positions, keys: Keys, window: int | None, causal: boo
 
     def mask_for(q0, q1, k0, k1):
         k_idx = (torch.arange(keys.first + k0, keys.first + k1, device=device) if keys.in_order
-                 else keys.index()[k0:k1])
+                 else pos.key_index(keys)[k0:k1])
         docs = pos.documents
         m = index_mask(pos.index[q0:q1], k_idx, window, causal=causal,
                        q_pos=pos.positions[:, q0:q1] if pos.packed and causal else None,

@@ -7,6 +7,7 @@ Shapes use B (batch), T (time), H (query heads), K (key/value heads), D (head_di
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,6 +28,12 @@ def rope_frequencies(rotary_dim: int, base: float = 10_000.0, scaling: float = 1
         raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
     i = torch.arange(0, rotary_dim, 2, dtype=torch.float32)
     return 1.0 / (base ** (i / rotary_dim)) / scaling
+
+
+@functools.lru_cache(maxsize=None)
+def _frequencies_on(rotary_dim: int, base: float, scaling: float, device: torch.device) -> torch.Tensor:
+    """rope_frequencies on `device`, built on the host and copied once per setting and device."""
+    return rope_frequencies(rotary_dim, base, scaling).to(device)
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,17 +77,22 @@ class RotaryEmbedding(nn.Module):
     A model holds one per layer and computes cos/sin once per forward call for each distinct
     setting (Gemma 3: a 10k base on local layers, a 1M one on global layers); layers of the same
     kind reuse them (`attention.Positions.rope`). The frequencies are derived from the config when
-    needed, so there is no buffer to save, load or re-initialise.
+    needed, so there is no buffer to save, load or re-initialise; `frequencies(device)` keeps them on
+    each device they were asked for, built once per setting: a decode step on a GPU copies nothing
+    from the host.
     """
 
     def __init__(self, rotary_dim: int, base: float = 10_000.0, scaling: float = 1.0):
         super().__init__()
         self.rotary_dim, self.base, self.scaling = rotary_dim, base, scaling
 
+    def frequencies(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """θ (rotary_dim / 2,) float32 on `device`, shared by every layer of this setting (do not write to it)."""
+        return _frequencies_on(self.rotary_dim, self.base, self.scaling, torch.device(device or "cpu"))
+
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (T,) or (B, T) -> cos, sin of shape (T, d) or (B, 1, T, d) (one set for every head)."""
-        inv_freq = rope_frequencies(self.rotary_dim, self.base, self.scaling).to(positions.device)
-        cos, sin = rope_cos_sin(positions, inv_freq)
+        cos, sin = rope_cos_sin(positions, self.frequencies(positions.device))
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]
         return cos, sin

@@ -9,6 +9,7 @@
     attention.py   flash attention for every Gemma mask (fwd + bwd), split-K decode over the cache (chapter 13)
     swap.py        `use_triton(model)`: the kernels swapped into any model, module by module      (chapter 13)
     interpret.py   running them on CPU in Triton's interpreter, with out-of-bounds accesses reported
+                   and bf16 computed as a GPU does (emulated_bf16)
     bench.py       `python -m minigemma.kernels.bench`: the device's ceilings, then every op
                    (bench_loss_gemv.py: its entries for the fused loss and the GEMVs); `--plan`
                    prints cost.py's prediction (bytes, FLOPs, launches, tok/s on H100/A100)

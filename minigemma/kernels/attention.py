@@ -54,7 +54,6 @@ import triton.language as tl
 
 from minigemma.attention import GroupedQueryAttention as TorchGroupedQueryAttention
 from minigemma.attention import Keys, Positions, attend, attention_blocks, split_heads
-from minigemma.layers import rope_frequencies
 
 from .interpret import INTERPRET
 from .rope import rope
@@ -217,7 +216,13 @@ def _fwd_kernel(Q, K, V, O, LSE, POS, DOC, TILES,
 # --------------------------------------------------------------------------------------------
 # Decode: one query per row, its group's heads together, the keys split over programs
 # --------------------------------------------------------------------------------------------
-@triton.jit
+# A generation calls the decode kernel with a new cache length every step: the arguments that follow it
+# are not specialised (Triton would otherwise compile a variant whenever one of them becomes 1 or a
+# multiple of 16, a stall of a second or more in the middle of generating).
+DECODE_VARYING = ["S", "keys_per_split", "q_index", "k_first"]
+
+
+@triton.jit(do_not_specialize=DECODE_VARYING)
 def _decode_kernel(Q, K, V, K_IDX, POS, O_PART, LSE_PART,
                    s_qb, s_qh, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_pb,
                    KV, S, G, keys_per_split, q_index, k_first, scale, softcap, window,
@@ -272,7 +277,7 @@ def _decode_kernel(Q, K, V, K_IDX, POS, O_PART, LSE_PART,
     tl.store(LSE_PART + row, tl.where(l > 0, m + tl.log(l_safe), float("-inf")), mask=g_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])
 def _combine_kernel(O_PART, LSE_PART, O, s_ob, s_oh, H, n_splits, D: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_SPLITS: tl.constexpr):
     """One program per (batch row, head): out = Σ_splits e^(lse_s − max) o_s / Σ_splits e^(lse_s − max).
@@ -306,9 +311,9 @@ COMBINE_SPLITS = 16  # splits the combine kernel reads at once: 16 × 256 float3
 
 
 def _combine_config(n_splits: int, D: int) -> dict:
-    """The combine kernel's constexprs for n_splits partial results of head_dim D."""
-    return dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                BLOCK_SPLITS=min(COMBINE_SPLITS, triton.next_power_of_2(n_splits)))
+    """The combine kernel's constexprs for n_splits partial results of head_dim D: the same for every
+    n_splits (the tile is masked), so a generation whose split count grows compiles one kernel."""
+    return dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_SPLITS=COMBINE_SPLITS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -602,9 +607,20 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+PLACEHOLDERS: dict[torch.device, torch.Tensor] = {}
+
+
+def placeholder(device: torch.device) -> torch.Tensor:
+    """A one-element int32 tensor on `device`, made once: the pointer passed for an absent mask tensor
+    (a kernel whose switch is off never reads it). Not a fresh torch.zeros(1) per call: a launch saved."""
+    if device not in PLACEHOLDERS:
+        PLACEHOLDERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return PLACEHOLDERS[device]
+
+
 def _flags(mask: Mask, softcap, q):
     """Kernel arguments every launch shares: the mask's tensors and strides, its switches."""
-    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    dummy = placeholder(q.device)
     pos = mask.positions if mask.positions is not None and mask.causal else None
     doc = mask.documents
     args = (pos if pos is not None else dummy, doc if doc is not None else dummy)
@@ -738,10 +754,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_ind
     n_splits = splits or decode_splits(B, K, S, BLOCK_N, target_programs(q.device))
     keys_per_split = triton.cdiv(triton.cdiv(S, n_splits), BLOCK_N) * BLOCK_N  # whole tiles per split
     n_splits = triton.cdiv(S, keys_per_split)
-    o_part = torch.empty(B, H, n_splits, D, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(B, H, n_splits, dtype=torch.float32, device=q.device)
+    # the partial results in one buffer sized for the most splits this batch could get, whatever S is:
+    # every step of a generation allocates the same bytes (a CUDA graph's memory pool can serve them)
+    most = max(n_splits, triton.cdiv(target_programs(q.device), B * K))
+    part = torch.empty(B * H * most * (D + 1), dtype=torch.float32, device=q.device)
+    o_part = part[:B * H * n_splits * D].view(B, H, n_splits, D)
+    lse_part = part[B * H * most * D:B * H * (most * D + n_splits)].view(B, H, n_splits)
     pos = positions if positions is not None and causal else None
-    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    dummy = placeholder(q.device)
     G = H // K
     BLOCK_D = max(16, triton.next_power_of_2(D))
     _decode_kernel[(n_splits, B * K)](
@@ -805,9 +825,17 @@ class GroupedQueryAttention(TorchGroupedQueryAttention):
         q, k, v = split_heads(q, H), split_heads(k, K), split_heads(v, K)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        r = self.rotary
-        inv_freq = rope_frequencies(r.rotary_dim, r.base, r.scaling).to(x.device)
+        inv_freq = self.rotary.frequencies(x.device)  # built on the device once, not copied every step
         return rope(q, pos.positions, inv_freq=inv_freq), rope(k, pos.positions, inv_freq=inv_freq), v
+
+    @staticmethod
+    def key_index(keys: Keys, pos: Positions) -> torch.Tensor | None:
+        """A ring's slot indices (S,) for the decode kernel, or None for a cache in index order. A ring passes
+        them before it is full too (slots 0..S-1 then hold indices 0..S-1): a local layer's decode kernel
+        then runs one way from the first step to the last, and a generation never compiles a second one."""
+        if keys.index is None:
+            return None
+        return pos.key_index(keys)[:keys.count]
 
     def attention(self, q, k, v, pos: Positions, keys: Keys) -> torch.Tensor:
         T = q.shape[2]
@@ -826,7 +854,7 @@ class GroupedQueryAttention(TorchGroupedQueryAttention):
         if T == 1 and pos.documents is None and not grad:
             return decode_attention(q, k, v, q_index=pos.start, scale=self.scale, softcap=self.softcap,
                                     causal=self.causal, window=self.window, k_first=keys.first,
-                                    k_index=None if keys.in_order else keys.index(), positions=positions)
+                                    k_index=self.key_index(keys, pos), positions=positions)
         return flash_attention(q, k, v, scale=self.scale, softcap=self.softcap, causal=self.causal,
                                window=self.window, q_start=pos.start, k_first=keys.first, positions=positions,
                                documents=pos.documents)

@@ -25,12 +25,13 @@ Triton's interpreter, on a small model's decode step and prefill):
     cuBLAS                every nn.Linear (qkv, o, gate_up, down, the head): counted as one launch each
                           (cuBLAS may add a split-K reduction: not counted)
     other torch launches  the embedding and its · √C, the positions (`make_positions`), the KV-cache
-                          writes, a ring's slot indices once it has wrapped (`RingKVCache.slot_index`), a
-                          ring's chunk update in a prefill, the residual adds, the zero-filled placeholder
-                          tensor each attention call makes, the GEMV's split-K sum and cast, the
-                          quantised embedding and the rescored head's torch ops
-    host -> device copy   each attention layer computes its RoPE frequencies on the host and copies them
-                          (`rope_frequencies(...).to(x.device)`): one small copy per layer per call
+                          writes, a ring's slot indices (`RingKVCache.slot_index`, once per step for all
+                          local layers), a ring's chunk update in a prefill, the residual
+                          adds, the GEMV's split-K sum and cast, the quantised embedding and the rescored
+                          head's torch ops
+    host -> device copy   none: the RoPE frequencies are built on the device once (`RotaryEmbedding.
+                          frequencies`), and so is the placeholder for an absent mask tensor; the column
+                          stays in the report to show it (tests/test_kernels_decode_step.py checks a step)
     not launches          views, torch.empty, the host-side checks and scalars (`check_token_ids` runs on
                           CPU tensors only; `embedding_scale` is a host scalar)
 
@@ -328,13 +329,12 @@ def _per_layer(config: GemmaConfig, T: int, weights: str, gpu: GPU) -> list[Op]:
     if c.use_qk_norm:
         ops += [_rms("rms_norm (QK-norm of q)", T * H, D, L), _rms("rms_norm (QK-norm of k)", T * K, D, L)]
     ops += [_rope("rope q", T * H, T, D, L), _rope("rope k", T * K, T, D, L),
-            Op("RoPE frequencies host -> device", "h2d", "rope", L, 0.0)]  # D/2 floats over PCIe, not HBM
+            ]
     linears = {name: (N, Kin) for name, N, Kin in _linears(c)}
     for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
         ops += _layer_linear(name, T, *linears[name], L, weights, gpu)
     ops += [_add("residual add", T * C, 2 * L),
-            Op("geglu", "triton", "geglu", L, T * (2 * F + F) * ACT, 10 * T * F, "_geglu_fwd_kernel"),
-            Op("attention placeholder (torch.zeros(1))", "torch", "glue", L, 4)]
+            Op("geglu", "triton", "geglu", L, T * (2 * F + F) * ACT, 10 * T * F, "_geglu_fwd_kernel")]
     return ops
 
 
@@ -368,8 +368,8 @@ def decode(config: GemmaConfig, context: int = 512, gpu: GPU = H100, weights: st
            launch_us: float = LAUNCH_US, batch: int = 1) -> Plan:
     """One decode step (one new token per row) after `context` cached tokens, under use_triton.
 
-    Ring buffers are assumed to hold the whole window (max_len >= window): once the context reaches the
-    window, a local layer's ring has wrapped and the kernel reads its slots' indices."""
+    Ring buffers are assumed to hold the whole window (max_len >= window); a local layer's decode kernel
+    reads its ring's slot indices at every step, wrapped or not."""
     model = skeleton(config, weights)
     c, B = config, batch
     K, D = c.num_key_value_heads, c.head_dim
@@ -379,13 +379,13 @@ def decode(config: GemmaConfig, context: int = 512, gpu: GPU = H100, weights: st
     kv_write = B * K * D * ACT * 2  # read the new key (or value), write it into the cache
     ops.append(Op("KV-cache write (k, v: 2 copies)", "torch", "kv cache", 2 * c.num_hidden_layers, kv_write))
     S_global, S_local = context + 1, min(context + 1, W)
-    wrapped = context + 1 > W  # RingKVCache.update: keys in order while n <= size
     if n_global:
         ops += _decode_attention("global", S_global, n_global, False, c, gpu, B)
-    if n_local:
-        ops += _decode_attention("local", S_local, n_local, wrapped, c, gpu, B)
-        if wrapped:  # slot_index(): arange, rsub, div, mul, add, lt, the -1 as a tensor, where: 8 launches
-            ops.append(Op("ring slot indices (8 torch ops)", "torch", "kv cache", 8 * n_local, 16 * W))
+    if n_local:  # a ring's decode kernel reads its slots' indices, full or not (one kernel variant throughout)
+        ops += _decode_attention("local", S_local, n_local, True, c, gpu, B)
+        # slot_index(): arange, rsub, div, mul, add, lt, the -1 as a tensor, where: 8 launches, once per step
+        # (`Positions.key_index`: every local layer's ring holds the same slots)
+        ops.append(Op("ring slot indices (8 torch ops, once)", "torch", "kv cache", 8, 16 * W))
     ops.append(_rms("rms_norm (final)", B, c.hidden_size, 1))
     ops += _head(c, weights, model, gpu)
     bound = weight_bytes_per_token(c, weights) + kv_bytes_read(c, context, B)
@@ -444,7 +444,7 @@ ASSUMPTIONS = [
     "ceilings: datasheet figures ({gpus}); every kernel is assumed to reach them, so kernel times are lower bounds",
     "batch 1, bf16 activations and KV cache, norm weights float32; rings hold the whole window; "
     "int8 = quant level 'int8' (Int8Linear layers, Q8_0 embedding, rescored int4 head) on the GEMV kernels",
-    "cuBLAS counted as one launch per matmul; the RoPE frequencies' host -> device copy counted as a launch",
+    "cuBLAS counted as one launch per matmul; a host -> device copy (none today: the RoPE frequencies are built on the device once) would count as a launch",
     "decode bound = (weights read per token + KV cache read) / bandwidth: what decoding would reach with "
     "no launch cost and every kernel at full bandwidth",
 ]
