@@ -12,6 +12,11 @@ load and store of an interpreted launch must fall inside one of the tensors pass
 
     with bounds_checked():
         kernel[grid](x, y, n, BLOCK=128)   # OutOfBoundsError names the program, the argument, the element
+
+bfloat16 the interpreter keeps as raw bits (numpy uint16): it moves them right but multiplies them as
+integers in `tl.dot` and truncates casts to bf16. `emulated_bf16()` makes it compute bf16 as a GPU
+does within float32 (dots of the exact bf16 values accumulated in float32, casts rounded to nearest
+even), so a kernel's bf16 path can be checked on CPU (tests/test_kernels_bf16_emulated.py).
 """
 
 from __future__ import annotations
@@ -200,3 +205,111 @@ def launch_checked(kernel, grid, *args, **kwargs):
             if inner is e:
                 raise
             raise inner from None
+
+
+# --------------------------------------------------------------------------------------------
+# bfloat16 in the interpreter, computed as a GPU computes it
+# --------------------------------------------------------------------------------------------
+def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (numpy uint16, the interpreter's storage) -> their exact float32 values."""
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, rounded to nearest even (a GPU's cvt.rn.bf16.f32, torch's .bfloat16())."""
+    x = np.asarray(x, dtype=np.float32)
+    b = x.view(np.uint32)
+    rounded = ((b + np.uint32(0x7FFF) + ((b >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), ((b >> 16) | np.uint32(0x40)).astype(np.uint16), rounded)
+
+
+@contextlib.contextmanager
+def emulated_bf16():
+    """Inside this block, Triton's interpreter computes bfloat16 as a GPU does, within float32.
+
+    The interpreter keeps a bf16 value as its 16 bits in a numpy uint16 (numpy has no bfloat16), which
+    loads, stores, `tl.where` and `tl.trans` move correctly; the rest it gets wrong. Here:
+
+      tl.dot with bf16 operands             multiplies their exact float32 values and accumulates in
+                                            float32: the tensor cores' bf16 × bf16 -> fp32 up to the
+                                            order of the sums (the interpreter multiplied bit patterns
+                                            as integers)
+      a cast to bf16 (`.to(tl.bfloat16)`)   rounds to nearest even, as the GPU's conversion (the
+                                            interpreter truncated), from float32, and from integers
+                                            and float64 through float32 (it copied an integer's value
+                                            into the bits)
+      a cast from bf16                      exact, through float32 (bf16 -> int read the bits)
+      arithmetic and comparisons on bf16    in float32, rounded back to bf16 (one IEEE operation's
+                                            result: float32 holds 24 >= 2·8 + 2 bits, so rounding
+                                            twice gives the correctly rounded bf16)
+
+    What it cannot emulate: how the tensor cores round inside their own accumulation (taken here as
+    float32 sums), and anything about memory (shared memory, async copies, register layouts).
+    """
+    from triton.runtime import interpreter as ti
+
+    import triton.language as tl
+
+    builder = ti.interpreter_builder
+    names = ("cast_impl", "create_fp_to_fp", "create_dot", "binary_op", "unary_op")
+    saved = {n: vars(builder)[n] for n in names if n in vars(builder)}  # instance attributes already set
+    cast0, fp_to_fp0, dot0, binary0, unary0 = (getattr(builder, n) for n in names)
+    bf16 = tl.bfloat16
+
+    def is_bf16(h) -> bool:  # (a comparison's result may carry its operands' dtype: its data says bool)
+        return h.dtype.scalar == bf16 and h.data.dtype == np.uint16
+
+    def f32(h) -> np.ndarray:
+        return _bf16_to_f32(h.data) if is_bf16(h) else h.data
+
+    def cast_impl(src, dst_type):
+        dst = dst_type.scalar
+        if is_bf16(src) and dst == bf16:
+            return src
+        if is_bf16(src):
+            src = ti.TensorHandle(_bf16_to_f32(src.data), tl.float32)
+            return src if dst == tl.float32 else cast0(src, dst_type)
+        if dst == bf16:
+            return ti.TensorHandle(_f32_to_bf16(np.asarray(src.data).astype(np.float32)), bf16)
+        return cast0(src, dst_type)
+
+    def create_fp_to_fp(src, dst_type, rounding_mode):
+        rtne = rounding_mode is None or rounding_mode == ti._ir.ROUNDING_MODE.RTNE
+        if rtne and (is_bf16(src) or dst_type.scalar == bf16) and \
+                {src.dtype.scalar, dst_type.scalar} <= {bf16, tl.float32, tl.float64}:
+            return cast_impl(src, dst_type)
+        return fp_to_fp0(src, dst_type, rounding_mode)
+
+    def create_dot(a, b, d, input_precision, max_num_imprecise_acc):
+        if not (is_bf16(a) or is_bf16(b)):
+            return dot0(a, b, d, input_precision, max_num_imprecise_acc)
+        if is_bf16(d):
+            raise NotImplementedError("emulated_bf16: tl.dot with a bfloat16 accumulator (out_dtype) is not emulated")
+        a32, b32 = (np.asarray(f32(h), dtype=np.float32) for h in (a, b))  # exact: bf16 (and fp16) fit in float32
+        return ti.TensorHandle(np.matmul(a32, b32, dtype=d.data.dtype) + d.data, d.dtype.scalar)
+
+    def binary_op(lhs, rhs, op):
+        if not (is_bf16(lhs) or is_bf16(rhs)):
+            return binary0(lhs, rhs, op)
+        out = op(f32(lhs), f32(rhs))
+        if out.dtype == np.bool_:  # a comparison
+            return ti.TensorHandle(out, tl.int1)
+        return ti.TensorHandle(_f32_to_bf16(out), bf16)
+
+    def unary_op(arg, op):
+        if not is_bf16(arg):
+            return unary0(arg, op)
+        return ti.TensorHandle(_f32_to_bf16(op(_bf16_to_f32(arg.data))), bf16)
+
+    patch = dict(cast_impl=cast_impl, create_fp_to_fp=create_fp_to_fp, create_dot=create_dot,
+                 binary_op=binary_op, unary_op=unary_op)
+    for n, f in patch.items():
+        setattr(builder, n, f)  # on the instance only, as bounds_checked() does
+    try:
+        yield
+    finally:
+        for n in names:
+            if n in saved:
+                setattr(builder, n, saved[n])
+            else:
+                vars(builder).pop(n, None)
