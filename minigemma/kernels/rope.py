@@ -93,7 +93,9 @@ def _rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, sign
     BLOCK_P = triton.next_power_of_2(D - 2 * half) if D > 2 * half else 0
     BLOCK_T = max(1, min(triton.next_power_of_2(T), 2048 // BLOCK_H))
     grid = (B * H * triton.cdiv(T, BLOCK_T),)
-    _rope_kernel[grid](x, positions, inv_freq.to(torch.float32).contiguous(), out, H, T, D,
+    if inv_freq.dtype != torch.float32 or not inv_freq.is_contiguous():  # a model's own are already (no op)
+        inv_freq = inv_freq.to(torch.float32).contiguous()
+    _rope_kernel[grid](x, positions, inv_freq, out, H, T, D,
                        x.stride(0), x.stride(1), x.stride(2), spb, spt, SIGN=sign, HALF=half, BLOCK_T=BLOCK_T,
                        BLOCK_H=BLOCK_H, BLOCK_P=BLOCK_P, num_warps=num_warps(BLOCK_T * BLOCK_H))
     return out
