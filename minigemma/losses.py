@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import write_atomic
-from .quant import BF16_MATMUL_NATIVE, bf16_matmul
+from .quant import BF16_MATMUL_NATIVE
 
 IGNORE = -100  # a target that is not scored (padding, the last position of a row)
 
@@ -224,16 +224,14 @@ def capped_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None,
     teacher, or the student's head under autocast) the logits come out rounded to bfloat16 (3x
     faster on CPUs with bf16 instructions; a KL of ~1e-3 nats from the float32 product, which
     chapter 09 measures); on a CPU without them, the same values from a float32 product
-    (`quant.bf16_matmul`; `weight32`: the head's float32 copy, from `float_copy_for_products`, so that
+    (as `quant.bf16_matmul`; `weight32`: the head's float32 copy, from `float_copy_for_products`, so that
     chunk after chunk does not convert the head again). Buffers reused chunk after chunk: `out` (n, V) float32 receives the
     logits; `scratch` (n, V) in the weight's dtype receives a low-precision product first."""
     if weight.dtype == torch.float32:
         z = torch.mm(h.float(), weight.T, out=out) if out is not None else h.float() @ weight.T
-    elif weight32 is not None or (weight.dtype == torch.bfloat16 and h.shape[0] > 8 and not BF16_MATMUL_NATIVE
-                                  and weight.device.type == "cpu"):
+    elif weight32 is not None or (h.shape[0] > 8 and (weight32 := float_copy_for_products(weight)) is not None):
         # a slow-bf16 CPU: the bf16 values multiplied in float32, the sums rounded to bf16 as the bf16 product's
-        product = (h.to(weight.dtype).float() @ weight32.T).to(weight.dtype) if weight32 is not None \
-            else bf16_matmul(h.to(weight.dtype), weight)
+        product = (h.to(weight.dtype).float() @ weight32.T).to(weight.dtype)
         z = out.copy_(product) if out is not None else product.float()
     else:
         product = torch.mm(h.to(weight.dtype), weight.T, out=scratch) if scratch is not None \

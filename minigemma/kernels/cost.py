@@ -328,8 +328,7 @@ def _per_layer(config: GemmaConfig, T: int, weights: str, gpu: GPU) -> list[Op]:
     ops = [_rms("rms_norm (hidden)", T, C, norms * L)]
     if c.use_qk_norm:
         ops += [_rms("rms_norm (QK-norm of q)", T * H, D, L), _rms("rms_norm (QK-norm of k)", T * K, D, L)]
-    ops += [_rope("rope q", T * H, T, D, L), _rope("rope k", T * K, T, D, L),
-            ]
+    ops += [_rope("rope q", T * H, T, D, L), _rope("rope k", T * K, T, D, L)]
     linears = {name: (N, Kin) for name, N, Kin in _linears(c)}
     for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
         ops += _layer_linear(name, T, *linears[name], L, weights, gpu)
