@@ -209,13 +209,20 @@ def test_grader_survives_a_hanging_and_a_raising_notebook(tmp_path):
 
     nb = nbformat.v4.new_notebook()
     nb.cells = [
-        nbformat.v4.new_code_cell("from minigemma.grading import check"),
+        # the check's own time limit ends the hang; 1 s instead of its 30 s, the same way
+        nbformat.v4.new_code_cell("from minigemma.grading import check, get\nget('00.softmax').timeout_s = 1"),
         nbformat.v4.new_code_cell("def softmax(x):\n    while True:\n        pass"),
         nbformat.v4.new_code_cell("raise RuntimeError('learner broke a cell')"),
         nbformat.v4.new_code_cell("check('00.softmax', softmax)"),
     ]
     path = tmp_path / "00_hang.ipynb"
     nbformat.write(nb, str(path))
-    rows = _grade([path])
-    assert [r["exercise"] for r in rows] == ["00.softmax"]
+    # the next notebook gets a fresh kernel (kernels are forked from a server): softmax is not defined there
+    after = nbformat.v4.new_notebook()
+    after.cells = [nbformat.v4.new_code_cell("from minigemma.grading import check\ncheck('00.softmax', softmax)")]
+    nbformat.write(after, str(tmp_path / "00_after.ipynb"))
+    rows = _grade([path, tmp_path / "00_after.ipynb"])
+    assert [(r["notebook"], r["exercise"]) for r in rows] == [("00_hang.ipynb", "00.softmax"),
+                                                              ("00_after.ipynb", "00.softmax")]
     assert not rows[0]["passed"] and "longer than" in rows[0]["note"]
+    assert not rows[1]["passed"] and "never ran" in rows[1]["note"], rows[1]
