@@ -391,6 +391,18 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    def claim_one(self) -> tuple[int, torch.Tensor, torch.Tensor, "Keys"]:
+        """A one-token step whose kernel writes the new key and value itself (`kernels.decode_layer`):
+        (the slot to write, then the k, v and Keys the step attends, the new slot included), as `update`
+        would return them. Only a static cache (max_len) has a slot to give."""
+        if self.max_len is None:
+            raise ValueError("only a static cache (max_len) has slots a kernel can write into")
+        if self.length + 1 > self.max_len:
+            raise ValueError(f"KV cache is full: {self.length + 1} tokens do not fit in max_len={self.max_len}")
+        slot = self.length
+        self.length = end = slot + 1
+        return slot, self.k[:, :, :end], self.v[:, :, :end], Keys(0, end, layout=("kv", end))
+
     def update(self, k: torch.Tensor, v: torch.Tensor):
         check_new_kv(self, k, v)
         start, end = self.length, self.length + k.shape[2]
@@ -430,6 +442,18 @@ class RingKVCache:
         latest = s + (self.length - 1 - s).div(self.size, rounding_mode="floor") * self.size
         return torch.where(s < self.length, latest, -1)
 
+    def claim_one(self) -> tuple[int, torch.Tensor, torch.Tensor, "Keys"]:
+        """A one-token step (see `KVCache.claim_one`): the slot i % size its token goes to, then the
+        ring's live slots and their Keys, the new slot included."""
+        start = self.length
+        if self.max_len is not None and start + 1 > self.max_len:
+            raise ValueError(f"KV cache is full: {start + 1} tokens do not fit in max_len={self.max_len}")
+        self.length = n = start + 1
+        live = min(n, self.size)
+        keys = Keys(n - live, live, in_order=n <= self.size, index=self.slot_index,
+                    layout=("ring", n <= self.size, live))
+        return start % self.size, self.k[:, :, :live], self.v[:, :, :live], keys
+
     def update(self, k: torch.Tensor, v: torch.Tensor):
         check_new_kv(self, k, v)
         T, start = k.shape[2], self.length
@@ -437,14 +461,10 @@ class RingKVCache:
             raise ValueError(f"KV cache is full: {start + T} tokens do not fit in max_len={self.max_len}")
         held = min(start, self.size)  # keys in the ring before this call
         if T == 1:  # decode: write, then attend the ring's live slots
-            slot = start % self.size
+            slot, k_live, v_live, keys = self.claim_one()
             self.k[:, :, slot:slot + 1] = k
             self.v[:, :, slot:slot + 1] = v
-            self.length = n = start + 1
-            live = min(n, self.size)
-            keys = Keys(n - live, live, in_order=n <= self.size, index=self.slot_index,
-                        layout=("ring", n <= self.size, live))
-            return self.k[:, :, :live], self.v[:, :, :live], keys
+            return k_live, v_live, keys
         # a chunk: the ring's keys in index order (oldest first), then the new ones
         order = torch.arange(start - held, start, device=k.device) % self.size
         k_all = torch.cat([self.k[:, :, order], k.to(self.k.dtype)], dim=2)

@@ -53,12 +53,17 @@ class Trunk(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(C, config.rms_norm_eps)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) -> embed_tokens(input_ids) · √C (B, T, C), the input of the first block."""
+        x = self.embed_tokens(input_ids)
+        if self.config.scales_embeddings:
+            x = x * embedding_scale(self.config.width, x.dtype, rounded_in=self.scale_rounded_in)
+        return x
+
     def trunk(self, input_ids: torch.Tensor, pos: Positions, cache: Cache | None = None) -> torch.Tensor:
         """input_ids (B, T) -> final-normed hidden states (B, T, C); `pos` says where the tokens sit
         (`attention.make_positions`), `cache` holds one state per layer (or None)."""
-        x = self.embed_tokens(input_ids)  # (B, T, C)
-        if self.config.scales_embeddings:
-            x = x * embedding_scale(self.config.width, x.dtype, rounded_in=self.scale_rounded_in)
+        x = self.embed(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):
             x = layer(x, pos, None if cache is None else cache[i])
         return self.norm(x)

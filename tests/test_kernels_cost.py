@@ -198,8 +198,13 @@ def test_gemv_bytes_are_the_weights_and_activations_by_hand():
     assert op.count == c.num_hidden_layers
     assert op.nbytes == N * K * 1 + N * 2 + K * 2 + split * N * 4  # int8 weight, bf16 scales, bf16 x, fp32 partials
     assert op.flops == 2 * N * K
-    (mm,) = [o for o in cost.decode(c, 512, cost.H100, "bf16").ops if o.name == "cuBLAS mm qkv_proj"]
+    (mm,) = [o for o in cost.prefill(c, 1, cost.H100, "bf16").ops if o.name == "cuBLAS mm qkv_proj"]
     assert mm.nbytes == N * K * 2 + K * 2 + N * 2
+    # bf16 decode: the fused QKV kernel reads the weight, the residual and δ, the norm weights (two of C, two
+    # of D, float32) and the D/2 RoPE frequencies, the position; it writes x (C), q, k and v (N values)
+    (fused,) = [o for o in cost.decode(c, 512, cost.H100, "bf16").ops if o.kernel == "_qkv_kernel"]
+    assert fused.nbytes == N * K * 2 + 4 * (2 * K + 2 * 256 + 128) + (2 * K * 2 + K * 2 + N * 2 + 8)
+    assert fused.count == c.num_hidden_layers and fused.flops == 2 * N * K
 
 
 @INTERPRETER

@@ -87,7 +87,7 @@ def _decode_matches(ref, fast, ids, mask, prefill, vocab):
 
 def test_gemma2_softcap_and_1_to_1_windows_full_forward_and_cached_decoding():
     ref, fast = _pair(_gemma("gemma2"))
-    assert set(triton_modules(fast).values()) == {"GroupedQueryAttention", "RMSNorm", "GeGLU"}
+    assert set(triton_modules(fast).values()) == {"GroupedQueryAttention", "RMSNorm", "GeGLU", "DecoderLayer", "Gemma"}
     ids, mask = _left_padded(2, 11, (3, 0), 97, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(fast(ids, attention_mask=mask), ref(ids, attention_mask=mask), **TOL)
@@ -181,8 +181,9 @@ def test_the_report_names_what_was_swapped(capsys):
     model = _gemma("gemma2", seed=6)
     use_triton(model)
     out = capsys.readouterr().out
-    assert "13 modules now run Triton kernels" in out
+    assert "16 modules now run Triton kernels" in out
     assert "2 x GroupedQueryAttention: RoPE and attention kernels" in out and "9 x RMSNorm" in out
+    assert "2 x DecoderLayer: a decode step in five fused kernels" in out and "1 x Gemma: " in out
     use_triton(model, False)
     assert "back to torch" in capsys.readouterr().out
 

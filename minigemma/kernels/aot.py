@@ -124,6 +124,7 @@ def jobs_for(props, target: str, models: tuple[str, ...] | None = None,
 
     from . import attention as A
     from . import fused_linear_loss as FL
+    from .decode_layer import blocks as DLB
     from . import geglu as GG
     from . import gemv as GV
     from . import rms_norm as RN
@@ -249,6 +250,37 @@ def jobs_for(props, target: str, models: tuple[str, ...] | None = None,
                 add(m + "fused_linear_loss:_loss_kernel", "forward", types,
                     dict(SOFTCAP=s["softcap"], SOFTCAP_T=teacher and s["softcap"], TEACHER=teacher, GRAD=True,
                          BLOCK_V=bv, BLOCK_K=max(16, triton.next_power_of_2(k_ids))), lw, 3, f"{who} training")
+            # ---- the fused decode step of a Gemma layer (kernels.decode_layer): bf16 or float32 weights
+            if s["decoder"] and not s["rglru"]:
+                DL = "decode_layer:"
+                dt_tl = "bfloat16" if dt == "bf16" else "float32"
+                N32 = "*fp32"  # norm weights and RoPE frequencies
+                for has_delta in (False, True):  # the first layer reads the embedding; the others a pending residual
+                    cfg = DLB("qkv", D, interpret=False)
+                    add(m + DL + "_qkv_kernel", "decode",
+                        dict(R=P, DELTA=P, W_POST=N32, W_IN=N32, X_OUT=P, W=P, QN=N32, KN=N32, POS="*i64",
+                             INV_FREQ=N32, Q=P, K_CACHE=P, V_CACHE=P, eps_post="fp32", eps="fp32", eps_qk="fp32"),
+                        dict(DTYPE=dt_tl, HAS_DELTA=has_delta, POST_NORM=True, QK_NORM=s["qk_norm"], HALF=D // 2,
+                             BLOCK_K=cfg["BLOCK_K"]), cfg["num_warps"], 3, f"{who} decode")
+                cfg = DLB("o_proj", D, interpret=False)
+                add(m + DL + "_o_proj_kernel", "decode", dict(O_PART="*fp32", LSE_PART="*fp32", W=P, Y=P),
+                    dict(DTYPE=dt_tl, D=D, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                         BLOCK_SPLITS=A.COMBINE_SPLITS), cfg["num_warps"], 3, f"{who} decode")
+                cfg = DLB("gate_up", D, interpret=False)
+                add(m + DL + "_gate_up_kernel", "decode",
+                    dict(R=P, DELTA=P, W_POST=N32, W_PRE=N32, H_OUT=P, W=P, Y=P, eps_post="fp32", eps="fp32"),
+                    dict(DTYPE=dt_tl, POST_NORM=True, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"]),
+                    cfg["num_warps"], 3, f"{who} decode")
+                cfg = DLB("down", D, interpret=False)
+                add(m + DL + "_down_kernel", "decode", dict(X=P, W=P, Y=P),
+                    dict(DTYPE=dt_tl, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"]), cfg["num_warps"], 3,
+                    f"{who} decode")
+                cfg = DLB("residual", D, interpret=False)
+                for norm in (True, False):  # the trunk's last kernel; a layer run on its own
+                    add(m + DL + "_residual_kernel", "decode",
+                        dict(R=P, DELTA=P, W_POST=N32, W_NORM=N32, Y=P, eps_post="fp32", eps="fp32"),
+                        dict(DTYPE=dt_tl, POST_NORM=True, NORM=norm, BLOCK_K=cfg["BLOCK_K"]), cfg["num_warps"], 3,
+                        f"{who} decode")
             # ---- weight-only int8 / int4 GEMVs (decode), every linear layer of the model and the head
             if s["decoder"]:
                 C, F, V = s["C"], s["F"], s["V"]
@@ -503,7 +535,7 @@ def _short(kernel: str) -> str:
 
 
 def _dtype(job: Job) -> str:
-    for n in ("X", "Q", "GU", "DY", "Z"):
+    for n in ("X", "Q", "GU", "DY", "Z", "R", "W"):
         if n in job.types:
             return job.types[n].lstrip("*")
     return "fp32"

@@ -738,7 +738,30 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_ind
 
     q_index: the query's index; keys k_first, k_first + 1, ... or, for a ring buffer's rotated slots,
     `k_index` (S,). positions (B, 1): the packed rule. splits: programs per row and K/V head
-    (default `decode_splits`). Forward only (no autograd)."""
+    (default `decode_splits`). Forward only (no autograd). Two launches: `decode_partials`, then the
+    combine of its splits."""
+    o_part, lse_part = decode_partials(q, k, v, q_index=q_index, scale=scale, softcap=softcap, causal=causal,
+                                       window=window, k_first=k_first, k_index=k_index, positions=positions,
+                                       splits=splits, block_n=block_n)
+    B, H, T, D = q.shape
+    out = torch.empty(B, 1, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    if o_part is None:
+        return out.zero_()
+    n_splits = o_part.shape[2]
+    _combine_kernel[(B * H,)](o_part, lse_part, out, out.stride(0), out.stride(1), H, n_splits,
+                              **_combine_config(n_splits, D))
+    return out
+
+
+def decode_partials(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_index: int,
+                    scale: float | None = None, softcap: float | None = None, causal: bool = True,
+                    window: int | None = None, k_first: int = 0, k_index: torch.Tensor | None = None,
+                    positions: torch.Tensor | None = None, splits: int | None = None,
+                    block_n: int | None = None):
+    """The split-K half of `decode_attention` (one launch): each split's softmax-normalised partial output
+    o_part (B, H, n_splits, D) float32 and its log-sum-exp lse_part (B, H, n_splits); (None, None) when
+    there is nothing to attend. The combine, Σ_s e^(lse_s − max) o_s / Σ_s e^(lse_s − max), is
+    `_combine_kernel`, or the prologue of the output projection (`kernels.decode_layer`)."""
     mask = Mask(causal, window, q_index, k_first, k_index, positions, None)
     _check(q, k, v, mask)
     B, H, T, D = q.shape
@@ -746,10 +769,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_ind
         raise ValueError(f"decode_attention takes one query per row, got T = {T}")
     q, k, v = _rows(q), _rows(k), _rows(v)
     K, S = k.shape[1], k.shape[2]
+    if q.numel() == 0 or S == 0:
+        return None, None
     scale = D ** -0.5 if scale is None else scale
-    out = torch.empty(B, 1, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
-    if out.numel() == 0 or S == 0:
-        return out.zero_()
     BLOCK_N, warps, stages = _decode_blocks(D, q.device, block_n, elem=q.element_size())
     n_splits = splits or decode_splits(B, K, S, BLOCK_N, target_programs(q.device))
     keys_per_split = triton.cdiv(triton.cdiv(S, n_splits), BLOCK_N) * BLOCK_N  # whole tiles per split
@@ -771,9 +793,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_ind
         D=D, BLOCK_D=BLOCK_D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=BLOCK_N,
         CAUSAL=causal, WINDOW=window is not None, SOFTCAP=bool(softcap), PACKED=pos is not None,
         RING=k_index is not None, PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
-    _combine_kernel[(B * H,)](o_part, lse_part, out, out.stride(0), out.stride(1), H, n_splits,
-                              **_combine_config(n_splits, D))
-    return out
+    return o_part, lse_part
 
 
 def reference(q, k, v, *, scale=None, softcap=None, causal=True, window=None, q_start=0, k_first=0,
@@ -860,7 +880,7 @@ class GroupedQueryAttention(TorchGroupedQueryAttention):
                                documents=pos.documents)
 
 
-__all__ = ["Mask", "flash_attention", "decode_attention", "flash_attention_forward", "flash_attention_backward",
+__all__ = ["Mask", "flash_attention", "decode_attention", "decode_partials", "flash_attention_forward", "flash_attention_backward",
            "decode_splits", "target_programs", "reference", "GroupedQueryAttention", "MAX_D", "INTERPRET"]
 
 

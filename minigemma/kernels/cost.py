@@ -17,16 +17,20 @@ token must read (every weight once, the embedding row, the KV cache) over the ba
 the two is what launches and small kernels cost; nothing here has run on a GPU.
 
 Where the launches come from (read from the code; tests/test_kernels_cost.py counts them for real, in
-Triton's interpreter, on a small model's decode step and prefill):
+Triton's interpreter, on a small model's decode step and prefill and on the 270M's 18 real layers):
 
-    Triton (use_triton)   RMSNorm (each norm, and the QK-norm of q and of k), RoPE (q, k), decode attention
-                          and its combine (a decode step) or flash attention (a prefill), GeGLU's activation;
-                          int8 level: every Int8Linear and the head's Int4Linear on the GEMV kernels
-    cuBLAS                every nn.Linear (qkv, o, gate_up, down, the head): counted as one launch each
-                          (cuBLAS may add a split-K reduction: not counted)
-    other torch launches  the embedding and its · √C, the positions (`make_positions`), the KV-cache
-                          writes, a ring's slot indices (`RingKVCache.slot_index`, once per step for all
-                          local layers), a ring's chunk update in a prefill, the residual
+    Triton (use_triton)   a bf16 decode step: each layer's fused step (`kernels.decode_layer`: QKV with its
+                          norms, QK-norm, RoPE and KV write; decode attention; o_proj with the combine;
+                          gate_up with its norms and GeGLU; down), then the final residual add and norm.
+                          A prefill, and the int8 level's decode (its projections are quantised): RMSNorm
+                          (each norm, and the QK-norm of q and of k), RoPE (q, k), decode attention and its
+                          combine (a decode step) or flash attention (a prefill), GeGLU's activation; int8
+                          level: every Int8Linear and the head's Int4Linear on the GEMV kernels
+    cuBLAS                every nn.Linear outside the fused step (qkv, o, gate_up, down of a prefill; the
+                          head): counted as one launch each (cuBLAS may add a split-K reduction: not counted)
+    other torch launches  the embedding and its · √C, the positions (`make_positions`), a ring's slot
+                          indices (`RingKVCache.slot_index`, once per step for all local layers); outside the
+                          fused step the KV-cache writes, a ring's chunk update in a prefill, the residual
                           adds, the GEMV's split-K sum and cast, the quantised embedding and the rescored
                           head's torch ops
     host -> device copy   none: the RoPE frequencies are built on the device once (`RotaryEmbedding.
@@ -351,22 +355,50 @@ def _splits(S: int, config: GemmaConfig, gpu: GPU, batch: int) -> tuple[int, int
 
 
 def _decode_attention(kind: str, S: int, count: int, ring: bool, config: GemmaConfig, gpu: GPU,
-                      batch: int) -> list[Op]:
+                      batch: int, combine: bool = True) -> list[Op]:
+    """The split-K decode kernel, and the combine of its splits: a kernel of its own (`combine`), or the
+    prologue of the fused o_proj, whose op then reads the partial results (counted here, once)."""
     c = config
     H, K, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     n, _ = _splits(S, c, gpu, batch)
     part = batch * H * n * (D * 4 + 4)  # o_part and lse_part, float32
     read = batch * (H * D * ACT + 2 * K * S * D * ACT) + (S * 8 if ring else 0)
+    if not combine:
+        return [Op(f"decode attention, {kind} ({S} keys, {n} splits; partials read back by o_proj)", "triton",
+                   "attention", count, read + 2 * part, 4 * batch * H * S * D, "_decode_kernel")]
     return [Op(f"decode attention, {kind} ({S} keys, {n} splits)", "triton", "attention", count, read + part,
                4 * batch * H * S * D, "_decode_kernel"),
             Op(f"combine the splits, {kind}", "triton", "attention", count, part + batch * H * D * ACT,
                3 * batch * H * n * D, "_combine_kernel")]
 
 
+def _fused_layers(config: GemmaConfig, B: int) -> list[Op]:
+    """Every layer's fused decode step (`kernels.decode_layer`, bf16 weights) but its attention: the QKV
+    kernel (norms, QK-norm, RoPE, KV write), o_proj with the combine, gate_up with GeGLU, down; and the
+    trunk's last kernel, the final residual add and norm. Norm weights are float32 (4 bytes)."""
+    c, L = config, config.num_hidden_layers
+    H, K, D, C, F = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size, c.intermediate_size
+    heads = H + 2 * K
+    qkv = (heads * D * C * ACT + 4 * (2 * C + 2 * D + D // 2)  # weights; norm weights and frequencies
+           + B * (2 * C * ACT + C * ACT + heads * D * ACT + 8))  # residual and δ in, x out, q/k/v out, position
+    return [
+        Op(f"qkv + norms + QK-norm + RoPE + KV write ({heads * B} programs)", "triton", "matmul", L, qkv,
+           2 * B * heads * D * C, "_qkv_kernel"),
+        Op(f"o_proj with the combine ({triton.cdiv(C, 64) * B} programs)", "triton", "matmul", L,
+           C * H * D * ACT + B * C * ACT, 2 * B * C * H * D, "_o_proj_kernel"),  # + the partials: in the attention's op
+        Op(f"gate_up + norms + GeGLU ({triton.cdiv(F, 32) * B} programs)", "triton", "matmul", L,
+           2 * F * C * ACT + 4 * 2 * C + B * (3 * C * ACT + F * ACT), 2 * B * 2 * F * C, "_gate_up_kernel"),
+        Op(f"down_proj ({triton.cdiv(C, 64) * B} programs)", "triton", "matmul", L,
+           C * F * ACT + B * (F + C) * ACT, 2 * B * C * F, "_down_kernel"),
+    ]
+
+
 def decode(config: GemmaConfig, context: int = 512, gpu: GPU = H100, weights: str = "bf16",
            launch_us: float = LAUNCH_US, batch: int = 1) -> Plan:
     """One decode step (one new token per row) after `context` cached tokens, under use_triton.
 
+    bf16 weights: the fused step of `kernels.decode_layer` (five launches a layer). int8: module by module
+    (the quantised projections on the GEMV kernels, the norms, RoPE, GeGLU and the combine each a launch).
     Ring buffers are assumed to hold the whole window (max_len >= window); a local layer's decode kernel
     reads its ring's slot indices at every step, wrapped or not."""
     model = skeleton(config, weights)
@@ -374,18 +406,28 @@ def decode(config: GemmaConfig, context: int = 512, gpu: GPU = H100, weights: st
     K, D = c.num_key_value_heads, c.head_dim
     n_local, n_global = _layer_counts(c)
     W = c.sliding_window
-    ops = [_positions()] + _embedding(c, B, weights, model) + _per_layer(c, B, weights, gpu)
-    kv_write = B * K * D * ACT * 2  # read the new key (or value), write it into the cache
-    ops.append(Op("KV-cache write (k, v: 2 copies)", "torch", "kv cache", 2 * c.num_hidden_layers, kv_write))
+    fused = weights == "bf16"
+    ops = [_positions()] + _embedding(c, B, weights, model)
+    if fused:
+        ops += _fused_layers(c, B)
+    else:
+        ops += _per_layer(c, B, weights, gpu)
+        kv_write = B * K * D * ACT * 2  # read the new key (or value), write it into the cache
+        ops.append(Op("KV-cache write (k, v: 2 copies)", "torch", "kv cache", 2 * c.num_hidden_layers, kv_write))
     S_global, S_local = context + 1, min(context + 1, W)
     if n_global:
-        ops += _decode_attention("global", S_global, n_global, False, c, gpu, B)
+        ops += _decode_attention("global", S_global, n_global, False, c, gpu, B, combine=not fused)
     if n_local:  # a ring's decode kernel reads its slots' indices, full or not (one kernel variant throughout)
-        ops += _decode_attention("local", S_local, n_local, True, c, gpu, B)
+        ops += _decode_attention("local", S_local, n_local, True, c, gpu, B, combine=not fused)
         # slot_index(): arange, rsub, div, mul, add, lt, the -1 as a tensor, where: 8 launches, once per step
         # (`Positions.key_index`: every local layer's ring holds the same slots)
         ops.append(Op("ring slot indices (8 torch ops, once)", "torch", "kv cache", 8, 16 * W))
-    ops.append(_rms("rms_norm (final)", B, c.hidden_size, 1))
+    if fused:  # the last layer's residual add and the final norm, one kernel
+        C = c.hidden_size
+        ops.append(Op("final residual add + norm", "triton", "norm", 1, B * 3 * C * ACT + 2 * C * 4, 8 * B * C,
+                      "_residual_kernel"))
+    else:
+        ops.append(_rms("rms_norm (final)", B, c.hidden_size, 1))
     ops += _head(c, weights, model, gpu)
     bound = weight_bytes_per_token(c, weights) + kv_bytes_read(c, context, B)
     return Plan("decode", c, weights, context, gpu, ops, bound, launch_us, B)
@@ -440,7 +482,8 @@ ASSUMPTIONS = [
     "launches one after another: no overlap of the CPU's launching with the GPU's work, no CUDA graph",
     "bytes = HBM reads + writes a launch must make (each input once, each output once); re-reads that the L2 "
     "cache serves (a prefill's K/V tiles) are not counted",
-    "ceilings: datasheet figures ({gpus}); every kernel is assumed to reach them, so kernel times are lower bounds",
+    "ceilings: datasheet figures ({gpus}); every kernel is assumed to reach them, so kernel times are lower bounds "
+    "(the fused decode GEMVs run fewer programs than the GPU has SMs for the small products, and would fall short)",
     "batch 1, bf16 activations and KV cache, norm weights float32; rings hold the whole window; "
     "int8 = quant level 'int8' (Int8Linear layers, Q8_0 embedding, rescored int4 head) on the GEMV kernels",
     "cuBLAS counted as one launch per matmul; a host -> device copy (none today: the RoPE frequencies are built on the device once) would count as a launch",

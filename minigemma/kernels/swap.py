@@ -33,10 +33,11 @@ import torch
 from torch import nn
 
 from minigemma import attention as torch_attention
-from minigemma import griffin, layers, quant
+from minigemma import gemma, griffin, layers, quant
 from minigemma.swap import Swap, retype
 
 from . import attention as attention_kernels
+from . import decode_layer
 from . import rms_norm as rms_norm_kernels
 from .geglu import geglu
 from .interpret import INTERPRET
@@ -67,6 +68,8 @@ TRITON_CLASSES: dict[type, type] = {  # torch class -> its Triton subclass
     layers.RMSNorm: rms_norm_kernels.RMSNorm,
     layers.GeGLU: GeGLU,
     griffin.RGLRU: RGLRU,
+    gemma.DecoderLayer: decode_layer.DecoderLayer,
+    gemma.Gemma: decode_layer.Gemma,
 }
 TORCH_CLASSES = {triton_cls: torch_cls for torch_cls, triton_cls in TRITON_CLASSES.items()}  # the way back
 WHAT = {  # torch class name -> what its swap runs as a kernel, for the report
@@ -74,6 +77,8 @@ WHAT = {  # torch class name -> what its swap runs as a kernel, for the report
     "RMSNorm": "RMSNorm kernel",
     "GeGLU": "activation kernel",
     "RGLRU": "scan kernel",
+    "DecoderLayer": "a decode step in five fused kernels",
+    "Gemma": "its layers' fused decode steps chained",
 }
 QUANTISED = (quant.Int8Linear, quant.Int4Linear, quant.Q8_0Embedding, quant.RescoredHead)
 
