@@ -51,7 +51,7 @@ from minigemma.attention import KVCache, Positions, RingKVCache, positions_after
 from . import attention as attention_kernels
 from .attention import COMBINE_SPLITS, GroupedQueryAttention
 from .interpret import INTERPRET
-from .rope import _reduce
+from .rope import reduce_angle
 from .utils import tanh
 
 
@@ -165,7 +165,7 @@ def _qkv_kernel(R, DELTA, W_POST, W_IN, X_OUT, W, QN, KN, POS, INV_FREQ, Q, K_CA
         lo = tl.where(is_v, lo, _round(lo * rstd * (1.0 + w_lo), DTYPE))
         hi = tl.where(is_v, hi, _round(hi * rstd * (1.0 + w_hi), DTYPE))
     # RoPE: the pair (i, i + D/2) turned by the angle pos · θ_i (kernels.rope's reduction keeps it exact)
-    angle = _reduce(tl.load(POS + m * pos_step).to(tl.float32) * tl.load(INV_FREQ + i))
+    angle = reduce_angle(tl.load(POS + m * pos_step).to(tl.float32) * tl.load(INV_FREQ + i))
     cos, sin = tl.cos(angle), tl.sin(angle)
     lo_r, hi_r = lo * cos - hi * sin, hi * cos + lo * sin
     lo = tl.where(is_v, lo, lo_r)

@@ -26,13 +26,13 @@ from .utils import check_device, num_warps
 
 
 # 2π as C1 + C2 + C3 (Cody and Waite): C1 has 8 significant bits, so k·C1 is exact for k < 2^16.
-# (for Python: `_reduce` writes them as literals, since a jit function may not read a plain Python global)
+# (for Python: `reduce_angle` writes them as literals, since a jit function may not read a plain Python global)
 TWO_PI_1, TWO_PI_2, TWO_PI_3 = 6.28125, 0.0019353071693331003, 1.0253131677018246e-11
 INV_TWO_PI = 0.15915494309189535
 
 
 @triton.jit
-def _reduce(angle):
+def reduce_angle(angle):
     """angle − k·2π in [−π, π], as exact as float32 allows, so cos and sin only see small arguments
     (a GPU's fast sin/cos lose accuracy far from 0; positions reach 10^5 radians)."""
     k = tl.floor(angle * 0.15915494309189535 + 0.5)  # INV_TWO_PI
@@ -56,7 +56,7 @@ def _rope_kernel(X, POS, INV_FREQ, OUT, H, T, D, sxb, sxh, sxt, spb, spt, SIGN: 
     mask = t_ok[:, None] & i_ok[None, :]
     pos = tl.load(POS + b.to(tl.int64) * spb + t * spt, mask=t_ok, other=0).to(tl.float32)
     inv_freq = tl.load(INV_FREQ + i, mask=i_ok, other=0.0)
-    angle = _reduce(pos[:, None] * inv_freq[None, :])  # (BLOCK_T, BLOCK_H); the product in float32 as in rope_cos_sin
+    angle = reduce_angle(pos[:, None] * inv_freq[None, :])  # (BLOCK_T, BLOCK_H); the product in float32 as in rope_cos_sin
     cos, sin = tl.cos(angle), SIGN * tl.sin(angle)
     row_x = X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + t.to(tl.int64)[:, None] * sxt
     row_o = OUT + (bh.to(tl.int64) * T + t.to(tl.int64))[:, None] * D  # out is contiguous (B, H, T, D)
