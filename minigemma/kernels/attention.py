@@ -277,19 +277,16 @@ def _decode_kernel(Q, K, V, K_IDX, POS, O_PART, LSE_PART,
     tl.store(LSE_PART + row, tl.where(l > 0, m + tl.log(l_safe), float("-inf")), mask=g_ok)
 
 
-@triton.jit(do_not_specialize=["n_splits"])
-def _combine_kernel(O_PART, LSE_PART, O, s_ob, s_oh, H, n_splits, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_SPLITS: tl.constexpr):
-    """One program per (batch row, head): out = Σ_splits e^(lse_s − max) o_s / Σ_splits e^(lse_s − max).
+@triton.jit
+def merge_splits(O_PART, LSE_PART, bh, n_splits, d, d_ok, D: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
+    """Row bh's partial results merged at dims d: Σ_splits e^(lse_s − max) o_s / Σ_splits e^(lse_s − max).
 
     The splits are read BLOCK_SPLITS at a time with a running maximum (the online softmax once more), so
-    the registers hold one (BLOCK_SPLITS, BLOCK_D) tile however many splits there are."""
-    bh = tl.program_id(0).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
+    the registers hold one (BLOCK_SPLITS, len(d)) tile however many splits there are. The combine kernel
+    merges a whole head; the fused decode step's o_proj (`kernels.decode_layer`) one K tile at a time."""
     m = tl.max(tl.full((BLOCK_SPLITS,), float("-inf"), tl.float32), axis=0)  # running max of the lse
     total = tl.sum(tl.zeros((BLOCK_SPLITS,), tl.float32), axis=0)  # running Σ e^(lse − m)
-    acc = tl.zeros((BLOCK_D,), tl.float32)  # running Σ e^(lse − m) o
+    acc = tl.zeros(d.shape, tl.float32)  # running Σ e^(lse − m) o
     for s0 in range(0, n_splits, BLOCK_SPLITS):
         sp = s0 + tl.arange(0, BLOCK_SPLITS)
         sp_ok = sp < n_splits
@@ -303,7 +300,17 @@ def _combine_kernel(O_PART, LSE_PART, O, s_ob, s_oh, H, n_splits, D: tl.constexp
         acc = acc * alpha + tl.sum(o * w[:, None], axis=0)
         total = total * alpha + tl.sum(w, axis=0)
         m = m_new
-    out = acc / tl.where(total > 0, total, 1.0)
+    return acc / tl.where(total > 0, total, 1.0)
+
+
+@triton.jit(do_not_specialize=["n_splits"])
+def _combine_kernel(O_PART, LSE_PART, O, s_ob, s_oh, H, n_splits, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_SPLITS: tl.constexpr):
+    """One program per (batch row, head): its head's splits merged (`merge_splits`), stored in O's dtype."""
+    bh = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    out = merge_splits(O_PART, LSE_PART, bh, n_splits, d, d_ok, D, BLOCK_SPLITS)
     tl.store(O + (bh // H) * s_ob + (bh % H) * s_oh + d, out.to(O.dtype.element_ty), mask=d_ok)
 
 

@@ -49,7 +49,7 @@ from minigemma.layers import activation_dtype
 from minigemma.attention import KVCache, Positions, RingKVCache, positions_after
 
 from . import attention as attention_kernels
-from .attention import COMBINE_SPLITS, GroupedQueryAttention
+from .attention import COMBINE_SPLITS, GroupedQueryAttention, merge_splits
 from .interpret import INTERPRET
 from .rope import reduce_angle
 from .utils import tanh
@@ -201,22 +201,7 @@ def _o_proj_kernel(O_PART, LSE_PART, W, Y, H, N, n_splits, stride_w,
     for k0 in range(0, H * D, BLOCK_K):
         bh = m * H + k0 // D  # (row, head) of this tile
         d = k0 % D + tl.arange(0, BLOCK_K)
-        run = tl.max(tl.full((BLOCK_SPLITS,), float("-inf"), tl.float32), axis=0)  # running max of the lse
-        total = tl.sum(tl.zeros((BLOCK_SPLITS,), tl.float32), axis=0)
-        a = tl.zeros((BLOCK_K,), tl.float32)
-        for s0 in range(0, n_splits, BLOCK_SPLITS):  # `_combine_kernel`'s online sum, on this tile
-            sp = s0 + tl.arange(0, BLOCK_SPLITS)
-            sp_ok = sp < n_splits
-            lse = tl.load(LSE_PART + bh * n_splits + sp, mask=sp_ok, other=float("-inf"))
-            run_new = tl.maximum(run, tl.max(lse, axis=0))
-            use = tl.where(run_new == float("-inf"), 0.0, run_new)  # a split that saw nothing weighs 0
-            alpha = tl.exp(run - use)
-            w = tl.exp(lse - use)
-            o = tl.load(O_PART + (bh * n_splits + sp)[:, None] * D + d[None, :], mask=sp_ok[:, None], other=0.0)
-            a = a * alpha + tl.sum(o * w[:, None], axis=0)
-            total = total * alpha + tl.sum(w, axis=0)
-            run = run_new
-        a = _round(a / tl.where(total > 0, total, 1.0), DTYPE)  # the attention output, as the combine stores it
+        a = _round(merge_splits(O_PART, LSE_PART, bh, n_splits, d, d < D, D, BLOCK_SPLITS), DTYPE)  # as combined
         k = k0 + tl.arange(0, BLOCK_K)
         acc += _times(W, rows, rows_ok, stride_w, a, k, k < H * D)
     tl.store(Y + m * N + rows, acc.to(DTYPE), mask=rows_ok)
