@@ -114,13 +114,15 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, eos_id: int | None = 1, pad_id: int = 0,
                  on_token: Callable[[int, int], None] | None = None, use_cache: bool = True,
-                 step_times: list[float] | None = None) -> list[list[int]]:
+                 step_times: list[float] | None = None, graph: bool = False) -> list[list[int]]:
     """Token-level generation: prompt id lists -> the new ids of each row (EOS not included).
 
     on_token(row, token_id) is called for each new token as it is produced.
     use_cache=False recomputes the whole sequence every step (for tests: it must agree).
     step_times: if a list is given, the wall time of every model call is appended to it, the
     prefill first, then one entry per decode step (`python -m minigemma bench generate` reads it).
+    graph: capture the decode step once and replay it (`kernels.graph.DecodeGraph`: a CUDA graph on a GPU,
+    its stand-in on a CPU), for a Gemma under `use_triton` whose every layer fuses its step.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (the tokenizer adds BOS)")
@@ -145,9 +147,16 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
     done = torch.zeros(B, dtype=torch.bool, device=device)
     cache = model.new_cache(batch=B, max_len=ids.shape[1] + max_new_tokens) if use_cache else None
     seq, step_in = ids, ids  # everything so far; what to feed this step
+    step = None  # the captured decode step, with graph
     for _ in range(max_new_tokens):
         t0 = time.perf_counter()
-        logits = model(step_in, attention_mask=mask if padded else None, cache=cache, last_only=True)[:, -1]
+        if graph and use_cache and cache.length:
+            if step is None:
+                from minigemma.kernels.graph import DecodeGraph
+                step = DecodeGraph(model, cache)
+            logits = step(step_in)
+        else:
+            logits = model(step_in, attention_mask=mask if padded else None, cache=cache, last_only=True)[:, -1]
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         if step_times is not None:
             step_times.append(time.perf_counter() - t0)

@@ -133,4 +133,8 @@ class CausalLM(Trunk):
             x = x[:, -1:]
         if return_hidden:
             return x
-        return soft_cap(self.lm_head(x), self.config.logit_cap)  # (B, T, V)
+        return self.logits(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (B, T, C) -> logits (B, T, V): the tied head, then the soft-cap."""
+        return soft_cap(self.lm_head(hidden), self.config.logit_cap)

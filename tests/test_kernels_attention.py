@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import minigemma.kernels  # noqa: F401  (sets TRITON_INTERPRET=1 first when there is no GPU)
-from minigemma.attention import RingKVCache, grouped_query_attention, index_mask
+from minigemma.attention import KVCache, RingKVCache, grouped_query_attention, index_mask
 from minigemma.encoder import document_ids
 from minigemma.kernels import attention as A
 from minigemma.kernels import bounds_checked
@@ -172,6 +172,44 @@ def test_decode_through_a_wrapped_ring_buffer(packed):
         with bounds_checked():
             got = A.decode_attention(q, k_all, v_all, q_index=i, splits=2, block_n=8, **kw)
         torch.testing.assert_close(got, A.reference(q, k_all, v_all, q_start=i, **kw), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_decode_with_the_index_on_the_device(packed):
+    """A graph-shaped step (q_index a (1,) tensor): the kernel sees the whole static buffer, hides the slots
+    not yet written by the causal rule, and derives a ring's slot indices from the index, before the ring
+    fills and after it wraps. The same launch arguments at every step; the reference is given the live
+    keys and their indices as the cache itself reports them."""
+    Bq, H, K, D, W, L = 2, 4, 2, 16, 12, 40
+    g = torch.Generator().manual_seed(12)
+    ring, static = RingKVCache(Bq, K, D, window=W, device=DEV), KVCache(Bq, K, D, max_len=L, device=DEV)
+    index = torch.zeros(1, dtype=torch.long, device=DEV)
+    for i in range(L):
+        q = torch.randn(Bq, H, 1, D, generator=g).to(DEV)
+        kv = [torch.randn(Bq, K, 1, D, generator=g).to(DEV) for _ in range(2)]
+        k_ring, v_ring, keys = ring.update(*kv)
+        k_all, v_all, _ = static.update(*kv)
+        if i not in (0, 5, 11, 12, 13, 30, 39):
+            continue
+        index.fill_(i)
+        positions = torch.tensor([[min(i, 5)], [i]], device=DEV) if packed else None
+        for cache, window, want_k, want_v, k_index in ((static, None, k_all, v_all, None),
+                                                       (ring, W, k_ring, v_ring, keys.index())):
+            with bounds_checked():
+                got = A.decode_attention(q, cache.k, cache.v, q_index=index, ring=cache is ring, window=window,
+                                         scale=0.3, positions=positions, splits=3, block_n=8)
+            in_order = cache is static or keys.in_order
+            want = A.reference(q, want_k, want_v, scale=0.3, window=window, q_start=i,
+                               k_index=None if in_order else k_index, positions=positions)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {i}, {type(cache).__name__}: {m}")
+
+
+def test_a_device_index_is_checked():
+    q, k, v = _qkv(1, 2, 1, 1, 8, 16, seed=0)
+    with pytest.raises(ValueError, match="q_index tensor must be"):
+        A.decode_attention(q, k, v, q_index=torch.zeros(2, dtype=torch.long, device=DEV))
+    with pytest.raises(ValueError, match="k_index"):
+        A.decode_attention(q, k, v, q_index=7, ring=True)
 
 
 GRADS = [

@@ -262,3 +262,24 @@ def test_on_a_gpu_the_bf16_step_is_as_close_to_float32_as_torch_in_bf16(family):
         same.append((caches[1][0].k[:, :, slot] == caches[2][0].k[:, :, slot]).float().mean().item())
     assert worst[1] <= 1.25 * worst[0] + 1e-2, worst
     assert sum(same) / len(same) > 0.9, same
+
+
+@GPU
+@torch.no_grad()
+def test_on_a_gpu_a_captured_step_replays_the_eager_steps_bits():
+    """On a GPU (`make bench-gpu`): the fused bf16 step captured as a CUDA graph (`kernels.graph.DecodeGraph`)
+    and replayed gives, step after step, the logits the same kernels give run one launch at a time: the
+    same launches in the same order, so the same bits."""
+    from minigemma.kernels.graph import DecodeGraph
+
+    cfg = config("gemma3", hidden_size=256, intermediate_size=512, head_dim=128, query_pre_attn_scalar=128)
+    eager = use_triton(copy_of(reference(cfg, seed=12)).cuda().to(torch.bfloat16), verbose=False)
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(13))
+    caches = [eager.new_cache(2, 40) for _ in range(2)]
+    for c in caches:
+        eager(ids[:, :8], cache=c)
+    step = DecodeGraph(eager, caches[1])
+    for t in range(8, 40):
+        want = eager(ids[:, t:t + 1], cache=caches[0], last_only=True)[:, -1]
+        assert torch.equal(step(ids[:, t]), want), t
+    assert step.replay is not None and step.steps == 32

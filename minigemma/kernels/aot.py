@@ -180,12 +180,17 @@ def jobs_for(props, target: str, models: tuple[str, ...] | None = None,
                 for ring in ([False] if not s["windowed"] else [False, True] if s["glob"] else [True]):
                     bn, w, st = A.decode_blocks(D, None, None, props=props, elem=elem)
                     G = H // K
-                    types = dict(Q=P, K=P, V=P, K_IDX="*i64" if ring else "*i32", POS="*i32", O_PART="*fp32",
-                                 LSE_PART="*fp32", scale="fp32", softcap="fp32")
-                    add(m + "attention:_decode_kernel", "decode", types,
-                        dict(D=D, BLOCK_D=BLOCK_D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=bn,
-                             CAUSAL=True, WINDOW=ring, SOFTCAP=s["softcap"], PACKED=False, RING=ring,
-                             PRECISION=prec), w, st, f"{who} decode")
+                    # module by module: the host's index, a ring's slot indices read; the fused step (Gemma):
+                    # the index read from the device, a ring's slot indices derived from it
+                    for indexed in (False, True) if not s["rglru"] else (False,):
+                        types = dict(Q=P, K=P, V=P, K_IDX="*i64" if ring and not indexed else "*i32", POS="*i32",
+                                     INDEX="*i64" if indexed else "*i32", O_PART="*fp32", LSE_PART="*fp32",
+                                     scale="fp32", softcap="fp32")
+                        add(m + "attention:_decode_kernel", "decode", types,
+                            dict(D=D, BLOCK_D=BLOCK_D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=bn,
+                                 CAUSAL=True, WINDOW=ring, SOFTCAP=s["softcap"], PACKED=False, RING=ring,
+                                 INDEXED=indexed, PRECISION=prec), w, st,
+                            f"{who} decode" + (", fused step" if indexed else ""))
                     for batch in DECODE_BATCHES:
                         S = CACHE_LEN if not ring else 4096
                         n = A.decode_splits(batch, K, S, bn, A.target_programs(None, props))
@@ -259,7 +264,8 @@ def jobs_for(props, target: str, models: tuple[str, ...] | None = None,
                     cfg = DLB("qkv", D, interpret=False)
                     add(m + DL + "_qkv_kernel", "decode",
                         dict(R=P, DELTA=P, W_POST=N32, W_IN=N32, X_OUT=P, W=P, QN=N32, KN=N32, POS="*i64",
-                             INV_FREQ=N32, Q=P, K_CACHE=P, V_CACHE=P, eps_post="fp32", eps="fp32", eps_qk="fp32"),
+                             INV_FREQ=N32, INDEX="*i64", Q=P, K_CACHE=P, V_CACHE=P, eps_post="fp32", eps="fp32",
+                             eps_qk="fp32"),
                         dict(DTYPE=dt_tl, HAS_DELTA=has_delta, POST_NORM=True, QK_NORM=s["qk_norm"], HALF=D // 2,
                              BLOCK_K=cfg["BLOCK_K"]), cfg["num_warps"], 3, f"{who} decode")
                 cfg = DLB("o_proj", D, interpret=False)

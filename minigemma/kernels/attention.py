@@ -219,18 +219,25 @@ def _fwd_kernel(Q, K, V, O, LSE, POS, DOC, TILES,
 # A generation calls the decode kernel with a new cache length every step: the arguments that follow it
 # are not specialised (Triton would otherwise compile a variant whenever one of them becomes 1 or a
 # multiple of 16, a stall of a second or more in the middle of generating).
+# A step shaped for a CUDA graph (`kernels.graph`) passes none of them: its kernel reads the query's index
+# from the device (INDEXED) and attends the whole static cache, so every launch of a generation is the same.
 DECODE_VARYING = ["S", "keys_per_split", "q_index", "k_first"]
 
 
 @triton.jit(do_not_specialize=DECODE_VARYING)
-def _decode_kernel(Q, K, V, K_IDX, POS, O_PART, LSE_PART,
+def _decode_kernel(Q, K, V, K_IDX, POS, INDEX, O_PART, LSE_PART,
                    s_qb, s_qh, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_pb,
                    KV, S, G, keys_per_split, q_index, k_first, scale, softcap, window,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PACKED: tl.constexpr,
-                   RING: tl.constexpr, PRECISION: tl.constexpr):
-    """One program: the G query heads of one (batch row, K/V head), against one split of the keys."""
+                   RING: tl.constexpr, INDEXED: tl.constexpr, PRECISION: tl.constexpr):
+    """One program: the G query heads of one (batch row, K/V head), against one split of the keys.
+
+    INDEXED: q_index is read from INDEX (a device tensor), and a ring's slot indices are derived from it
+    (token i in slot i % S) instead of read from K_IDX."""
     split, bk = tl.program_id(0), tl.program_id(1)
+    if INDEXED:
+        q_index = tl.load(INDEX).to(tl.int32)  # 32 bits, as the int argument it replaces (64-bit division spills)
     n_splits = tl.num_programs(0)
     b, kv = (bk // KV).to(tl.int64), bk % KV
     g = tl.arange(0, BLOCK_G)  # (BLOCK_G,) rows: the query heads of this group
@@ -258,8 +265,11 @@ def _decode_kernel(Q, K, V, K_IDX, POS, O_PART, LSE_PART,
         k = tl.load(K + b * s_kb + kv * s_kh + s[:, None] * s_ks + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + b * s_vb + kv * s_vh + s[:, None] * s_vs + d[None, :], mask=kv_mask, other=0.0)
         x = _scores(q, k, scale, softcap, SOFTCAP, PRECISION)  # (BLOCK_G, BLOCK_N)
-        if RING:
-            j = tl.load(K_IDX + s, mask=s_ok, other=-1)  # a ring's slots are rotated: read their indices
+        if RING:  # a ring's slots are rotated: slot s holds the latest index i <= q_index with i % S == s
+            if INDEXED:
+                j = tl.where(s <= q_index, s + ((q_index - s) // S) * S, -1)
+            else:
+                j = tl.load(K_IDX + s, mask=s_ok, other=-1)  # (`RingKVCache.slot_index`)
         else:
             j = k_first + s
         ok = _visible(q_index, j, pos_i, 0, 0, window, CAUSAL, WINDOW, PACKED, False) & s_ok
@@ -736,20 +746,20 @@ def decode_splits(batch: int, kv_heads: int, S: int, block_n: int, programs: int
     return max(1, min(tiles, triton.cdiv(programs, batch * kv_heads)))
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_index: int,
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_index: int | torch.Tensor,
                      scale: float | None = None, softcap: float | None = None, causal: bool = True,
                      window: int | None = None, k_first: int = 0, k_index: torch.Tensor | None = None,
-                     positions: torch.Tensor | None = None, splits: int | None = None,
+                     ring: bool = False, positions: torch.Tensor | None = None, splits: int | None = None,
                      block_n: int | None = None) -> torch.Tensor:
     """One new query per row against the cache: q (B, H, 1, D), k and v (B, K, S, D) -> (B, H, 1, D).
 
     q_index: the query's index; keys k_first, k_first + 1, ... or, for a ring buffer's rotated slots,
     `k_index` (S,). positions (B, 1): the packed rule. splits: programs per row and K/V head
-    (default `decode_splits`). Forward only (no autograd). Two launches: `decode_partials`, then the
-    combine of its splits."""
+    (default `decode_splits`); q_index as a (1,) tensor and `ring`: see `decode_partials`. Forward only
+    (no autograd). Two launches: `decode_partials`, then the combine of its splits."""
     o_part, lse_part = decode_partials(q, k, v, q_index=q_index, scale=scale, softcap=softcap, causal=causal,
-                                       window=window, k_first=k_first, k_index=k_index, positions=positions,
-                                       splits=splits, block_n=block_n)
+                                       window=window, k_first=k_first, k_index=k_index, ring=ring,
+                                       positions=positions, splits=splits, block_n=block_n)
     B, H, T, D = q.shape
     out = torch.empty(B, 1, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     if o_part is None:
@@ -760,16 +770,31 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_ind
     return out
 
 
-def decode_partials(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_index: int,
+def decode_partials(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_index: int | torch.Tensor,
                     scale: float | None = None, softcap: float | None = None, causal: bool = True,
                     window: int | None = None, k_first: int = 0, k_index: torch.Tensor | None = None,
-                    positions: torch.Tensor | None = None, splits: int | None = None,
+                    ring: bool = False, positions: torch.Tensor | None = None, splits: int | None = None,
                     block_n: int | None = None):
     """The split-K half of `decode_attention` (one launch): each split's softmax-normalised partial output
     o_part (B, H, n_splits, D) float32 and its log-sum-exp lse_part (B, H, n_splits); (None, None) when
     there is nothing to attend. The combine, Σ_s e^(lse_s − max) o_s / Σ_s e^(lse_s − max), is
-    `_combine_kernel`, or the prologue of the output projection (`kernels.decode_layer`)."""
-    mask = Mask(causal, window, q_index, k_first, k_index, positions, None)
+    `_combine_kernel`, or the prologue of the output projection (`kernels.decode_layer`).
+
+    q_index may be a (1,) integer tensor on q's device: the kernel reads it, and k, v are then the whole
+    static cache (B, K, S, D), keys in index order from 0 (the causal rule hides the slots not yet
+    written) or, with `ring`, a ring buffer whose slot s holds the latest index i <= q_index with
+    i % S == s. Nothing in such a launch changes from step to step: a CUDA graph can replay it
+    (`kernels.graph`)."""
+    indexed = isinstance(q_index, torch.Tensor)
+    if indexed and (q_index.shape != (1,) or q_index.is_floating_point() or k_first != 0 or k_index is not None
+                    or not causal):
+        raise ValueError("a q_index tensor must be (1,) integers, with causal keys from index 0 in order or "
+                         f"in a ring (`ring`), not k_first or k_index; got {q_index.dtype} {tuple(q_index.shape)}")
+    if ring and not indexed:
+        raise ValueError("ring=True derives a ring's slot indices from a q_index tensor; with an int q_index, "
+                         "pass the slots' indices as k_index")
+    mask = Mask(causal, window, 0 if indexed else q_index, k_first, k_index, positions, None)
+    check_device(q=q, q_index=q_index if indexed else None)
     _check(q, k, v, mask)
     B, H, T, D = q.shape
     if T != 1:
@@ -794,12 +819,14 @@ def decode_partials(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_inde
     G = H // K
     BLOCK_D = max(16, triton.next_power_of_2(D))
     _decode_kernel[(n_splits, B * K)](
-        q, k, v, k_index if k_index is not None else dummy, pos if pos is not None else dummy, o_part, lse_part,
+        q, k, v, k_index if k_index is not None else dummy, pos if pos is not None else dummy,
+        q_index if indexed else dummy, o_part, lse_part,
         q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3], pos.stride(0) if pos is not None else 0,
-        K, S, G, keys_per_split, q_index, k_first, scale, float(softcap or 1.0), window or 0,
+        K, S, G, keys_per_split, 0 if indexed else q_index, k_first, scale, float(softcap or 1.0), window or 0,
         D=D, BLOCK_D=BLOCK_D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=BLOCK_N,
         CAUSAL=causal, WINDOW=window is not None, SOFTCAP=bool(softcap), PACKED=pos is not None,
-        RING=k_index is not None, PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
+        RING=k_index is not None or ring, INDEXED=indexed, PRECISION=_precision(q.dtype), num_warps=warps,
+        num_stages=stages)
     return o_part, lse_part
 
 

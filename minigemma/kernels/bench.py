@@ -617,18 +617,22 @@ def _implementations(model, device: str):
 
 
 @torch.no_grad()
-def _decode_step_ms(model, batch: int, prompt: int, steps: int, device: str) -> float:
-    """Median ms of one greedy decode step after a `prompt`-token prefill, each step timed in the loop."""
+def _decode_step_ms(model, batch: int, prompt: int, steps: int, device: str, graph: bool = False) -> float:
+    """Median ms of one greedy decode step after a `prompt`-token prefill, each step timed in the loop;
+    graph: the step captured once and replayed (`kernels.graph.DecodeGraph`)."""
+    from .graph import DecodeGraph
+
     V = model.config.vocab_size
     ids = torch.randint(0, V, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(device)
     cache = model.new_cache(batch, prompt + steps + 1)
     logits = model(ids, cache=cache, last_only=True)
+    step = DecodeGraph(model, cache) if graph else None
     times = []
     for _ in range(steps):
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         t = time.perf_counter()
-        logits = model(nxt, cache=cache, last_only=True)
+        logits = model(nxt, cache=cache, last_only=True) if step is None else step(nxt)[:, None]
         _sync(device)
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times[len(times) // 4:])  # the first steps warm up
@@ -647,11 +651,13 @@ def e2e_decode(device: str, size: str, ceil: dict) -> list[dict]:
         kv = kv_cache_bytes(model.config, prompt + steps // 2, batch, dtype)  # read once per step, all rows
         roofline = batch / ((weights + kv) / (ceil["copy_GBps"] * 1e9))  # tok/s if only the bytes took time
         for impl in _implementations(model, device):
-            ms = _decode_step_ms(model, batch, prompt, steps, device)
-            rows.append({"what": "decode", "impl": impl, "setting": f"batch {batch}, {prompt}-token prompt",
-                         "value": batch / ms * 1e3, "unit": "tok/s", "ceiling": roofline,
-                         "note": f"roofline = (weights {weights / 1e6:.3g} MB + KV {kv / 1e6:.3g} MB) read per "
-                                 "step at the copy bandwidth"})
+            for graph in ((False, True) if impl == "triton" else (False,)):
+                ms = _decode_step_ms(model, batch, prompt, steps, device, graph)
+                rows.append({"what": "decode", "impl": impl + (", CUDA graph" if graph else ""),
+                             "setting": f"batch {batch}, {prompt}-token prompt", "value": batch / ms * 1e3,
+                             "unit": "tok/s", "ceiling": roofline,
+                             "note": f"roofline = (weights {weights / 1e6:.3g} MB + KV {kv / 1e6:.3g} MB) read "
+                                     "per step at the copy bandwidth"})
         if device != "cuda":
             rows.append({"what": "decode", "impl": "triton", "setting": f"batch {batch}", "value": None,
                          "note": "not timed on CPU: the kernels run there only in Triton's interpreter"})

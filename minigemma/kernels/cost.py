@@ -362,7 +362,7 @@ def _decode_attention(kind: str, S: int, count: int, ring: bool, config: GemmaCo
     H, K, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     n, _ = _splits(S, c, gpu, batch)
     part = batch * H * n * (D * 4 + 4)  # o_part and lse_part, float32
-    read = batch * (H * D * ACT + 2 * K * S * D * ACT) + (S * 8 if ring else 0)
+    read = batch * (H * D * ACT + 2 * K * S * D * ACT) + (S * 8 if ring and combine else 0)  # slot indices
     if not combine:
         return [Op(f"decode attention, {kind} ({S} keys, {n} splits; partials read back by o_proj)", "triton",
                    "attention", count, read + 2 * part, 4 * batch * H * S * D, "_decode_kernel")]
@@ -399,8 +399,9 @@ def decode(config: GemmaConfig, context: int = 512, gpu: GPU = H100, weights: st
 
     bf16 weights: the fused step of `kernels.decode_layer` (five launches a layer). int8: module by module
     (the quantised projections on the GEMV kernels, the norms, RoPE, GeGLU and the combine each a launch).
-    Ring buffers are assumed to hold the whole window (max_len >= window); a local layer's decode kernel
-    reads its ring's slot indices at every step, wrapped or not."""
+    Ring buffers are assumed to hold the whole window (max_len >= window); module by module, a local
+    layer's decode kernel reads its ring's slot indices at every step, wrapped or not (the fused step's
+    kernel derives them from the token's index)."""
     model = skeleton(config, weights)
     c, B = config, batch
     K, D = c.num_key_value_heads, c.head_dim
@@ -417,10 +418,12 @@ def decode(config: GemmaConfig, context: int = 512, gpu: GPU = H100, weights: st
     S_global, S_local = context + 1, min(context + 1, W)
     if n_global:
         ops += _decode_attention("global", S_global, n_global, False, c, gpu, B, combine=not fused)
-    if n_local:  # a ring's decode kernel reads its slots' indices, full or not (one kernel variant throughout)
+    if n_local:
         ops += _decode_attention("local", S_local, n_local, True, c, gpu, B, combine=not fused)
+    if n_local and not fused:  # module by module, a ring's decode kernel reads its slots' indices, full or not
         # slot_index(): arange, rsub, div, mul, add, lt, the -1 as a tensor, where: 8 launches, once per step
-        # (`Positions.key_index`: every local layer's ring holds the same slots)
+        # (`Positions.key_index`: every local layer's ring holds the same slots). The fused step's kernel
+        # derives them from the token's index instead
         ops.append(Op("ring slot indices (8 torch ops, once)", "torch", "kv cache", 8, 16 * W))
     if fused:  # the last layer's residual add and the final norm, one kernel
         C = c.hidden_size

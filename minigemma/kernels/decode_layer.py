@@ -129,18 +129,17 @@ def _times(W, rows, rows_ok, stride_w, x, k, k_ok):
 # --------------------------------------------------------------------------------------------
 # The kernels
 # --------------------------------------------------------------------------------------------
-QKV_VARYING = ["slot"]  # changes every step: never specialised (one compile per generation)
-
-
-@triton.jit(do_not_specialize=QKV_VARYING)
-def _qkv_kernel(R, DELTA, W_POST, W_IN, X_OUT, W, QN, KN, POS, INV_FREQ, Q, K_CACHE, V_CACHE,
-                C, H, KV, slot, stride_w, pos_step, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, eps_post, eps, eps_qk,
+@triton.jit
+def _qkv_kernel(R, DELTA, W_POST, W_IN, X_OUT, W, QN, KN, POS, INV_FREQ, INDEX, Q, K_CACHE, V_CACHE,
+                C, H, KV, S, stride_w, pos_step, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, eps_post, eps, eps_qk,
                 DTYPE: tl.constexpr, HAS_DELTA: tl.constexpr, POST_NORM: tl.constexpr, QK_NORM: tl.constexpr,
                 HALF: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program: head p of one row m, p < H a query head, then K key heads, then K value heads.
 
     Its 2·HALF = D outputs are computed as two halves, rows p·D + i and p·D + HALF + i (i < HALF), so that
-    RoPE's pairs (i, i + D/2) sit in the same lane of the two accumulators."""
+    RoPE's pairs (i, i + D/2) sit in the same lane of the two accumulators. The new token's index is read
+    from INDEX, on the device: its key and value go to slot index % S of a cache of S slots (a static
+    cache: the index itself; a ring: index mod its size), and no argument changes from step to step."""
     p, m = tl.program_id(0), tl.program_id(1).to(tl.int64)
     R, DELTA, X_OUT = R + m * C, DELTA + m * C, X_OUT + m * C
     rstd_d, rstd_h = _residual_stats(R, DELTA, W_POST, X_OUT, p == 0, C, eps_post, eps, DTYPE, HAS_DELTA,
@@ -170,8 +169,9 @@ def _qkv_kernel(R, DELTA, W_POST, W_IN, X_OUT, W, QN, KN, POS, INV_FREQ, Q, K_CA
     lo_r, hi_r = lo * cos - hi * sin, hi * cos + lo * sin
     lo = tl.where(is_v, lo, lo_r)
     hi = tl.where(is_v, hi, hi_r)
-    # q to its buffer (B, H, 1, D); k and v into slot `slot` of the cache (B, K, S, D). Each program stores
+    # q to its buffer (B, H, 1, D); k and v into their slot of the cache (B, K, S, D). Each program stores
     # through one of the three: the others' masks are empty (a lane limit of 0)
+    slot = tl.load(INDEX) % S
     is_k = (p >= H) & (p < H + KV)
     q_at = Q + (m * H + p) * (2 * HALF) + i
     tl.store(q_at, lo.to(DTYPE), mask=i < tl.where(is_q, HALF, 0))
@@ -381,7 +381,10 @@ class DecoderLayer(gemma.DecoderLayer):
         if cache.length != pos.start:
             raise ValueError(f"this layer's cache holds {cache.length} tokens but the new ones start at index "
                              f"{pos.start}: the model's Cache and its layers' caches disagree")
-        slot, k_all, v_all, keys = cache.claim_one()
+        cache.claim_one()  # the host's count, and the check that the token fits; the kernels find the slot
+        # Every launch below reads the token's index from the device (pos.index, (1,)) and sees the whole
+        # static cache: the step's arguments are the same at every step, so a CUDA graph can replay it
+        ring = isinstance(cache, RingKVCache)
         # 1. norm(residual) -> q, k, v with QK-norm and RoPE; k and v into the cache
         x = torch.empty(M, C, dtype=dtype, device=device)  # this layer's input, materialised
         q = torch.empty(M, H, 1, D, dtype=dtype, device=device)
@@ -394,14 +397,14 @@ class DecoderLayer(gemma.DecoderLayer):
         cfg = blocks("qkv", D, INTERPRET)
         _qkv_kernel[(H + 2 * KV, M)](
             R, DELTA, W_POST, self.input_layernorm.weight, x, w, qn, kn, positions, attn.rotary.frequencies(device),
-            q, cache.k, cache.v, C, H, KV, slot, w.stride(0), positions.stride(0), *cache.k.stride()[:3],
+            pos.index, q, cache.k, cache.v, C, H, KV, cache.k.shape[2], w.stride(0), positions.stride(0),
+            *cache.k.stride()[:3],
             *cache.v.stride()[:3], eps_post, self.input_layernorm.eps, eps_qk,
             DTYPE=DT, HAS_DELTA=has_delta, POST_NORM=post_norm, QK_NORM=attn.qk_norm, HALF=D // 2, **cfg)
         # 2. split-K attention over the cache
         o_part, lse_part = attention_kernels.decode_partials(
-            q, k_all, v_all, q_index=pos.start, scale=attn.scale, softcap=attn.softcap, causal=True,
-            window=attn.window, k_first=keys.first, k_index=attn.key_index(keys, pos),
-            positions=pos.positions if pos.packed else None)
+            q, cache.k, cache.v, q_index=pos.index, scale=attn.scale, softcap=attn.softcap, causal=True,
+            window=attn.window, ring=ring, positions=pos.positions if pos.packed else None)
         # 3. combine the splits -> o_proj
         d_attn = torch.empty(M, C, dtype=dtype, device=device)
         w = attn.o_proj.weight
