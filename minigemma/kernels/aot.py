@@ -81,7 +81,7 @@ class Job:
                            self.num_warps, self.num_stages], default=str)
 
 
-def _tl_name(v):
+def tl_name(v):
     """A constexpr as it goes into the table and the compile: tl dtypes by name."""
     return str(v).replace("triton.language.", "") if not isinstance(v, (bool, int, float, str)) else v
 
@@ -134,7 +134,7 @@ def jobs_for(props, target: str, models: tuple[str, ...] | None = None,
     jobs: list[Job] = []
 
     def add(kernel, kind, types, constexprs, warps, stages, who):
-        jobs.append(Job(kernel, kind, target, types, {k: _tl_name(v) for k, v in constexprs.items()}, warps,
+        jobs.append(Job(kernel, kind, target, types, {k: tl_name(v) for k, v in constexprs.items()}, warps,
                         stages, [who]))
 
     m = "minigemma.kernels."
@@ -383,11 +383,30 @@ def _signature(fn, types: dict, constexprs: dict):
             if isinstance(v, str) and n != "PRECISION" and v in names:  # a tl dtype, by its name
                 v = getattr(tl, names[v])
             cx[n] = v
-        else:
-            sig[n] = types.get(n, "i32")
-            if _aligned(n, sig[n]) and sig[n] != "fp32":
+        else:  # "i32:16": an integer the JIT would see as a multiple of 16 (a learner's launch, `gpu_report`)
+            sig[n], _, div = types.get(n, "i32").partition(":")
+            if (div == "16" or _aligned(n, sig[n])) and sig[n] != "fp32":
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, cx, attrs
+
+
+def _ptx_facts(ptx: str, has_dot: bool) -> dict:
+    """What the PTX says: what `tl.dot` became (wgmma, mma, fma: float32 "ieee" products on the CUDA cores,
+    or - for a kernel without one), and the global loads by width in bytes ({"16": 4, "4": 2}: four 128-bit
+    load instructions and two 32-bit ones, per thread)."""
+    dot = "wgmma" if "wgmma.mma_async" in ptx else "mma" if re.search(r"\bmma\.sync", ptx) else \
+        ("fma" if has_dot else "-")
+    loads: dict[int, int] = {}
+    for vec, bits in re.findall(r"\bld\.global(?:\.[A-Za-z0-9_:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx):
+        width = int(vec or 1) * int(bits) // 8
+        loads[width] = loads.get(width, 0) + 1
+    copies: dict[int, int] = {}  # cp.async: global -> shared memory without registers, what num_stages pipelines
+    for width in re.findall(r"\bcp\.async\.c[ag]\.shared\.global(?:\.[A-Za-z0-9_:]+)*\s*\[[^\]]*\],\s*\[[^\]]*\],"
+                            r"\s*(0x[0-9a-fA-F]+|\d+)", ptx):
+        copies[int(width, 0)] = copies.get(int(width, 0), 0) + 1
+    return dict(dot=dot, loads={str(k): v for k, v in sorted(loads.items())},
+                async_copies={str(k): v for k, v in sorted(copies.items())},
+                tma=len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)))
 
 
 def compile_one(job: dict) -> dict:
@@ -412,8 +431,11 @@ def compile_one(job: dict) -> dict:
                            options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
         ptx = k.asm["ptx"]
         res["shared"] = int(k.metadata.shared)
-        res["dot"] = "wgmma" if "wgmma.mma_async" in ptx else "mma" if re.search(r"\bmma\.sync", ptx) else \
-            ("fma" if "PRECISION" in job["constexprs"] else "-")  # the kernels with a tl.dot take PRECISION
+        import inspect
+
+        # the package's kernels with a tl.dot take PRECISION; another kernel (a learner's) is read from its source
+        has_dot = "PRECISION" in job["constexprs"] or "tl.dot(" in inspect.getsource(fn.fn)
+        res.update(_ptx_facts(ptx, has_dot))
         with tempfile.TemporaryDirectory() as d:
             p = Path(d) / "k.ptx"
             p.write_text(ptx)
@@ -440,11 +462,20 @@ def compile_one(job: dict) -> dict:
 
 
 def _source_hash() -> str:
+    """What a compile's result depends on besides its job: Triton's version, the modules that define
+    @triton.jit code (a kernel and the helpers it calls) and this module's compile path. Host-only modules
+    (the cost model, the benchmarks, the CUDA graph) are left out: editing them keeps the cache."""
+    import inspect
+
     import triton
 
     h = hashlib.sha256(triton.__version__.encode())
     for p in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(p.name.encode() + p.read_bytes())
+        text = p.read_bytes()
+        if re.search(rb"^@triton\.jit", text, re.M):
+            h.update(p.name.encode() + text)
+    for fn in (compile_one, _signature, _aligned, _ptx_facts):
+        h.update(inspect.getsource(fn).encode())
     return h.hexdigest()[:16]
 
 
