@@ -226,3 +226,64 @@ def test_grader_survives_a_hanging_and_a_raising_notebook(tmp_path):
                                                               ("00_after.ipynb", "00.softmax")]
     assert not rows[0]["passed"] and "longer than" in rows[0]["note"]
     assert not rows[1]["passed"] and "never ran" in rows[1]["note"], rows[1]
+
+
+def test_a_grade_cannot_be_forged_from_the_notebook(tmp_path):
+    """What a notebook prints or writes is not a result: a fake report line in the old format, a fake
+    PASS printed, a function that replaces torch.allclose or the module's compare, a Tensor subclass that
+    answers "equal", and a loop that swallows the time limit with `except Exception` all fail."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("import json, os, torch\nfrom minigemma.grading import check, get\n"
+                                  "from minigemma.grading import core\nget('00.softmax').timeout_s = 1"),
+        nbformat.v4.new_code_cell(  # every way of claiming a pass without a softmax
+            "for name in ('00.softmax',):\n"
+            "    line = json.dumps({'name': name, 'passed': True, 'n_cases': 5, 'n_passed': 5, 'failure': None})\n"
+            "    print(line); print('✅ PASS 00.softmax: 5/5 cases')\n"
+            "    for var in ('MINIGEMMA_GRADE_REPORT', 'MINIGEMMA_GRADING'):\n"
+            "        if os.environ.get(var, '').endswith('.jsonl'):\n"
+            "            open(os.environ[var], 'a').write(line + '\\n')\n"
+            "core.compare = lambda *a, **k: None"),
+        nbformat.v4.new_code_cell("def softmax(x):\n    torch.allclose = lambda *a, **k: True\n    return x"),
+        nbformat.v4.new_code_cell("check('00.softmax', softmax)"),
+    ]
+    nbformat.write(nb, str(tmp_path / "00_forged.ipynb"))
+    subclass = nbformat.v4.new_notebook()
+    subclass.cells = [nbformat.v4.new_code_cell(
+        "import torch\nfrom minigemma.grading import check\n"
+        "class Yes(torch.Tensor):\n"
+        "    @classmethod\n"
+        "    def __torch_function__(cls, func, types, args=(), kwargs=None):\n"
+        "        return True\n"
+        "def softmax(x):\n    return torch.zeros_like(x).as_subclass(Yes)\n"
+        "check('00.softmax', softmax)")]
+    nbformat.write(subclass, str(tmp_path / "00_subclass.ipynb"))
+    swallow = nbformat.v4.new_notebook()
+    swallow.cells = [nbformat.v4.new_code_cell(
+        "from minigemma.grading import check, get\nget('00.softmax').timeout_s = 1\n"
+        "def softmax(x):\n    while True:\n        try:\n            sum(range(10**6))\n"
+        "        except Exception:\n            pass\n"
+        "check('00.softmax', softmax)")]
+    nbformat.write(swallow, str(tmp_path / "00_swallow.ipynb"))
+    rows = _grade([tmp_path / "00_forged.ipynb", tmp_path / "00_subclass.ipynb", tmp_path / "00_swallow.ipynb"])
+    assert [r["passed"] for r in rows] == [False, False, False], rows
+    assert "replaced torch.allclose" in rows[0]["note"], rows[0]
+    assert "subclass" in rows[1]["note"], rows[1]
+    assert "longer than" in rows[2]["note"], rows[2]
+
+
+def test_the_check_refuses_replaced_tools_and_puts_them_back():
+    original = torch.allclose
+
+    def cheats(x):
+        torch.allclose = lambda *a, **k: True
+        return x
+
+    r = core.run_check("00.softmax", cheats, seed=0)
+    assert not r.passed and "replaced torch.allclose" in r.failure["error"] and torch.allclose is original
+    core.compare = lambda *a, **k: None  # replaced before a check: refused, put back
+    r = core.run_check("00.softmax", cheats, seed=0)
+    assert not r.passed and "had been replaced" in r.failure["error"]
+    assert core.run_check("00.softmax", lambda x: torch.softmax(x, -1), seed=0).passed

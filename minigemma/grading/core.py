@@ -23,7 +23,7 @@ import torch
 
 from .exercise import EXERCISES, Case, Exercise, clone_inputs, register  # noqa: F401  (the public API)
 
-REPORT_ENV = "MINIGEMMA_GRADE_REPORT"  # the grader sets it; check() appends one JSON line per run
+GRADING_ENV = "MINIGEMMA_GRADING"  # set by `python -m minigemma grade`: it runs every check itself, at the end
 
 
 @dataclass
@@ -71,6 +71,8 @@ def compare(expected: Any, got: Any, atol: float, rtol: float, exact_types: bool
     if isinstance(expected, torch.Tensor):
         if not isinstance(got, torch.Tensor):
             return f"expected a tensor, got {type(got).__name__}"
+        if type(got) not in (torch.Tensor, torch.nn.Parameter):  # its own __torch_function__ could answer anything
+            return f"expected a plain torch.Tensor, got an instance of the subclass {type(got).__name__}"
         if tuple(got.shape) != tuple(expected.shape):
             return f"shape {tuple(got.shape)} != expected {tuple(expected.shape)}"
         if expected.dtype == torch.bool and got.dtype != torch.bool:
@@ -140,6 +142,8 @@ def _size(x: Any) -> int:
 
 
 def _describe(x: Any, limit: int = 6) -> str:
+    if isinstance(x, torch.Tensor) and type(x) not in (torch.Tensor, torch.nn.Parameter):
+        return f"an instance of the tensor subclass {type(x).__name__}"  # its own ops could do anything
     if isinstance(x, torch.Tensor):
         head = x.flatten()[:limit].tolist()
         head = [round(v, 4) if isinstance(v, float) else v for v in head]
@@ -153,10 +157,46 @@ def _describe(x: Any, limit: int = 6) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# What a check relies on, guarded
+# --------------------------------------------------------------------------------------------
+# The comparison runs in the learner's process, after the learner's code: a function of theirs that
+# replaced torch.allclose (or this module's compare) would pass every case. The originals are
+# recorded here; a check refuses to run with any of them replaced, and fails a case that replaces one
+# (restoring it). A determined learner can still defeat an in-process check: this closes the easy ways.
+_TORCH_FUNCTIONS = ("allclose", "equal", "isfinite", "isnan", "isposinf", "where", "zeros_like", "full_like")
+_TENSOR_METHODS = ("double", "detach", "abs", "to", "isnan", "isposinf", "__sub__", "__ne__", "__eq__")
+
+
+def _originals() -> dict:
+    found = {(torch, n): getattr(torch._C._VariableFunctions, n, None) or getattr(torch, n) for n in _TORCH_FUNCTIONS}
+    found.update({(torch.Tensor, n): torch.Tensor.__dict__.get(n, getattr(torch.Tensor, n)) for n in _TENSOR_METHODS})
+    return found
+
+
+_ORIGINALS = _originals()
+
+
+def _replaced() -> list[str]:
+    """The guarded functions that are not the originals any more (and they are put back)."""
+    out = []
+    for (owner, n), f in _ORIGINALS.items():
+        if getattr(owner, n) is not f:
+            out.append(f"{'torch' if owner is torch else 'torch.Tensor'}.{n}")
+            setattr(owner, n, f)
+    module = globals()
+    for n, f in _OWN.items():
+        if module[n] is not f:
+            out.append(f"minigemma.grading.core.{n}")
+            module[n] = f
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Running a check
 # --------------------------------------------------------------------------------------------
-class ExerciseTimeout(Exception):
-    pass
+class ExerciseTimeout(BaseException):
+    """The check's time limit. A BaseException, so that `except Exception:` in the learner's code does not
+    swallow it; it fires again every second until the check ends, for a loop that catches it anyway."""
 
 
 @contextlib.contextmanager
@@ -171,7 +211,7 @@ def _time_limit(seconds: float):
         raise ExerciseTimeout(f"took longer than {seconds:g} s (an endless loop?)")
 
     old = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
     try:
         yield
     finally:
@@ -187,6 +227,11 @@ def run_check(name: str, fn: Callable[..., Any], seed: int | None = None) -> Res
     """
     ex = get(name)
     seed = int(time.time_ns() % 2**31) if seed is None else seed
+    replaced = _replaced()
+    if replaced:
+        return Result(name, False, 0, 0, {"case": "(before any case)", "seed": seed, "error": (
+            f"{', '.join(replaced)} had been replaced before this check: put back, but this run does not count "
+            "(run the check again, without code that replaces the checking tools)")})
     cases = ex.cases(seed)
     n_passed, failure, n_failed = 0, None, 0
     try:
@@ -228,18 +273,27 @@ def _run_case(ex: Exercise, case: Case, expected: Any, fn: Callable[..., Any]) -
         if isinstance(e, KeyboardInterrupt):
             raise
         return {"error": traceback.format_exception_only(type(e), e)[-1].strip()}
+    replaced = _replaced()
+    if replaced:
+        return {"error": f"the function replaced {', '.join(replaced)}, which the check uses to compare: not "
+                         "allowed (put back)"}
     atol = ex.atol if case.atol is None else case.atol
     rtol = ex.rtol if case.rtol is None else case.rtol
     why = compare(expected, got, atol, rtol, ex.exact_types)
     return None if why is None else {"got": _describe(got), "why": why}
 
 
-def _report(result: Result) -> None:
-    path = os.environ.get(REPORT_ENV)
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps({"name": result.name, "passed": result.passed, "n_cases": result.n_cases,
-                                "n_passed": result.n_passed, "failure": result.failure}) + "\n")
+def graded(name: str, obj: Any) -> str:
+    """What `python -m minigemma grade` runs for exercise `name` after the notebook: the check on `obj` (the
+    learner's function, or kernel for a kernel exercise), as one JSON line."""
+    ex = get(name)
+    try:
+        result = run_check(name, ex.launch(obj) if ex.launch is not None else obj)
+    except BaseException as e:  # noqa: BLE001 - whatever the learner's object did, the grade is a failure
+        result = Result(name, False, 0, 0, {"case": "(the check could not run)",
+                                            "error": traceback.format_exception_only(type(e), e)[-1].strip()})
+    return json.dumps({"name": result.name, "passed": result.passed, "n_cases": result.n_cases,
+                       "n_passed": result.n_passed, "failure": result.failure}, default=str)
 
 
 def format_result(result: Result) -> str:
@@ -255,8 +309,10 @@ def format_result(result: Result) -> str:
 
 def check(name: str, fn: Callable[..., Any], seed: int | None = None) -> Result:
     """Check the learner's `fn` for exercise `name` and print pass/fail with the first failing case."""
+    if os.environ.get(GRADING_ENV):  # the grader runs every check itself once the notebook has run
+        print(f"{name}: graded after the notebook has run")
+        return Result(name, False, 0, 0, {"case": "(graded after the notebook has run)"}, printed=True)
     result = run_check(name, fn, seed)
-    _report(result)
     print(format_result(result))
     result.printed = True
     return result
@@ -275,3 +331,6 @@ def hint(name: str) -> None:
     """Print the hint of exercise `name` (e.g. hint("01.rope"))."""
     ex = get(name)
     print(f"💡 {name}: {ex.hint or 'no hint for this one: re-read the statement above the cell.'}")
+
+
+_OWN = {n: globals()[n] for n in ("compare", "run_check", "_run_case", "_describe", "format_result", "graded")}

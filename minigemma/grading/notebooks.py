@@ -4,8 +4,9 @@
 code between `### BEGIN SOLUTION` and `### END SOLUTION` becomes `# YOUR CODE HERE` and
 `raise NotImplementedError()`, at the same indentation, and outputs are cleared.
 
-`grade` executes notebooks in a fresh kernel, collects what each `check(...)` reported, and
-scores every exercise of the notebook's chapter. A learner's exception, a cell that never ran,
+`grade` executes notebooks in a fresh kernel and scores every exercise of the notebook's chapter: the
+notebook's own `check(...)` calls only say that they are graded, and right after each the grader runs
+the check itself, in a cell of its own, on what the call hands over (`grade_notebook`). A learner's exception, a cell that never ran,
 or a time-out is that exercise's failure; it never stops the grader. With no notebook named it
 grades every exercise notebook and prints the learner's progress.
 
@@ -20,11 +21,10 @@ import json
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 from ..atomic import write_atomic
-from .core import REPORT_ENV, exercises_for
+from .core import exercises_for
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,25 +101,81 @@ def chapter_of(path: Path) -> str:
     return m.group(1)
 
 
+_GRADE_CELL = """\
+import importlib.util as _grade_util
+_grade_spec = _grade_util.spec_from_file_location("minigemma.grading._graded_core", {core!r})
+_grade_core = _grade_util.module_from_spec(_grade_spec)
+__import__("sys").modules[_grade_spec.name] = _grade_core
+_grade_spec.loader.exec_module(_grade_core)  # a fresh copy: what the notebook's code did to the module is not in it
+try:
+    _grade_obj = {func}
+except NameError:
+    print({nonce!r} + __import__("json").dumps({{"name": {name!r}, "missing": {func!r}}}))
+else:
+    print({nonce!r} + _grade_core.graded({name!r}, _grade_obj))
+"""
+
+
+def _check_calls(nb) -> dict[str, str]:
+    """exercise name -> the name of what its check(...) or check_kernel(...) call hands over, from every code cell."""
+    found = {}
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            for ex, func in _CHECK_CALL.findall(_source(cell)):
+                found.setdefault(ex, func)
+    return found
+
+
 def grade_notebook(path: Path, cell_timeout: float = 120.0) -> list[dict]:
-    """Execute one notebook and return a row per exercise of its chapter."""
+    """Execute one notebook and return a row per exercise of its chapter.
+
+    The notebook runs as it is, in a fresh kernel, with its own check(...) calls switched off; after each of
+    them the grader inserts a cell of its own that runs the check on what that call hands over (the learner's
+    function or kernel), with a fresh copy of the grading code, and prints the result behind a random marker.
+    Nothing the notebook writes or prints can stand for a result."""
+    import secrets
+
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
+    from . import core
     from .forked_kernels import ForkedKernelManager
 
     path = Path(path)
     expected = [ex.name for ex in exercises_for(chapter_of(path))]
     nb = nbformat.read(str(path), as_version=4)
-    fd, report = tempfile.mkstemp(suffix=".jsonl", prefix="grade-")
-    os.close(fd)
-    old = os.environ.get(REPORT_ENV)
-    os.environ[REPORT_ENV] = report  # the kernel inherits it
+    calls = _check_calls(nb)
+    pristine = Path(ROOT / "solutions" / path.name)
+    if any(name not in calls for name in expected) and pristine.is_file():  # a check cell removed: the stub's name
+        for ex, func in _check_calls(exercise_notebook(json.loads(pristine.read_text()))).items():
+            calls.setdefault(ex, func)
+    nonce = f"[grade {secrets.token_hex(8)}] "
+
+    def grade_cell(name):
+        cell = nbformat.v4.new_code_cell(_GRADE_CELL.format(core=core.__file__, func=calls[name], nonce=nonce,
+                                                            name=name))
+        cell.metadata["minigemma_grade"] = True
+        return cell
+
+    # each exercise is graded right after the notebook's own check of it, on what its name holds there (a later
+    # cell may rebind the name, e.g. to the package's function); an exercise whose check cell is gone, at the end
+    cells, placed = [], set()
+    for cell in nb.cells:
+        cells.append(cell)
+        if cell.cell_type == "code":
+            for ex, _ in _CHECK_CALL.findall(_source(cell)):
+                if ex in expected and ex not in placed:
+                    cells.append(grade_cell(ex))
+                    placed.add(ex)
+    cells += [grade_cell(name) for name in expected if name in calls and name not in placed]
+    nb.cells = cells
+    old = os.environ.get(core.GRADING_ENV)
+    os.environ[core.GRADING_ENV] = "1"  # the kernel inherits it: the notebook's own checks only say so
     problem = None
     try:
         # The kernel is forked with torch already imported, not started anew (about 2 s less per notebook),
-        # and killed once its last cell has run: every check has written its report by then.
+        # and killed once its last cell has run.
         client = NotebookClient(nb, kernel_manager_class=ForkedKernelManager, kernel_name="python3",
                                 timeout=cell_timeout, allow_errors=True, interrupt_on_timeout=True,
                                 shutdown_kernel="immediate", resources={"metadata": {"path": str(path.parent)}})
@@ -129,21 +185,33 @@ def grade_notebook(path: Path, cell_timeout: float = 120.0) -> list[dict]:
             problem = f"a cell ran past {cell_timeout:g} s: {e}"
         except DeadKernelError as e:
             problem = f"the kernel died: {e}"
-        reported: dict[str, dict] = {}
-        for line in Path(report).read_text().splitlines():
-            rec = json.loads(line)
-            reported[rec["name"]] = rec  # the last run of a check counts
     finally:
-        os.unlink(report)
         if old is None:
-            os.environ.pop(REPORT_ENV, None)
+            os.environ.pop(core.GRADING_ENV, None)
         else:
-            os.environ[REPORT_ENV] = old
+            os.environ[core.GRADING_ENV] = old
+    reported: dict[str, dict] = {}
+    for cell in nb.cells:
+        if not cell.metadata.get("minigemma_grade"):
+            continue
+        for out in cell.get("outputs", []):
+            for line in (out.get("text") or "").splitlines():
+                if line.startswith(nonce):
+                    try:
+                        rec = json.loads(line[len(nonce):])
+                    except json.JSONDecodeError:
+                        continue
+                    reported[rec.get("name")] = rec
     rows = []
     for name in expected:
         rec = reported.get(name)
-        if rec is None:
-            why = problem or "its check(...) never ran (an earlier cell failed, or the cell was removed)"
+        if rec is None or "missing" in rec:
+            if rec is not None:
+                why = f"its check never ran: `{rec['missing']}` is not defined (an earlier cell failed, or was removed)"
+            elif name not in calls:
+                why = "its check never ran: no check(...) cell for it in this notebook"
+            else:
+                why = problem or "its check never ran (the kernel stopped before the grader's cells)"
             rows.append({"notebook": path.name, "exercise": name, "passed": False, "cases": "-", "note": why})
         else:
             fail = rec["failure"] or {}
@@ -228,7 +296,7 @@ def grade_main(argv: list[str]) -> int:
 # --------------------------------------------------------------------------------------------
 # Resetting one exercise
 # --------------------------------------------------------------------------------------------
-_CHECK_CALL = re.compile(r"""check\(\s*["']([0-9]{2}\.\w+)["']\s*,\s*([A-Za-z_]\w*)""")
+_CHECK_CALL = re.compile(r"""check(?:_kernel)?\(\s*["']([0-9]{2}\.\w+)["']\s*,\s*([A-Za-z_]\w*)""")
 
 
 def _source(cell: dict) -> str:
