@@ -383,9 +383,11 @@ def _signature(fn, types: dict, constexprs: dict):
             if isinstance(v, str) and n != "PRECISION" and v in names:  # a tl dtype, by its name
                 v = getattr(tl, names[v])
             cx[n] = v
-        else:  # "i32:16": an integer the JIT would see as a multiple of 16 (a learner's launch, `gpu_report`)
-            sig[n], _, div = types.get(n, "i32").partition(":")
-            if (div == "16" or _aligned(n, sig[n])) and sig[n] != "fp32":
+        elif n in constexprs:  # a runtime argument the JIT compiles as a constant (an int equal to 1)
+            sig[n], cx[n] = "constexpr", constexprs[n]
+        else:  # "i32:16" / "i32:1": said outright whether the JIT would see a multiple of 16 (`gpu_report`)
+            sig[n], said, div = types.get(n, "i32").partition(":")
+            if (div == "16" if said else _aligned(n, sig[n])) and sig[n] != "fp32":
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, cx, attrs
 

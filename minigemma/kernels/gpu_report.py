@@ -153,7 +153,7 @@ def _job(kernel, args, constexprs, target, num_warps, num_stages, helpers) -> ao
     missing = [n for n in wanted if n not in constexprs]
     if missing:
         raise ValueError(f"{fn.__name__}: give the constexpr(s) {', '.join(missing)} by name")
-    types = {}
+    types, constants = {}, {}
     for name, a in zip(runtime, args):
         if isinstance(a, torch.Tensor):
             if a.dtype not in _TYPES:
@@ -161,8 +161,10 @@ def _job(kernel, args, constexprs, target, num_warps, num_stages, helpers) -> ao
             types[name] = "*" + _TYPES[a.dtype]
         elif isinstance(a, bool):
             types[name] = "i1"
-        elif isinstance(a, int):  # as the JIT specialises it: a multiple of 16 is marked so (1 is not special-cased)
-            types[name] = ("i64" if abs(a) >= 2 ** 31 else "i32") + (":16" if a % 16 == 0 else "")
+        elif isinstance(a, int) and a == 1:  # as the JIT specialises it: 1 becomes a constant (a unit stride)
+            constants[name] = 1
+        elif isinstance(a, int):  # and a multiple of 16 is marked so (what vectorised loads need to know)
+            types[name] = ("i64" if abs(a) >= 2 ** 31 else "i32") + (":16" if a % 16 == 0 else ":1")
         elif isinstance(a, float):
             types[name] = "fp32"
         else:
@@ -176,7 +178,8 @@ def _job(kernel, args, constexprs, target, num_warps, num_stages, helpers) -> ao
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, source)
     return aot.Job(f"{path}:{fn.__name__}", "forward", target, types,
-                   {k: aot.tl_name(v) for k, v in constexprs.items()}, num_warps, num_stages, [fn.__name__])
+                   {k: aot.tl_name(v) for k, v in {**constants, **constexprs}.items()}, num_warps, num_stages,
+                   [fn.__name__])
 
 
 def _compile(jobs: list[aot.Job], workers: int) -> list[dict]:
@@ -222,7 +225,8 @@ def gpu_reports(calls: list[tuple], workers: int = 2) -> list[Report]:
 def gpu_report(kernel, *args, target: str = "sm_90", num_warps: int = 4, num_stages: int = 3, helpers=(),
                **constexprs) -> Report:
     """Compile `kernel` for `target` (no GPU needed) with these launch arguments: tensors give their
-    pointer types, ints and floats theirs, constexprs come by name. Returns its `Report`."""
+    pointer types, ints and floats theirs (an int equal to 1 becomes a constant and a multiple of 16 is
+    marked so, as Triton's JIT specialises a launch), constexprs come by name. Returns its `Report`."""
     return gpu_reports([(kernel, args, dict(constexprs, target=target, num_warps=num_warps,
                                             num_stages=num_stages, helpers=helpers))], workers=1)[0]
 

@@ -1,9 +1,11 @@
 """Wrong kernel bodies for chapter 12's exercises, each run through its exercise's launcher.
 
 Plain functions written against triton.language: the launcher runs them in Triton's interpreter,
-as it runs the learner's @triton.jit kernels.
+as it runs the learner's @triton.jit kernels. 12.tile_for_h100 compiles its kernels for an H100, which
+reads their source: those are @triton.jit kernels of their own (no helper), each paired with a tile.
 """
 
+import triton
 import triton.language as tl
 
 from minigemma.grading.checks.ch12 import launch
@@ -196,6 +198,178 @@ def scan_stores_the_previous_state(a_ptr, b_ptr, h0_ptr, h_ptr, T, D, BLOCK_D: t
     _scan(a_ptr, b_ptr, h0_ptr, h_ptr, T, D, BLOCK_D, store="before")
 
 
+# 7. tiled matmul -------------------------------------------------------------------------------
+def _mm(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, BLOCK_M, BLOCK_N, BLOCK_K, k_mask=True,
+        store_mask=True, strides="given", advance=True, n_block="BLOCK_N", k_mask_at="k0 + rk", accumulate=True,
+        acc_in="float32"):
+    if strides == "contiguous":
+        s_am, s_ak, s_bk, s_bn, s_cm, s_cn = K, 1, N, 1, N, 1
+    elif strides == "unit columns":
+        s_ak, s_bn, s_cn = 1, 1, 1
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * (BLOCK_N if n_block == "BLOCK_N" else BLOCK_M) + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk if advance else rk
+        in_k = (k if k_mask_at == "k0 + rk" else rk) < K
+        if not k_mask:
+            in_k = k >= 0
+        a = tl.load(a_ptr + rm[:, None] * s_am + k[None, :] * s_ak, mask=(rm[:, None] < M) & in_k[None, :], other=0.0)
+        b = tl.load(b_ptr + k[:, None] * s_bk + rn[None, :] * s_bn, mask=in_k[:, None] & (rn[None, :] < N), other=0.0)
+        if not accumulate:
+            acc = tl.dot(a, b)
+        elif acc_in == "float32":
+            acc += tl.dot(a, b)
+        else:  # rounded to the inputs' dtype at every step, as a bf16 accumulator is
+            acc = (acc + tl.dot(a, b)).to(a_ptr.dtype.element_ty)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn, acc, mask=mask if store_mask else rm[:, None] >= 0)
+
+
+def mm_no_k_mask(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _mm(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, BLOCK_M, BLOCK_N, BLOCK_K, k_mask=False)
+
+
+def mm_store_not_masked(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _mm(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, BLOCK_M, BLOCK_N, BLOCK_K, store_mask=False)
+
+
+def mm_assumes_contiguous(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _mm(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, BLOCK_M, BLOCK_N, BLOCK_K,
+        strides="contiguous")
+
+
+def mm_column_strides_taken_as_1(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _mm(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, BLOCK_M, BLOCK_N, BLOCK_K,
+        strides="unit columns")
+
+
+def mm_k_offset_never_advances(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _mm(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, BLOCK_M, BLOCK_N, BLOCK_K, advance=False)
+
+
+def mm_column_offsets_use_block_m(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _mm(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, BLOCK_M, BLOCK_N, BLOCK_K,
+        n_block="BLOCK_M")
+
+
+def mm_k_mask_without_the_tile_offset(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
+                                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _mm(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, BLOCK_M, BLOCK_N, BLOCK_K, k_mask_at="rk")
+
+
+def mm_keeps_only_the_last_k_tile(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _mm(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, BLOCK_M, BLOCK_N, BLOCK_K,
+        accumulate=False)
+
+
+def mm_accumulates_in_the_input_dtype(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
+                                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _mm(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, BLOCK_M, BLOCK_N, BLOCK_K, acc_in="input")
+
+
+# 8. a tile for an H100: @triton.jit kernels of their own (the compiler reads their source) -----
+@triton.jit
+def matmul_right(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptr + rm[:, None] * stride_am + (k0 + rk)[None, :] * stride_ak,
+                    mask=(rm[:, None] < M) & ((k0 + rk)[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + (k0 + rk)[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=((k0 + rk)[:, None] < K) & (rn[None, :] < N), other=0.0)
+        acc += tl.dot(a, b)
+    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def matmul_float32_ieee_products(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
+                                 stride_cn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Right in the interpreter (12.tiled_matmul passes it), slow on an H100: float32 "ieee" products are FMAs
+    on the CUDA cores, not tensor-core instructions."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptr + rm[:, None] * stride_am + (k0 + rk)[None, :] * stride_ak,
+                    mask=(rm[:, None] < M) & ((k0 + rk)[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + (k0 + rk)[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=((k0 + rk)[:, None] < K) & (rn[None, :] < N), other=0.0)
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def matmul_bf16_accumulator(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
+                            stride_cn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The accumulator in the inputs' dtype: the interpreter promotes `acc + dot` to float32 and goes on (it passes
+    12.tiled_matmul); the compiler refuses a loop variable whose type changes."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=a_ptr.dtype.element_ty)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptr + rm[:, None] * stride_am + (k0 + rk)[None, :] * stride_ak,
+                    mask=(rm[:, None] < M) & ((k0 + rk)[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + (k0 + rk)[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=((k0 + rk)[:, None] < K) & (rn[None, :] < N), other=0.0)
+        acc += tl.dot(a, b)
+    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def matmul_with_moving_pointers(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
+                                stride_cn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Triton's tutorial way: pointer blocks built once and moved along K, the K mask against what is left."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        left = K - k0 * BLOCK_K
+        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < left), other=0.0)
+        b = tl.load(b_ptrs, mask=(rk[:, None] < left) & (rn[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    c = acc.to(c_ptr.dtype.element_ty)
+    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, c, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def _tile(m, n, k, warps, stages):
+    return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages)
+
+
+TILE_MUTANTS = [  # (label, kernel, tile): each breaks the rule its label names first
+    ("256 x 256 x 64 on 4 warps spills", matmul_right, _tile(256, 256, 64, 4, 3)),
+    ("128 x 256 x 128 in 3 stages exceeds shared memory", matmul_right, _tile(128, 256, 128, 8, 3)),
+    ("128 x 256 x 64 on 8 warps leaves 1 program per SM", matmul_right, _tile(128, 256, 64, 8, 3)),
+    ("32 x 32 x 32 is too small for wgmma", matmul_right, _tile(32, 32, 32, 4, 3)),
+    ("float32 ieee products do not use the tensor cores", matmul_float32_ieee_products, _tile(128, 128, 64, 8, 3)),
+    ("a bf16 accumulator does not compile", matmul_bf16_accumulator, _tile(128, 128, 64, 8, 3)),
+    ("BLOCK_N = 96 is not a power of two", matmul_right, _tile(128, 96, 64, 8, 3)),
+    ("a tile without num_stages", matmul_right, {k: v for k, v in _tile(128, 128, 64, 8, 3).items()
+                                                 if k != "num_stages"}),
+]
+
+
 # right answers written differently ------------------------------------------------------------
 def add_with_other_and_where(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
     start = tl.program_id(0) * BLOCK
@@ -266,6 +440,10 @@ def _m(name, *kernels):
     return [(k.__name__.replace("_", " "), launch(name, k)) for k in kernels]
 
 
+def _tiles(entries):
+    return [(label, launch("12.tile_for_h100", (kernel, tile))) for label, kernel, tile in entries]
+
+
 MUTANTS = {
     "12.vector_add": _m("12.vector_add", add_no_mask, add_mask_one_too_far, add_block_starts_one_late),
     "12.scale_columns": _m("12.scale_columns", scale_row_stride_is_width, scale_no_row_mask,
@@ -278,6 +456,11 @@ MUTANTS = {
                               lse_row_stride_is_v, lse_no_mask),
     "12.linear_scan": _m("12.linear_scan", scan_state_not_carried, scan_time_stride_one, scan_h0_ignored,
                          scan_stores_the_previous_state),
+    "12.tiled_matmul": _m("12.tiled_matmul", mm_no_k_mask, mm_store_not_masked, mm_assumes_contiguous,
+                          mm_column_strides_taken_as_1, mm_k_offset_never_advances, mm_column_offsets_use_block_m,
+                          mm_k_mask_without_the_tile_offset, mm_keeps_only_the_last_k_tile,
+                          mm_accumulates_in_the_input_dtype),
+    "12.tile_for_h100": _tiles(TILE_MUTANTS),
 }
 
 CORRECT = {
@@ -287,4 +470,9 @@ CORRECT = {
     "12.geglu_rows": _m("12.geglu_rows", geglu_tanh_from_exp),
     "12.online_logsumexp": _m("12.online_logsumexp", lse_max_first_then_the_sum),
     "12.linear_scan": _m("12.linear_scan", scan_with_moving_pointers),
+    "12.tiled_matmul": [("matmul with moving pointers", launch("12.tiled_matmul", matmul_with_moving_pointers)),
+                        ("matmul with float32 ieee products (right, if slow)",
+                         launch("12.tiled_matmul", matmul_float32_ieee_products))],
+    "12.tile_for_h100": _tiles([("moving pointers, 128 x 128 x 64 on 4 warps", matmul_with_moving_pointers,
+                                 _tile(128, 128, 64, 4, 3))]),
 }

@@ -11,9 +11,17 @@ program writes shows up too.
     check_kernel("12.vector_add", add_kernel)  ==  check("12.vector_add", launch("12.vector_add", add_kernel))
 
 (`check_kernel` is `minigemma.grading.check_kernel`: it finds the launcher on the exercise, `Exercise.launch`.)
+
+12.tile_for_h100 is the one check that runs nothing: it hands the real compiler the learner's matmul kernel
+of 12.tiled_matmul with the learner's tile, for an H100, and holds the compiler's report to five rules
+(`minigemma.kernels.gpu_report`, as chapter 12's section 4 uses it). Its "kernel" is the pair
+(kernel, tile), and its cases are the rules, so the first rule broken is the failure shown.
 """
 
 from __future__ import annotations
+
+import contextlib
+import inspect
 
 import torch
 
@@ -243,6 +251,188 @@ def _launch_linear_scan(kernel):
 
 
 # --------------------------------------------------------------------------------------------
+# 7. a tiled matrix multiply: tl.dot over K, masks on three dimensions, strides
+# --------------------------------------------------------------------------------------------
+MM_BLOCK_M, MM_BLOCK_N, MM_BLOCK_K = 16, 32, 32
+
+
+def _matmul_cases(seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def ragged(lo, hi, block):  # a size in [lo, hi) that is not a multiple of block
+        n = int(torch.randint(lo, hi, (1,), generator=g))
+        return n + 1 if n % block == 0 else n
+
+    M, N, K = ragged(49, 96, MM_BLOCK_M), ragged(71, 150, MM_BLOCK_N), ragged(101, 200, MM_BLOCK_K)
+    f32, bf16 = torch.float32, torch.bfloat16
+    cases = []
+    for label, M, N, K, layout, dtype in [
+        ("K = 8 < BLOCK_K = 32: the one K tile runs past K, so its loads need the K mask (and other=0.0)",
+         16, 32, 8, "contiguous", f32),
+        ("one tile exactly: M = 16, N = 32, K = 32", 16, 32, 32, "contiguous", f32),
+        ("M = 36, not a multiple of BLOCK_M = 16: the last row of tiles must mask rows >= M (loads and store)",
+         36, 32, 32, "contiguous", f32),
+        ("K = 64 = 2 × BLOCK_K: walk K in steps of BLOCK_K and add every K tile's product", 16, 32, 64,
+         "contiguous", f32),
+        ("K = 100, not a multiple of BLOCK_K = 32: the last K tile (4 wide) needs its mask, at its offset",
+         16, 32, 100, "contiguous", f32),
+        ("a 3 × 2 grid of whole tiles, M = 48, N = 64: program (p, q) computes rows p·16 … and columns q·32 …",
+         48, 64, 32, "contiguous", f32),
+        ("N = 70, not a multiple of BLOCK_N = 32: the last column of tiles must mask columns >= N (loads and "
+         "store)", 48, 70, 32, "contiguous", f32),
+        ("A, B and C transposed (views of contiguous (K, M), (N, K) and (N, M) matrices): address every "
+         "element through the strides", 32, 64, 64, "transposed", f32),
+        ("A, B and C slices of wider matrices: their rows are K + 3, N + 3 and N + 3 apart, not K, N and N",
+         32, 64, 64, "rows padded", f32),
+        ("bf16 A and B, K = 256: accumulate in float32 (a bf16 accumulator rounds away digits at every K step)",
+         16, 32, 256, "contiguous", bf16),
+        (f"M, N, K = {M}, {N}, {K}, drawn at random: ragged on all three", M, N, K, "contiguous", f32),
+    ]:
+        a, b = torch.randn(M, K, generator=g).to(dtype), torch.randn(K, N, generator=g).to(dtype)
+        cases.append(Case(label, (a, b), {"layout": layout}))
+    return cases
+
+
+def tiled_matmul_spec(a, b, layout):
+    """C = A @ B for A (M, K) and B (K, N), from its definition C[i, j] = Σ_k A[i, k] · B[k, j], in float32 (bf16
+    inputs at their exact values: what the tensor cores multiply, summed in float32). `layout` says how the
+    launcher lays A, B and C out in memory: it moves the elements, not C."""
+    products = a.float()[:, :, None] * b.float()[None, :, :]  # (M, K, N): every A[i, k] · B[k, j]
+    return products.sum(dim=1)
+
+
+def _launch_matmul(kernel):
+    def tiled_matmul(a, b, layout):
+        import minigemma.kernels  # noqa: F401  (TRITON_INTERPRET before Triton, when there is no GPU)
+        from minigemma.kernels.interpret import emulated_bf16
+
+        (M, K), N = a.shape, b.shape[1]
+        c = _nans(M, N)
+        if layout == "transposed":  # the same values, stored column by column
+            a, b, c = a.t().contiguous().t(), b.t().contiguous().t(), _nans(N, M).t()
+        elif layout == "rows padded":
+            a, b, c = _strided(a), _strided(b), _strided(c)
+        # bf16: the interpreter would multiply bf16 bit patterns as integers; emulated, tl.dot is the tensor cores'
+        with emulated_bf16() if a.dtype == torch.bfloat16 else contextlib.nullcontext():
+            _run(kernel, (_cdiv(M, MM_BLOCK_M), _cdiv(N, MM_BLOCK_N)), a, b, c, M, N, K, *a.stride(), *b.stride(),
+                 *c.stride(), BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_N, BLOCK_K=MM_BLOCK_K)
+        return c
+    return tiled_matmul
+
+
+# --------------------------------------------------------------------------------------------
+# 8. a tile for an H100: the real compiler's report on the learner's kernel, held to five rules
+# --------------------------------------------------------------------------------------------
+H100_SIZE = 4096  # M = N = K, bf16
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+TILE_RULES = {  # rule -> the case's label; in this order, so the first broken rule is the one shown
+    "compiles": "compiles for an H100 (sm_90): your kernel with your tile, bf16 A, B and C, M = N = K = 4096",
+    "wgmma": "tl.dot becomes wgmma, Hopper's tensor-core instruction (not mma.sync, not float32 FMAs)",
+    "no spills": "no spills: every value a thread keeps fits in its registers (at most 255)",
+    "shared memory": "shared memory per program within the 232,448 B (227 KiB) an H100 allows one program",
+    "2 programs per SM": "at least 2 programs resident per SM, so that one computes while another waits for memory",
+}
+
+
+def _tile_cases(seed):
+    return [Case(label, (rule,)) for rule, label in TILE_RULES.items()]
+
+
+def tile_rules_spec(rule):
+    """Every rule holds: the answer the check expects of each case."""
+    return True
+
+
+_TILE_REPORTS: dict = {}  # (source, globals read, tile) -> Report: one compile per tile in a process
+
+
+def _plain_globals(fn) -> tuple:
+    """The numbers (and constexprs) the kernel reads as globals: they are part of what is compiled."""
+    out = []
+    for n in fn.__code__.co_names:
+        v = fn.__globals__.get(n)
+        if isinstance(v, (bool, int, float)) or type(v).__name__ == "constexpr":
+            out.append((n, repr(getattr(v, "value", v))))
+    return tuple(out)
+
+
+def h100_report(kernel, tile: dict):
+    """The compiler's report on `kernel` (12.tiled_matmul's signature) launched with `tile` on contiguous bf16
+    A, B and C at M = N = K = 4096, for an H100 (sm_90); no GPU needed. Cached per process."""
+    from minigemma.kernels.gpu_report import gpu_report
+
+    fn = getattr(kernel, "fn", kernel)
+    key = (inspect.getsource(fn), _plain_globals(fn), tuple(sorted(tile.items())))
+    if key in _TILE_REPORTS:
+        return _TILE_REPORTS[key]
+    bf16, n = torch.empty(0, dtype=torch.bfloat16), H100_SIZE
+    blocks = {k: tile[k] for k in TILE_KEYS[:3]}
+    options = dict(target="sm_90", num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+    # contiguous A, B and C: strides (K, 1), (N, 1), (N, 1); gpu_report compiles the unit strides as constants,
+    # as Triton's JIT does, so the compiler sees that A's rows and B's columns are contiguous
+    report = _TILE_REPORTS[key] = gpu_report(kernel, bf16, bf16, bf16, n, n, n, n, 1, n, 1, n, 1, **options,
+                                             **blocks)
+    return report
+
+
+def _tile_problem(rule: str, r, tile: dict) -> str | None:
+    """Why the report `r` on `tile` breaks `rule` (None: it holds)."""
+    if not r.ok:
+        return f"it does not compile for an H100: {r.error}" if rule == "compiles" else \
+            "it does not compile (the first rule says why)"
+    bm, bn, bk, warps = (tile[k] for k in TILE_KEYS[:4])
+    p = r.props
+    if rule == "wgmma" and r.dot != "wgmma":
+        return {"mma": "tl.dot became mma.sync, Ampere's tensor-core instruction: wgmma works on warpgroups of 4 "
+                       "warps and 64-row slices of the A tile (num_warps a multiple of 4, BLOCK_M at least 64)",
+                "fma": "tl.dot became FMAs on the CUDA cores (float32 'ieee' products), not tensor-core "
+                       "instructions: give tl.dot the bf16 tiles as loaded (it accumulates in float32 itself)",
+                "-": "the compiled kernel has no tl.dot"}[r.dot]
+    if rule == "no spills" and r.spill_bytes:
+        return (f"it spills {r.spill_bytes:,} B per thread to local memory. The float32 accumulator alone is "
+                f"{bm} · {bn} / (32 · {warps}) = {bm * bn // (32 * warps)} registers per thread, of at most 255: a "
+                "smaller tile, or more warps")
+    if rule == "shared memory" and r.shared > p.smem_per_block:
+        return (f"one program needs {r.shared:,} B of shared memory, more than the {p.smem_per_block:,} B an H100 "
+                f"allows one program: it cannot launch. Each stage holds an A tile and a B tile, ({bm} + {bn}) · "
+                f"{bk} · 2 B = {(bm + bn) * bk * 2:,} B: fewer stages, or smaller tiles")
+    if rule == "2 programs per SM" and (r.programs_per_sm or 0) < 2:
+        n = r.programs_per_sm or 0
+        return (f"{n} program{'' if n == 1 else 's'} per SM, limited by {r.limited_by}. Two programs need at most "
+                f"{p.regs_per_sm // 2:,} registers each (registers per thread · 32 · num_warps) and "
+                f"{p.smem_per_sm // 2 - 1024:,} B of shared memory each (the SM's {p.smem_per_sm:,} B, less 1 KiB "
+                "per program)")
+    return None
+
+
+def _launch_tile(pair):
+    """(kernel, tile) -> the function the cases call: rule -> True, or an AssertionError saying why not."""
+    state = {}
+
+    def tile_for_h100(rule):
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise TypeError("12.tile_for_h100 checks the pair (your kernel, your tile): "
+                            "check_kernel(\"12.tile_for_h100\", (matmul_kernel, H100_TILE))")
+        kernel, tile = pair
+        if not isinstance(tile, dict) or set(tile) != set(TILE_KEYS) or \
+                not all(type(v) is int and v > 0 for v in tile.values()):
+            raise AssertionError(f"the tile must be a dict of exactly {', '.join(TILE_KEYS)}, each a positive "
+                                 f"int; got {tile!r}")
+        if "report" not in state:
+            state["report"] = h100_report(kernel, tile)
+        report = state["report"]
+        why = _tile_problem(rule, report, tile)
+        if why and report.ok:  # the report, in sentences, so that the learner sees why
+            indent = "\n" + " " * 13  # under the message, as format_result prints it
+            why += (f".{indent}The compiler's report (your kernel launched with your tile on contiguous bf16 A, B "
+                    f"and C, M = N = K = {H100_SIZE}):{indent}" + indent.join(str(report).splitlines()))
+        if why:
+            raise AssertionError(why)
+        return True
+    return tile_for_h100
+
+
+# --------------------------------------------------------------------------------------------
 LAUNCHERS = {
     "12.vector_add": _launch_vector_add,
     "12.scale_columns": _launch_scale_columns,
@@ -250,6 +440,8 @@ LAUNCHERS = {
     "12.geglu_rows": _launch_geglu,
     "12.online_logsumexp": _launch_logsumexp,
     "12.linear_scan": _launch_linear_scan,
+    "12.tiled_matmul": _launch_matmul,
+    "12.tile_for_h100": _launch_tile,
 }
 
 
@@ -289,3 +481,21 @@ register(Exercise("12.linear_scan", _scan_cases, linear_scan_spec,
                   description="h_t = a_t · h_{t-1} + b_t from h0, a program per (sequence, 16 channels).",
                   hint="Start from h = h0 for this sequence's channels, then `for t in range(T)`: element (seq, t, d) "
                        "is at (seq * T + t) * D + d; update h, then store it.", launch=LAUNCHERS["12.linear_scan"]))
+register(Exercise("12.tiled_matmul", _matmul_cases, tiled_matmul_spec, atol=1e-4,
+                  description="C = A @ B, one 16 x 32 tile of C per program, walking K in steps of 32 with tl.dot; "
+                              "every matrix addressed through its strides.",
+                  hint="Program (p, q) owns rows p * BLOCK_M + arange(BLOCK_M) and columns q * BLOCK_N + "
+                       "arange(BLOCK_N). Start a float32 (BLOCK_M, BLOCK_N) accumulator with tl.zeros; for each k0 in "
+                       "range(0, K, BLOCK_K), load a (BLOCK_M, BLOCK_K) tile of A and a (BLOCK_K, BLOCK_N) tile of B "
+                       "(element (i, k) of A is at i * stride_am + k * stride_ak) with other=0.0 under a mask on both "
+                       "of its dimensions, and add tl.dot of the two. The store needs a mask too.",
+                  launch=LAUNCHERS["12.tiled_matmul"]))
+register(Exercise("12.tile_for_h100", _tile_cases, tile_rules_spec, timeout_s=300.0,
+                  description="A tile (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for your matmul kernel on an "
+                              "H100 in bf16 at M = N = K = 4096: it compiles, tl.dot becomes wgmma, nothing spills, "
+                              "shared memory fits, and at least 2 programs are resident per SM.",
+                  hint="Count before you compile. Shared memory: every stage holds a BLOCK_M x BLOCK_K tile of A and "
+                       "a BLOCK_K x BLOCK_N tile of B in bf16 (2 B each), and two programs must fit in the SM's "
+                       "233,472 B. Registers: the float32 accumulator alone takes BLOCK_M * BLOCK_N / (32 * num_warps) "
+                       "per thread, and two programs share the SM's 65,536. wgmma needs num_warps a multiple of 4 "
+                       "and BLOCK_M of at least 64.", launch=LAUNCHERS["12.tile_for_h100"]))

@@ -1,7 +1,8 @@
 """Chapter 13: attention kernels, in chapter 12's style (the learner writes a kernel body).
 
 Three pieces of the package's attention kernels (`minigemma.kernels.attention`), each small enough to
-write in a few lines and each checked the same way as chapter 12's: the exercise fixes the kernel's
+write in a few lines, then a whole forward kernel built from the first two; each checked the same way
+as chapter 12's: the exercise fixes the kernel's
 signature, grid and blocks; the check runs it through a *launcher* in Triton's interpreter on CPU
 with every load and store bounds-checked; outputs start as NaN so that an element no program writes
 shows up.
@@ -10,18 +11,28 @@ shows up.
 
 - 13.online_softmax: one block's update of the running maximum, sum and output of flash attention;
 - 13.key_range: which keys a block of queries can see at all (the blocks outside are skipped);
-- 13.combine_splits: split-K decoding's merge of partial outputs by their log-sum-exp.
+- 13.combine_splits: split-K decoding's merge of partial outputs by their log-sum-exp;
+- 13.flash_forward_window: the whole forward kernel of a causal sliding window, the first two put
+  together: the online softmax over the key blocks a block of queries can see, and only over those.
 
 The references are torch specs: the online softmax's update from its definition, the key range from
 `minigemma.attention.index_mask` (first and last visible key of the block), the merge as a softmax
-over the splits' log-sum-exps.
+over the splits' log-sum-exps, the windowed attention as the package's own
+`minigemma.attention.scaled_dot_product_attention` under `index_mask`'s window.
+
+13.flash_forward_window grades block skipping as well as values: its launcher watches every load from
+k and v, and a program that loads a key block none of its queries can see (before the window, or
+after the block's last query) fails with `BlockSkippingError`, naming the program and the keys.
 """
 
 from __future__ import annotations
 
+import contextlib
+
+import numpy as np
 import torch
 
-from ...attention import index_mask
+from ...attention import index_mask, scaled_dot_product_attention
 from ..exercise import Case, Exercise, register
 
 
@@ -194,10 +205,145 @@ def _launch_combine(kernel):
 
 
 # --------------------------------------------------------------------------------------------
+# 4. the whole forward kernel of a causal sliding window: online softmax + block skipping
+# --------------------------------------------------------------------------------------------
+FW_BLOCK_M, FW_BLOCK_N = 32, 16
+
+
+class BlockSkippingError(Exception):
+    """A program of 13.flash_forward_window loaded a key block that none of its queries can see."""
+
+
+def _flash_cases(seed):
+    g = torch.Generator().manual_seed(seed)
+    T_r = int(torch.randint(33, 90, (1,), generator=g))
+    W_r = int(torch.randint(2, 40, (1,), generator=g))
+    s_r = round(float(torch.rand(1, generator=g)) * 0.8 + 0.2, 2)
+    cases = []
+    # (label, H, T, D, window, scale, shift of every score); scale 1 unless the case is about it
+    for label, H, T, D, W, scale, shift in [
+        ("T = 6, window 100 (longer than T): plain causal attention, query i sees keys 0..i", 1, 6, 16, 100, 1.0, 0),
+        ("T = 7, window 3: query i sees keys i-2..i (the window counts the query itself)", 1, 7, 16, 3, 1.0, 0),
+        ("T = 12, window 1: each query sees only itself", 1, 12, 16, 1, 1.0, 0),
+        ("T = 9, window 5, scale 0.3: the scores are q·k times scale", 1, 9, 16, 5, 0.3, 0),
+        ("T = 16, window 10, every score near +150: exp overflows unless the running max is subtracted",
+         1, 16, 16, 10, 1.0, 150),
+        ("T = 16, window 10, every score near -150: exp underflows to 0 unless m starts at -inf",
+         1, 16, 16, 10, 1.0, -150),
+        ("T = 30, window 25: queries 16..29 see two key blocks: acc and l rescaled when the max grows, "
+         "divided by l once, at the end", 1, 30, 16, 25, 1.0, 0),
+        ("T = 32, window 5: query 0 needs key block 0, where queries 20..31 see no key (their m is still -inf "
+         "there: no NaN)", 1, 32, 16, 5, 1.0, 0),
+        ("2 heads, T = 18, window 6: head h's rows start at h·T·D", 2, 18, 16, 6, 1.0, 0),
+        ("T = 40, window 4: block skipping: queries 32..39 see keys 29..39 only (key block 0 is never visited), "
+         "queries 0..31 never visit key block 2", 1, 40, 16, 4, 1.0, 0),
+        ("D = 32, T = 21, window 7: the head dimension is D", 1, 21, 32, 7, 1.0, 0),
+        ("2 heads, T = 70, window 16 = a key block", 2, 70, 16, 16, 1.0, 0),
+        ("T = 100, window 40, scale 0.25: 2 to 5 key blocks per query block", 1, 100, 16, 40, 0.25, 0),
+        (f"random: 2 heads, T = {T_r}, window {W_r}, scale {s_r}", 2, T_r, 16, W_r, s_r, 0),
+    ]:
+        q, k, v = (torch.randn(H, T, D, generator=g) for _ in range(3))
+        tol = {}
+        if shift:  # the last dimension adds `shift` to every score (the same for a whole row: same softmax)
+            a = abs(shift) ** 0.5
+            q[..., -1], k[..., -1] = a, a if shift > 0 else -a
+            tol = dict(atol=1e-4, rtol=1e-3)  # scores near 150 carry float32's 1.5e-5 steps into exp
+        cases.append(Case(label, (q, k, v, scale, W), **tol))
+    return cases
+
+
+def flash_window_spec(q, k, v, scale, window):
+    """Causal sliding-window attention of every head: q, k, v (H, T, D) -> (H, T, D).
+
+    softmax(q kᵀ · scale) v where query i sees key j iff j <= i and i - j < window
+    (`index_mask(arange(T), arange(T), window)`), by the package's `scaled_dot_product_attention`."""
+    idx = torch.arange(q.shape[1])
+    mask = index_mask(idx, idx, window)  # (T, T)
+    return scaled_dot_product_attention(q[None], k[None], v[None], mask, scale=scale)[0]
+
+
+@contextlib.contextmanager
+def _watch_key_blocks(k, v, T, D, window, BLOCK_M):
+    """Inside: every load of an interpreted launch from k or v must touch a key that some query of the
+    loading program's block can see; else BlockSkippingError. The program (pid_m, h) holds queries
+    i_lo = 32·pid_m .. i_hi (the last one cut by T) of head h, which see keys max(0, i_lo - window + 1) .. i_hi.
+
+    A load is judged by its active lanes (all of them inside head h's keys: a load that reads another
+    head's is left to the values' comparison), or, when its mask is off everywhere, by the keys its
+    addresses name (its lowest address in k or v, and one of them among head h's keys 0 .. T-1): a loop
+    that visits a key block but masks its loads off still visits it."""
+    import minigemma.kernels  # noqa: F401  (TRITON_INTERPRET before Triton, when there is no GPU)
+    from triton.runtime import interpreter as ti
+
+    builder = ti.interpreter_builder
+    own = "create_masked_load" in vars(builder)
+    load0 = builder.create_masked_load
+    row_bytes = D * k.element_size()
+    tensors = [(name, t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for name, t in (("k", k), ("v", v))]
+
+    def judge(ptrs, mask):
+        addr = np.asarray(ptrs.data).astype(np.int64).reshape(-1)
+        on = np.broadcast_to(np.asarray(mask.data, dtype=bool), np.shape(ptrs.data)).reshape(-1)
+        active = on.any()
+        lanes = addr[on] if active else addr
+        for name, lo_b, hi_b in tensors:
+            inside = (lanes >= lo_b) & (lanes < hi_b)
+            if not (inside.all() if active else inside[lanes.argmin()]):  # masked off: named by its first key
+                continue
+            pid_m, h = (int(x) for x in builder.grid_idx[:2])
+            j = (lanes - lo_b) // row_bytes - h * T  # key indices within head h
+            if active and ((j < 0) | (j >= T)).any():
+                return  # another head's keys: the values will show it
+            if not active:
+                j = j[(j >= 0) & (j < T)]
+                if j.size == 0:
+                    return  # a block past the last key: nothing there to visit
+            i_lo = pid_m * BLOCK_M
+            i_hi = min(T, i_lo + BLOCK_M) - 1
+            first = max(0, i_lo - window + 1)
+            if ((j >= first) & (j <= i_hi)).any():
+                return
+            where = ("entirely before the window" if j.max() < first else
+                     "entirely after the block's last query (causal: no query sees a later key)")
+            how = "loaded" if active else "visited"
+            why = "" if active else " (its load masked them all off, but the loop still went there)"
+            raise BlockSkippingError(
+                f"a key block {where} was visited: skip it. Program ({pid_m}, {h}) holds queries {i_lo}..{i_hi} "
+                f"with window {window}, which see keys {first}..{i_hi} only, but it {how} keys "
+                f"{int(j.min())}..{int(j.max())} of `{name}`{why}")
+
+    def load(ptrs, mask, other, *rest):
+        judge(ptrs, mask)
+        return load0(ptrs, mask, other, *rest)
+
+    builder.create_masked_load = load  # on the instance only; bounds_checked() wraps it in turn
+    try:
+        yield
+    finally:
+        if own:
+            builder.create_masked_load = load0
+        else:
+            del builder.create_masked_load
+
+
+def _launch_flash_window(kernel):
+    def flash_window(q, k, v, scale, window):
+        H, T, D = q.shape
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o = _nans(H, T, D)
+        with _watch_key_blocks(k, v, T, D, window, FW_BLOCK_M):
+            _run(kernel, (_cdiv(T, FW_BLOCK_M), H), q, k, v, o, T, scale, window, D=D, BLOCK_M=FW_BLOCK_M,
+                 BLOCK_N=FW_BLOCK_N)
+        return o
+    return flash_window
+
+
+# --------------------------------------------------------------------------------------------
 LAUNCHERS = {
     "13.online_softmax": _launch_online_softmax,
     "13.key_range": _launch_key_range,
     "13.combine_splits": _launch_combine,
+    "13.flash_forward_window": _launch_flash_window,
 }
 
 
@@ -227,3 +373,12 @@ register(Exercise("13.combine_splits", _combine_cases, combine_splits_spec,
                   hint="w_s = exp(lse_s - max_s lse_s): subtracting the maximum keeps exp from overflowing. "
                        "Load the missing splits with other=-inf so they weigh 0, and divide by Σ w_s.",
                   launch=LAUNCHERS["13.combine_splits"]))
+register(Exercise("13.flash_forward_window", _flash_cases, flash_window_spec,
+                  description="The forward kernel of causal sliding-window attention: one program per (block of "
+                              "32 queries, head), the online softmax over blocks of 16 keys, only the key blocks "
+                              "the window reaches.",
+                  hint="13.key_range gives the loop's bounds: the first key the block's first query sees and the "
+                       "block's last real query (T cuts the last block); a loop over blocks of keys can start at "
+                       "the block holding that first key. Inside, the score mask is per element (each query has "
+                       "its own window), and the update is 13.online_softmax's, guard included. Normalise once, "
+                       "after the loop.", launch=LAUNCHERS["13.flash_forward_window"]))
