@@ -370,6 +370,130 @@ TILE_MUTANTS = [  # (label, kernel, tile): each breaks the rule its label names 
 ]
 
 
+# 9. int4 GEMV on the packed layout -------------------------------------------------------------
+def _int4(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF, GROUP, BLOCK_N, BLOCK_K, nibble="ok",
+          block_pairs="j, j + HALF", tail_pairs="2j, 2j + 1", tail_formula="tail", minus_8=True, use_zero=True,
+          group_width="GROUP", sz_at="g, n", scale_at=0, mask_on=True):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N if mask_on else n >= 0
+    in_block = n < n_full if tail_formula == "tail" else n >= 0
+    j = n % (2 * HALF)
+    t = n - n_full
+    R = N - n_full
+    if block_pairs == "j, j + HALF":
+        b_base, b_shift = (n // (2 * HALF)) * (HALF * K) + j % HALF, (j // HALF) * 4
+    else:  # "2j, 2j + 1": a block read as if it were a tail
+        b_base, b_shift = (n // (2 * HALF)) * (HALF * K) + j // 2, (j % 2) * 4
+    if tail_pairs == "2j, 2j + 1":
+        t_base, t_shift = n_full * (K // 2) + t // 2, (t % 2) * 4
+    else:  # "t, t + R/2": a tail read as if it were a block of R rows
+        half_r = tl.maximum(R // 2, 1)  # (no tail: 1, not 0, so that no lane divides by 0)
+        t_base, t_shift = n_full * (K // 2) + t % half_r, (t // half_r) * 4
+    base = tl.where(in_block, b_base, t_base)
+    step = tl.where(in_block, HALF, R // 2)
+    shift = tl.where(in_block, b_shift, t_shift)
+    if nibble == "low":
+        shift = shift * 0
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + k)
+        byte = tl.load(pk_ptr + base[:, None] + k[None, :] * step[:, None], mask=n_ok[:, None], other=0)
+        c = ((byte.to(tl.int32) >> shift[:, None]) & 15).to(tl.float32)
+        if minus_8:
+            c = c - 8.0
+        grp = k0 // GROUP if group_width == "GROUP" else k0 // (2 * GROUP)
+        if sz_at == "g, n":
+            sz = sz_ptr + grp * stride_szg + 2 * n
+        elif sz_at == "n, g":  # scale_zero taken as (N, K/g, 2), like the codes' (N, K/2)
+            sz = sz_ptr + n * (2 * (K // GROUP)) + 2 * grp
+        else:  # "pairs not 2 apart": row n at n, not 2n
+            sz = sz_ptr + grp * stride_szg + n
+        scale = tl.load(sz + scale_at, mask=n_ok, other=0.0).to(tl.float32)
+        zero = tl.load(sz + 1 - scale_at, mask=n_ok, other=0.0).to(tl.float32)
+        acc += scale * tl.sum(c * x[None, :], axis=1)
+        if use_zero:
+            acc += zero * tl.sum(x, axis=0)
+    tl.store(y_ptr + n, acc, mask=n_ok)
+
+
+def int4_always_the_low_nibble(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF: tl.constexpr,
+                               GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _int4(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF, GROUP, BLOCK_N, BLOCK_K, nibble="low")
+
+
+def int4_block_rows_paired_like_tail_rows(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF: tl.constexpr,
+                                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _int4(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF, GROUP, BLOCK_N, BLOCK_K,
+          block_pairs="2j, 2j + 1")
+
+
+def int4_tail_rows_paired_like_block_rows(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF: tl.constexpr,
+                                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _int4(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF, GROUP, BLOCK_N, BLOCK_K,
+          tail_pairs="t, t + R/2")
+
+
+def int4_tail_rows_read_with_the_block_formula(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg,
+                                               HALF: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                                               BLOCK_K: tl.constexpr):
+    _int4(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF, GROUP, BLOCK_N, BLOCK_K,
+          tail_formula="block")
+
+
+def int4_codes_without_the_minus_8(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF: tl.constexpr,
+                                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _int4(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF, GROUP, BLOCK_N, BLOCK_K, minus_8=False)
+
+
+def int4_zero_ignored(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF: tl.constexpr,
+                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _int4(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF, GROUP, BLOCK_N, BLOCK_K, use_zero=False)
+
+
+def int4_group_index_from_a_k_tile_of_64(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF: tl.constexpr,
+                                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _int4(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF, GROUP, BLOCK_N, BLOCK_K,
+          group_width="2 GROUP")
+
+
+def int4_scale_zero_indexed_transposed(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF: tl.constexpr,
+                                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _int4(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF, GROUP, BLOCK_N, BLOCK_K, sz_at="n, g")
+
+
+def int4_scale_of_row_n_at_n_not_2n(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF: tl.constexpr,
+                                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _int4(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF, GROUP, BLOCK_N, BLOCK_K,
+          sz_at="pairs not 2 apart")
+
+
+def int4_scale_and_zero_swapped(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF: tl.constexpr,
+                                GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _int4(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF, GROUP, BLOCK_N, BLOCK_K, scale_at=1)
+
+
+def int4_no_mask_on_the_n_tail(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF: tl.constexpr,
+                               GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _int4(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF, GROUP, BLOCK_N, BLOCK_K, mask_on=False)
+
+
+# each int4 mutant, and the case its check must show first (its label starts so)
+INT4_FIRST_FAILURE = {
+    int4_always_the_low_nibble: "N = {B} = one whole block",
+    int4_block_rows_paired_like_tail_rows: "N = {B} = one whole block",
+    int4_tail_rows_paired_like_block_rows: "N = {tail} = one block of {B} + 16 tail rows",
+    int4_tail_rows_read_with_the_block_formula: "N = {tail} = one block of {B} + 16 tail rows",
+    int4_codes_without_the_minus_8: "N = {B}, K = 32, x > 0 (Σ x ≠ 0), zeros 0",
+    int4_zero_ignored: "N = {B}, K = 32, x > 0, zeros ≠ 0",
+    int4_group_index_from_a_k_tile_of_64: "N = {B}, K = 128, four groups",
+    int4_scale_zero_indexed_transposed: "N = {B}, K = 128, four groups",
+    int4_scale_of_row_n_at_n_not_2n: "N = {B}, K = 32, every row the same codes",
+    int4_scale_and_zero_swapped: "N = {B}, K = 32, every row the same codes",
+    int4_no_mask_on_the_n_tail: "N = {tail} = one block of {B} + 16 tail rows",
+}
+
+
 # right answers written differently ------------------------------------------------------------
 def add_with_other_and_where(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
     start = tl.program_id(0) * BLOCK
@@ -436,6 +560,37 @@ def scan_with_moving_pointers(a_ptr, b_ptr, h0_ptr, h_ptr, T, D, BLOCK_D: tl.con
         h_p += D
 
 
+def int4_dequantised_then_summed(x_ptr, pk_ptr, sz_ptr, y_ptr, N, K, n_full, stride_szg, HALF: tl.constexpr,
+                                 GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Each weight dequantised, w = (c − 8) · scale + zero, before the sum; the nibble picked with tl.where."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = n < N
+    tail = n >= n_full
+    block_byte = (n // (2 * HALF)) * (HALF * K) + n % HALF
+    tail_byte = n_full * (K // 2) + (n - n_full) // 2
+    high = tl.where(tail, (n - n_full) % 2 == 1, n % (2 * HALF) >= HALF)
+    y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        offs = tl.where(tail[:, None], tail_byte[:, None] + k[None, :] * ((N - n_full) // 2),
+                        block_byte[:, None] + k[None, :] * HALF)
+        byte = tl.load(pk_ptr + offs, mask=inside[:, None], other=0).to(tl.int32)
+        code = tl.where(high[:, None], byte // 16, byte % 16)
+        pair = sz_ptr + (k0 // GROUP) * stride_szg + n * 2
+        s = tl.load(pair, mask=inside, other=0.0).to(tl.float32)
+        z = tl.load(pair + 1, mask=inside, other=0.0).to(tl.float32)
+        w = (code.to(tl.float32) - 8.0) * s[:, None] + z[:, None]
+        y += tl.sum(w * tl.load(x_ptr + k)[None, :], axis=1)
+    tl.store(y_ptr + n, y, mask=inside)
+
+
+def int4_by_the_package_module(x, packed, scale_zero):
+    """Not a kernel: the package's own module, Int4Linear, on the same buffers, its weight in float32."""
+    from minigemma.quant import Int4Linear
+
+    return Int4Linear(packed, scale_zero, 32).dequantized() @ x
+
+
 def _m(name, *kernels):
     return [(k.__name__.replace("_", " "), launch(name, k)) for k in kernels]
 
@@ -461,6 +616,7 @@ MUTANTS = {
                           mm_k_mask_without_the_tile_offset, mm_keeps_only_the_last_k_tile,
                           mm_accumulates_in_the_input_dtype),
     "12.tile_for_h100": _tiles(TILE_MUTANTS),
+    "12.int4_gemv": _m("12.int4_gemv", *INT4_FIRST_FAILURE),
 }
 
 CORRECT = {
@@ -475,4 +631,6 @@ CORRECT = {
                          launch("12.tiled_matmul", matmul_float32_ieee_products))],
     "12.tile_for_h100": _tiles([("moving pointers, 128 x 128 x 64 on 4 warps", matmul_with_moving_pointers,
                                  _tile(128, 128, 64, 4, 3))]),
+    "12.int4_gemv": _m("12.int4_gemv", int4_dequantised_then_summed) + [
+        ("the package's Int4Linear, dequantised in float32", int4_by_the_package_module)],
 }

@@ -16,6 +16,10 @@ program writes shows up too.
 of 12.tiled_matmul with the learner's tile, for an H100, and holds the compiler's report to five rules
 (`minigemma.kernels.gpu_report`, as chapter 12's section 4 uses it). Its "kernel" is the pair
 (kernel, tile), and its cases are the rules, so the first rule broken is the failure shown.
+
+12.int4_gemv reads one plane of `quant.Int4Linear`'s packed int4 weight in this CPU's layout (blocks of
+`quant.int4_block_rows()` rows, then a tail); each of its cases isolates one part (the scales, the − 8, the
+zeros, the block layout, the tail and its mask, the group index), so the case a failure names is the part to fix.
 """
 
 from __future__ import annotations
@@ -433,6 +437,91 @@ def _launch_tile(pair):
 
 
 # --------------------------------------------------------------------------------------------
+# 9. a weight-only int4 GEMV on the package's own packed layout (quant.Int4Linear, one plane)
+# --------------------------------------------------------------------------------------------
+INT4_GROUP = 32  # weights per (scale, zero) group, Int4Linear's default
+INT4_BLOCK_N, INT4_BLOCK_K = 32, 32  # BLOCK_K = GROUP: one K tile is one group, with one scale and zero per row
+
+
+def _int4_cases(seed):
+    """Each case isolates one part of the layout, so the smallest failing case names the mistake: cases whose rows
+    all hold the same codes (a row read from the wrong nibble or byte still gets the right code) check the scales,
+    the − 8 and the zeros; cases whose x sums to 0 over every group hide the − 8 and the zeros (Σ x · 8 · scale and
+    Σ x · zero vanish) and check the layout."""
+    from ...quant import int4_block_rows, pack_int4
+
+    g = torch.Generator().manual_seed(seed)
+    B = int4_block_rows()  # 64 on a CPU with AVX-512, 32 without: the layout of the CPU that packs
+
+    def case(label, N, K, codes="random", x="random", zero="random"):
+        G = K // INT4_GROUP
+        if codes == "rows alike":  # code c[k] for every row: the layout cannot show
+            c = torch.randint(0, 16, (1, K), generator=g, dtype=torch.int32).expand(N, K)
+        else:
+            c = torch.randint(0, 16, (N, K), generator=g, dtype=torch.int32)
+        scale = 0.02 + 0.1 * torch.rand(N, G, generator=g)  # per row and group
+        zr = torch.zeros(N, G) if zero == "none" else 0.5 * torch.randn(N, G, generator=g)
+        if x == "positive":  # Σ x over a group far from 0: the − 8 and the zeros count
+            xs = 0.5 + torch.rand(K, generator=g)
+        else:
+            xs = torch.randn(K, generator=g)
+            if x == "zero-sum":  # Σ x = 0 over every group: the − 8 and the zeros add nothing
+                xs = (xs.view(G, INT4_GROUP) - xs.view(G, INT4_GROUP).mean(1, keepdim=True)).reshape(K)
+        packed = pack_int4(c)[None]  # (1, N, K/2) uint8, as Int4Linear stores one plane
+        scale_zero = torch.stack([scale.T, zr.T], dim=-1)[None].to(torch.bfloat16)  # (1, K/g, N, 2)
+        return Case(label, (xs, packed, scale_zero))
+
+    tail = B + 16
+    r = int(torch.randint(1, B // 16, (1,), generator=g))  # a tail of 16 · r rows, 0 < 16 r < B
+    N_rand, K_rand = 2 * B + 16 * r, INT4_GROUP * int(torch.randint(2, 5, (1,), generator=g))
+    return [
+        case(f"N = {B}, K = 32, every row the same codes, Σ x = 0: row n's scale is scale_zero[g, n, 0] "
+             "((scale, zero) pairs, 2 apart), and it multiplies the whole group's Σ x (c − 8)", B, 32,
+             codes="rows alike", x="zero-sum"),
+        case(f"N = {B}, K = 32, x > 0 (Σ x ≠ 0), zeros 0: a code c stands for c − 8 (codes 0…15 are −8…7)", B, 32,
+             codes="rows alike", x="positive", zero="none"),
+        case(f"N = {B}, K = 32, x > 0, zeros ≠ 0: each weight adds its row's zero, scale_zero[g, n, 1] "
+             "(the group adds zero · Σ x)", B, 32, codes="rows alike", x="positive"),
+        case(f"N = {B} = one whole block of B = {B} rows: byte j (at each k) holds row j in its low nibble and row "
+             f"j + {B // 2} in its high nibble, not rows 2j and 2j + 1", B, 32, x="zero-sum"),
+        case(f"N = {tail} = one block of {B} + 16 tail rows: tail rows pair as (2j low nibble, 2j + 1 high), byte "
+             f"j of the (K, 8) tail after the block; and the last program's rows {tail}…{tail + 15} are past N: "
+             "mask them", tail, 32),
+        case(f"N = {B}, K = 128, four groups: the K tile k0 … k0 + 31 is group k0 // 32, and scale_zero is "
+             "(K/32, N, 2): group g of row n at g · stride_szg + 2n", B, 128),
+        case(f"N = {N_rand}, K = {K_rand}, drawn at random: {N_rand // B} blocks, {N_rand % B} tail rows, "
+             f"{K_rand // INT4_GROUP} groups", N_rand, K_rand),
+    ]
+
+
+def int4_gemv_spec(x, packed, scale_zero):
+    """y = W x (N,) float32 for one plane of `Int4Linear`'s buffers, from the definition: codes c (N, K) from
+    `quant.unpack_int4` (the inverse of the packing), w[n, k] = (c[n, k] − 8) · scale[k // g, n] + zero[k // g, n],
+    then y[n] = Σ_k w[n, k] · x[k] in float32."""
+    from ...quant import unpack_int4
+
+    c = unpack_int4(packed[0]).float() - 8.0  # (N, K), codes −8 … 7
+    scale, zero = scale_zero[0].float().unbind(-1)  # (K/g, N) each
+    g = c.shape[1] // scale.shape[0]
+    w = c * scale.T.repeat_interleave(g, dim=1) + zero.T.repeat_interleave(g, dim=1)  # (N, K)
+    return (w * x[None, :]).sum(dim=1)
+
+
+def _launch_int4_gemv(kernel):
+    def int4_gemv(x, packed, scale_zero):
+        from ...quant import int4_block_rows
+
+        B = int4_block_rows()
+        N, K = packed.shape[1], packed.shape[2] * 2
+        pk, sz = packed[0].contiguous(), scale_zero[0].contiguous()  # (N, K/2) uint8, (K/g, N, 2) bf16
+        y = _nans(N)
+        _run(kernel, (_cdiv(N, INT4_BLOCK_N),), x, pk, sz, y, N, K, N // B * B, sz.stride(0),
+             HALF=B // 2, GROUP=INT4_GROUP, BLOCK_N=INT4_BLOCK_N, BLOCK_K=INT4_BLOCK_K)
+        return y
+    return int4_gemv
+
+
+# --------------------------------------------------------------------------------------------
 LAUNCHERS = {
     "12.vector_add": _launch_vector_add,
     "12.scale_columns": _launch_scale_columns,
@@ -442,6 +531,7 @@ LAUNCHERS = {
     "12.linear_scan": _launch_linear_scan,
     "12.tiled_matmul": _launch_matmul,
     "12.tile_for_h100": _launch_tile,
+    "12.int4_gemv": _launch_int4_gemv,
 }
 
 
@@ -484,11 +574,9 @@ register(Exercise("12.linear_scan", _scan_cases, linear_scan_spec,
 register(Exercise("12.tiled_matmul", _matmul_cases, tiled_matmul_spec, atol=1e-4,
                   description="C = A @ B, one 16 x 32 tile of C per program, walking K in steps of 32 with tl.dot; "
                               "every matrix addressed through its strides.",
-                  hint="Program (p, q) owns rows p * BLOCK_M + arange(BLOCK_M) and columns q * BLOCK_N + "
-                       "arange(BLOCK_N). Start a float32 (BLOCK_M, BLOCK_N) accumulator with tl.zeros; for each k0 in "
-                       "range(0, K, BLOCK_K), load a (BLOCK_M, BLOCK_K) tile of A and a (BLOCK_K, BLOCK_N) tile of B "
-                       "(element (i, k) of A is at i * stride_am + k * stride_ak) with other=0.0 under a mask on both "
-                       "of its dimensions, and add tl.dot of the two. The store needs a mask too.",
+                  hint="Program (p, q) owns one BLOCK_M x BLOCK_N tile of C. Keep a float32 accumulator of that "
+                       "shape, walk K one BLOCK_K at a time, and load a tile of A and a tile of B through their strides, "
+                       "each masked on both of its dimensions. Which lanes of the store need a mask?",
                   launch=LAUNCHERS["12.tiled_matmul"]))
 register(Exercise("12.tile_for_h100", _tile_cases, tile_rules_spec, timeout_s=300.0,
                   description="A tile (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for your matmul kernel on an "
@@ -499,3 +587,13 @@ register(Exercise("12.tile_for_h100", _tile_cases, tile_rules_spec, timeout_s=30
                        "233,472 B. Registers: the float32 accumulator alone takes BLOCK_M * BLOCK_N / (32 * num_warps) "
                        "per thread, and two programs share the SM's 65,536. wgmma needs num_warps a multiple of 4 "
                        "and BLOCK_M of at least 64.", launch=LAUNCHERS["12.tile_for_h100"]))
+register(Exercise("12.int4_gemv", _int4_cases, int4_gemv_spec, atol=1e-4,
+                  description="y = W x for one plane of Int4Linear's packed int4 weight (N, K) and one float32 row x "
+                              "(K,): BLOCK_N = 32 rows per program, K walked in tiles of BLOCK_K = GROUP = 32 (one "
+                              "scale and one zero per row and tile), the codes read where pack_int4 put them.",
+                  hint="Take the drawing in the statement and answer three questions for one row of a whole block: "
+                       "which byte holds its code at k = 0, how many bytes apart are its codes for k and k + 1, and "
+                       "which nibble is its own? Then the same for a row of the tail, which shares its bytes with a "
+                       "neighbour. A BLOCK_N vector of rows may hold both kinds: work out both, pick per row. Within "
+                       "one K tile each row has a single scale and zero, so the tile's sum factors.",
+                  launch=LAUNCHERS["12.int4_gemv"]))
