@@ -534,14 +534,19 @@ def run_jobs(jobs: list[Job], workers: int, use_cache: bool = True) -> list[dict
 # --------------------------------------------------------------------------------------------
 # Judging and the table
 # --------------------------------------------------------------------------------------------
-def occupancy(props, regs: int, warps: int, shared: int) -> int:
-    """Programs resident per SM, from registers (allocated per warp in units of 256), shared memory
-    (plus 1 KiB the driver reserves per program) and threads."""
+def occupancy_limits(props, regs: int, warps: int, shared: int) -> dict[str, int]:
+    """Programs per SM each resource allows: registers (allocated per warp in units of 256), shared memory
+    (plus 1 KiB the driver reserves per program), threads, and the hardware's cap on programs."""
     per_warp = -(-max(regs, 1) * 32 // 256) * 256
-    by_regs = props.regs_per_sm // (per_warp * warps)
-    by_smem = props.smem_per_sm // (shared + 1024) if shared else props.max_blocks_per_sm
-    by_threads = props.threads_per_sm // (32 * warps)
-    return max(0, min(by_regs, by_smem, by_threads, props.max_blocks_per_sm))
+    return {"registers": props.regs_per_sm // (per_warp * warps),
+            "shared memory": props.smem_per_sm // (shared + 1024) if shared else props.max_blocks_per_sm,
+            "threads": props.threads_per_sm // (32 * warps),
+            "the hardware's cap on programs": props.max_blocks_per_sm}
+
+
+def occupancy(props, regs: int, warps: int, shared: int) -> int:
+    """Programs resident per SM: the smallest of `occupancy_limits`."""
+    return max(0, min(occupancy_limits(props, regs, warps, shared).values()))
 
 
 def problems(job: Job, res: dict, props, strict_fp32: bool = False) -> list[str]:

@@ -208,13 +208,11 @@ def gpu_reports(calls: list[tuple], workers: int = 2) -> list[Report]:
         props = TARGETS[job.target]
         occ, limiter = None, None
         if res["ok"]:
+            limits = aot.occupancy_limits(props, res["regs"], job.num_warps, res["shared"])
+            if not res["shared"]:  # no shared memory: it limits nothing
+                limits.pop("shared memory")
             occ = aot.occupancy(props, res["regs"], job.num_warps, res["shared"])
-            per_warp = -(-max(res["regs"], 1) * 32 // 256) * 256
-            limits = {"registers": props.regs_per_sm // (per_warp * job.num_warps),
-                      "shared memory": props.smem_per_sm // (res["shared"] + 1024) if res["shared"] else 10 ** 9,
-                      "threads": props.threads_per_sm // (32 * job.num_warps),
-                      "the hardware's cap on programs": props.max_blocks_per_sm}
-            limiter = " and ".join(k for k, v in limits.items() if v == min(limits.values()))
+            limiter = " and ".join(k for k, v in limits.items() if v == occ)
         out.append(Report(job.used_by[0], job.target, job.num_warps, job.num_stages, res["ok"], res["error"],
                           res["regs"], res["spill_stores"], res["shared"], res.get("dot", "-"), res.get("loads", {}),
                           res.get("async_copies", {}),
