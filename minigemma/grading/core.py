@@ -327,10 +327,17 @@ def check_kernel(name: str, kernel, seed: int | None = None) -> Result:
     return check(name, ex.launch(kernel), seed)
 
 
-def hint(name: str) -> None:
-    """Print the hint of exercise `name` (e.g. hint("01.rope"))."""
+def hint(name: str, tier: int = 1) -> None:
+    """Print a hint for exercise `name`: tier 1 (hint("01.rope")) nudges towards the idea; tier 2
+    (hint("01.rope", 2)) spells out the recipe in words. Neither gives code."""
     ex = get(name)
-    print(f"💡 {name}: {ex.hint or 'no hint for this one: re-read the statement above the cell.'}")
+    if tier not in (1, 2):
+        raise ValueError(f"hint tier is 1 (a nudge) or 2 (the recipe in words), not {tier!r}")
+    text = ex.hint if tier == 1 else ex.recipe
+    print(f"💡 {name}{' (recipe)' if tier == 2 else ''}: "
+          f"{text or 'no hint for this one: re-read the statement above the cell.'}")
+    if tier == 1 and ex.recipe:
+        print(f'   still stuck? hint("{name}", 2) gives the recipe in words')
 
 
 _OWN = {n: globals()[n] for n in ("compare", "run_check", "_run_case", "_describe", "format_result", "graded")}

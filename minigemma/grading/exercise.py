@@ -41,7 +41,8 @@ class Exercise:
     exact_types: the statement fixes the output's type: a floating tensor must have the
                reference's dtype ("a float32 tensor", "in x's dtype") and an int must be a
                Python int, not 1.0 ("return an int"). Off, only values and shapes count.
-    hint:      revealed on request by `hint(name)`; it nudges, it does not give the answer.
+    hint:      revealed on request by `hint(name)`: the first tier, a nudge towards the idea.
+    recipe:    the second tier, `hint(name, 2)`: the steps in words. Neither tier is code.
     launch:    for a Triton kernel exercise, kernel -> the torch function the cases call (it picks
                the grid and block sizes and launches); `check_kernel(name, kernel)` uses it.
     call:      (fn, args, kwargs) -> what is compared; how the check calls the reference and the
@@ -58,6 +59,7 @@ class Exercise:
     description: str = ""
     exact_types: bool = False
     hint: str = ""
+    recipe: str = ""
     # diagnose(fn, case, expected) -> str | None: run on the smallest failing case to say what broke it
     # (the capstone swaps the learner's functions in one at a time and names the one that breaks the text)
     diagnose: Callable[[Callable[..., Any], Case, Any], str | None] | None = None
