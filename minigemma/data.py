@@ -199,6 +199,38 @@ def train_tokenizer(texts, vocab_size: int = 4096, path: str | Path | None = Non
     return Tokenizer(path)
 
 
+def bpe_merge(corpus: list[list[int]], new_id: int) -> tuple[list[list[int]], tuple[int, int] | None]:
+    """One merge step of byte-pair encoding, the idea behind `train_tokenizer`'s BPE model.
+
+    corpus: sequences of token ids. Every pair of adjacent ids inside a sequence is counted (each
+    position: [7, 7, 7] holds (7, 7) twice; no pair spans two sequences). The most frequent pair wins,
+    the smallest pair (a first, then b) on a tie. Each sequence is then rewritten left to right, every
+    occurrence of the pair replaced by `new_id`; an occurrence starts after the previous replacement, so
+    [7, 7, 7] becomes [new_id, 7]. Returns (the new sequences, empty ones kept; the pair), or (the
+    sequences, None) when no sequence holds a pair.
+    """
+    counts: dict[tuple[int, int], int] = {}
+    for seq in corpus:
+        for pair in zip(seq, seq[1:]):
+            counts[pair] = counts.get(pair, 0) + 1
+    if not counts:
+        return [list(seq) for seq in corpus], None
+    top = max(counts.values())
+    pair = min(p for p, n in counts.items() if n == top)
+    merged = []
+    for seq in corpus:
+        out, i = [], 0
+        while i < len(seq):
+            if i + 1 < len(seq) and (seq[i], seq[i + 1]) == pair:
+                out.append(new_id)
+                i += 2
+            else:
+                out.append(seq[i])
+                i += 1
+        merged.append(out)
+    return merged, pair
+
+
 def encode_works(tokenizer, texts: dict[str, str]) -> torch.Tensor:
     """One stream of token ids (int64): each work as BOS + its tokens, in name order."""
     ids: list[int] = []

@@ -137,6 +137,23 @@ def sampled_kd_loss(student_logits: torch.Tensor, ids: torch.Tensor, weights: to
 # --------------------------------------------------------------------------------------------
 # Targets for the chunked loss: each gives, for a chunk of rows, the loss and ∂loss/∂logits
 # --------------------------------------------------------------------------------------------
+def cross_entropy_grad(logp: torch.Tensor, q: torch.Tensor | None = None,
+                       mass: torch.Tensor | None = None) -> torch.Tensor:
+    """∂/∂z of each row's −Σ_v q_v log softmax(z)_v, in closed form: softmax(z) · Σ_v q_v − q.
+
+    logp (n, V): log_softmax(z), overwritten with the gradient (softmax is its exp: no exp of a large
+    logit, so a very peaked row stays finite). q (n, V): a dense target, or None where the caller
+    subtracts a sparse one itself (`scatter_add_` of a label or of sampled ids). mass (n,): Σ_v q_v of
+    each row, 0 on a row not scored, where it need not be 1 (a sampled target's probabilities not
+    renormalised); None when every row's target sums to 1 (then no multiplication). Each target below
+    calls it; chapter 09's exercise `09.chunked_loss_grad` asks for it with the mask and the mean.
+    """
+    dz = logp.exp_()  # softmax, in place of log-softmax
+    if mass is not None:
+        dz.mul_(mass[:, None])
+    return dz if q is None else dz.sub_(q)
+
+
 class Labels:
     """Next-token targets (N,) (`IGNORE` where unscored): q is one-hot."""
 
@@ -152,9 +169,7 @@ class Labels:
         y, valid = self.targets[r0:r1], self.valid[r0:r1]
         yc = y.clamp(min=0)[:, None]
         loss = -(logp.gather(-1, yc)[:, 0] * valid).sum()
-        dz = logp.exp_()  # softmax, in place of log-softmax
-        if not self.all_valid:
-            dz.mul_(valid[:, None])
+        dz = cross_entropy_grad(logp, mass=None if self.all_valid else valid)  # p · Σq, q subtracted below
         dz.scatter_add_(-1, yc, -valid[:, None].to(dz.dtype))
         return loss, dz
 
@@ -177,7 +192,7 @@ class Sampled:
         ids, w = self.ids[r0:r1], self.weights[r0:r1]
         mass = w.sum(-1)  # 1 on scored rows, 0 elsewhere
         loss = -(w * logp.gather(-1, ids)).sum()
-        dz = logp.exp_().mul_(mass[:, None])
+        dz = cross_entropy_grad(logp, mass=mass)  # p · Σq; the sparse q subtracted below
         dz.scatter_add_(-1, ids, -w)
         return loss, dz
 
@@ -203,7 +218,7 @@ class TeacherHead:
         q = torch.softmax(zt, dim=-1).mul_(self.valid[r0:r1, None])
         mass = q.sum(-1)
         loss = -(q * logp).sum()
-        dz = logp.exp_().mul_(mass[:, None]).sub_(q)
+        dz = cross_entropy_grad(logp, q, mass)
         return loss, dz
 
 

@@ -403,12 +403,17 @@ class Int4Linear(nn.Module):
 # ----------------------------------------------------------------------------------------------
 def q8_0_blocks(w: torch.Tensor) -> torch.Tensor:
     """Quantise rows of w (V, C) to GGUF's Q8_0: blocks of 32 weights, an fp16 scale d = max|w|/127
-    and 32 int8 q = round(w / d). Returns (V, C/32, 34) uint8, the file's own byte layout.
+    and 32 int8 q = round(w / d). Returns (V, C/32, 34) uint8, the file's own byte layout; C must be
+    a multiple of 32 (ValueError). The codes divide by the float32 d, the file keeps d rounded to fp16
+    (ggml's quantize_row_q8_0 does the same: tests/test_quant.py compares the bytes with the `gguf`
+    package's; ties round to even here, away from zero there). A block of zeros gets d = 0, codes 0.
 
     For weights that were dequantised from Q8_0 (the 270M's embedding) this gives back the file's
     bytes exactly: the largest |q| of a block is 127, so d and then every q come out the same.
     """
     V, C = w.shape
+    if C % 32:
+        raise ValueError(f"rows of {C} weights are not whole Q8_0 blocks of 32")
     blocks = w.float().reshape(V, C // 32, 32)
     d = blocks.abs().amax(-1) / 127.0  # (V, C/32), as llama.cpp computes it, in float32
     q = torch.round(blocks / torch.where(d == 0, 1.0, d)[..., None]).clamp(-128, 127).to(torch.int8)

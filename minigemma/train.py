@@ -215,6 +215,28 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
 
 
+def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+               step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    """One AdamW step on one tensor, in place: what `torch.optim.AdamW` does to each parameter (its
+    single-tensor path, the same operations in the same order: `tests/test_train.py` checks the two
+    agree bit for bit). `step` is the number of this step, 1 for the first update.
+
+        p ← p · (1 − lr · wd)                        decoupled weight decay: on the weights, not the gradient
+        m ← β1 m + (1 − β1) g,   v ← β2 v + (1 − β2) g²
+        p ← p − lr · m̂ / (√v̂ + eps),   m̂ = m / (1 − β1^step),  v̂ = v / (1 − β2^step)
+
+    param, exp_avg (m) and exp_avg_sq (v) are updated in place; nothing is returned.
+    """
+    beta1, beta2 = betas
+    with torch.no_grad():  # a Parameter is updated in place too
+        param.mul_(1 - lr * weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = lr / (1 - beta1 ** step)
+        denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
 # --------------------------------------------------------------------------------------------
 # Gradient accumulation
 # --------------------------------------------------------------------------------------------

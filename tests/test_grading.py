@@ -12,6 +12,7 @@
 
 import importlib
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,9 +137,10 @@ def sized_exercise():
     del core.EXERCISES["99.sized"]
 
 
-def test_the_failure_shown_is_the_smallest_failing_case(sized_exercise):
+def test_the_failure_shown_is_the_first_failing_case_in_the_curated_order(sized_exercise):
+    """Cases run in the exercise's order (the plain case of the idea first), not by size."""
     r = core.run_check("99.sized", lambda x: x * 3, seed=0)  # wrong everywhere except at 0
-    assert r.failure["case"].startswith("n=3") and "smallest of 4 failing cases" in r.failure["case"]
+    assert r.failure["case"].startswith("n=50") and "first of 4 failing cases" in r.failure["case"]
     assert (r.n_passed, r.n_cases) == (1, 5)  # n=1 is [0.]: 0 * 3 = 0 * 2
     r = core.run_check("99.sized", lambda x: x * 2 if len(x) < 100 else x, seed=0)
     assert r.failure["case"] == "n=200" and r.n_passed == 4  # the only failing case, alone
@@ -146,6 +148,34 @@ def test_the_failure_shown_is_the_smallest_failing_case(sized_exercise):
     assert r.failure["case"] == "n=12" and "ZeroDivisionError" in r.failure["error"]
 
 
+def test_the_report_names_the_mistake():
+    """The first failing case's label names the idea, a known wrong answer is recognised, a tuple's items are
+    named, and a wrong mask is drawn in 2-D with its first wrong (i, j)."""
+    from tests.mutants.ch01 import _rope_interleaved
+    from tests.mutants.ch03 import _rms
+
+    r = core.run_check("01.rope", _rope_interleaved, seed=0)
+    assert r.failure["case"].startswith("positions 0..T-1"), r.failure["case"]
+    assert "this matches a known wrong answer: interleaved (GPT-J) convention" in r.failure["why"]
+    # RMSNorm over a block of 4 channels instead of all C
+    def blocked(x, w, eps):
+        xf = x.float().unflatten(-1, (-1, 4)) if x.shape[-1] % 4 == 0 else x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return (y.flatten(-2) if x.shape[-1] % 4 == 0 else y) * (1 + w.float())
+    r = core.run_check("03.rms_norm", blocked, seed=0)
+    assert r.failure["case"].startswith("batch 2, T 3, C 8"), r.failure["case"]
+    r = core.run_check("03.rms_norm", lambda x, w, eps: _rms(x, w, eps, one_plus=False), seed=0)
+    assert "this matches a known wrong answer: w instead of (1 + w)" in r.failure["why"]
+
+    assert core.compare((torch.tensor(1.0), torch.zeros(2)), (torch.tensor(1.0), torch.ones(2)), 1e-5, 1e-5,
+                        names=("the loss", "the gradient w.r.t. q")).startswith("the gradient w.r.t. q: values differ")
+
+    expected = torch.ones(3, 3, dtype=torch.bool).tril()
+    got = expected.clone()
+    got[2, 0] = False
+    why = core.compare(expected, got, 0, 0)
+    assert "first at index (2, 0)" in why and "1 of 9 entries wrong" in why
+    assert core._describe(got) == "bool mask(3, 3) rows: 1.. / 11. / .11"
 def test_a_case_can_carry_its_own_tolerance(sized_exercise):
     sized_exercise.cases = lambda seed: [core.Case("loose", (torch.ones(4),), atol=0.1),
                                          core.Case("strict", (torch.ones(4),))]
@@ -287,3 +317,33 @@ def test_the_check_refuses_replaced_tools_and_puts_them_back():
     r = core.run_check("00.softmax", cheats, seed=0)
     assert not r.passed and "had been replaced" in r.failure["error"]
     assert core.run_check("00.softmax", lambda x: torch.softmax(x, -1), seed=0).passed
+
+
+# --------------------------------------------------------------------------------------------
+# Hints: two tiers, words only
+# --------------------------------------------------------------------------------------------
+# a call (but the maths' own functions: exp(x), sqrt(v) are notation), indexing, an API's name, a backtick
+_MATHS = r"(?:exp|log|sqrt|rsqrt|softmax|log_softmax|logsumexp|max|min|sum|mean|cos|sin|tanh|GELU|gelu|σ|sigmoid|abs|round|RMS|RMSNorm|cap|stopgrad|sg)"
+_CODE = re.compile(r"(?<![\w.])(?!" + _MATHS + r"\()[A-Za-z_][\w.]*\(|[A-Za-z_]\w*\[|\btorch\.|\btl\.|\bF\.|\.\w+\(|`|^\s*\w+ = ")
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_every_exercise_has_two_tier_hints_in_words(name):
+    """hint(name) nudges, hint(name, 2) gives the recipe in words; neither is code (no calls, indexing,
+    assignments or API names), and the recipe says more than the nudge."""
+    ex = core.get(name)
+    assert ex.hint and ex.recipe, f"{name}: a nudge (hint=) and a recipe (recipe=) are both needed"
+    for tier, text in (("hint", ex.hint), ("recipe", ex.recipe)):
+        found = _CODE.search(text)
+        assert not found, f"{name}'s {tier} reads like code at {text[max(0, found.start() - 30):found.end() + 30]!r}"
+    assert len(ex.recipe) > len(ex.hint), f"{name}: the recipe should spell out more than the nudge"
+
+
+def test_hint_prints_the_tier_asked_for(capsys):
+    core.hint("00.softmax")
+    out = capsys.readouterr().out
+    assert core.get("00.softmax").hint in out and 'hint("00.softmax", 2)' in out
+    core.hint("00.softmax", 2)
+    assert core.get("00.softmax").recipe in capsys.readouterr().out
+    with pytest.raises(ValueError, match="tier"):
+        core.hint("00.softmax", 3)

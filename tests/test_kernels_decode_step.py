@@ -262,11 +262,13 @@ def keys_of_launches(monkeypatch):
 @pytest.mark.parametrize("family", ["gemma3", "gemma2"])
 @torch.no_grad()
 def test_a_generation_compiles_each_kernel_once(family, monkeypatch):
-    """Decode steps after a 1-token prompt at cache lengths 1..48, through 1 and multiples of 16, a ring that
-    fills and wraps (window 8) and split counts from 1 to 3: every step launches the kernels under the same
-    keys as the first step (local and global layers have keys of their own, from the first step on)."""
+    """Decode steps after a 1-token prompt at cache lengths 1..48, watched where a specialised integer would
+    change its key (a length of 1, multiples of 16 and the length after one) and where the ring (window 8)
+    fills and wraps: every watched step launches the kernels under the same keys as the first step (local and
+    global layers have keys of their own, from the first step on). The steps between run on torch, faster in
+    the interpreter, so the cache still grows through every length."""
     model = model_of(tiny(family))
-    watched = [1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 48]
+    watched = [1, 2, 8, 9, 16, 17, 32, 33, 48]
     ids = torch.randint(0, 128, (1, 50), generator=torch.Generator().manual_seed(0))
     cache = model.new_cache(1, 50)
     use_triton(model, False, verbose=False)

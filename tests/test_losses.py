@@ -94,6 +94,33 @@ def test_sampled_target_is_the_renormalised_teacher_on_the_sample():
     torch.testing.assert_close(losses.sampled_kd_loss(s, ids, w), want, rtol=1e-6, atol=1e-6)
 
 
+def test_cross_entropy_grad_is_autograds_gradient():
+    """The closed form softmax(z)·Σq − q against torch.autograd on −Σ_v q_v log softmax(z)_v, row by row:
+    dense targets whose rows hold all the mass, less of it (not renormalised) or none (a row not
+    scored), a very peaked row (logits of ±1000), and the sparse form the callers complete with
+    scatter_add_ (a label per row, mass None)."""
+    n, V = 9, 23
+    z = rnd(n, V)
+    z[4] = torch.linspace(-1000.0, 1000.0, V)  # peaked: exp(z) alone would overflow
+    q = torch.rand(n, V, generator=g) * (torch.rand(n, V, generator=g) < 0.4)
+    q[0] = torch.softmax(rnd(V), -1)  # all the mass
+    q[1] = 0.0  # none: a row not scored
+    q[2:] = q[2:] / q[2:].sum(-1, keepdim=True).clamp(min=1e-6) * torch.rand(n - 2, 1, generator=g)  # Σq < 1
+    q[4, 3] += 0.5
+    zz = z.clone().requires_grad_()
+    (want,) = torch.autograd.grad(-(q * torch.log_softmax(zz, -1)).sum(), zz)
+    got = losses.cross_entropy_grad(torch.log_softmax(z, -1), q, q.sum(-1))
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # the sparse form: mass None (every row sums to 1), the label subtracted by the caller
+    y = torch.randint(0, V, (n,), generator=g)
+    zz = z.clone().requires_grad_()
+    (want,) = torch.autograd.grad(F.cross_entropy(zz, y, reduction="sum"), zz)
+    got = losses.cross_entropy_grad(torch.log_softmax(z, -1))
+    got.scatter_add_(-1, y[:, None], -torch.ones(n, 1))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
 def _plain(hidden, weight, cap, q):
     """The reference: full logits, soft-cap, −Σ q log softmax, mean over scored rows (autograd)."""
     z = hidden @ weight.T

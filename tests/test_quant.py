@@ -130,6 +130,48 @@ def test_q8_0_blocks_give_back_the_files_bytes():
     assert torch.equal(emb(ids), floats[ids])  # a lookup is the dequantised row, exactly
 
 
+def _q8_0_test_weights() -> torch.Tensor:
+    w = torch.randn(16, 256, generator=gen(6)) * torch.exp(torch.randn(16, 1, generator=gen(7)))  # rows of many sizes
+    w *= 0.05
+    w[2, 64:96] = 0  # an all-zero block
+    w[5, 40] = 30.0  # a block with one large outlier
+    return w
+
+
+def test_q8_0_blocks_round_trip_through_the_dequantiser():
+    """q8_0_blocks then dequantize_q8_0: each weight comes back as fp16(d) · q, q = round(w / d) with the
+    float32 d = max|block| / 127, so within half a step plus the fp16 rounding of d; zeros stay zero."""
+    w = _q8_0_test_weights()
+    raw = q8_0_blocks(w)  # (16, 8, 34)
+    back = dequantize_q8_0(raw.reshape(-1), w.shape)
+    d = w.reshape(16, 8, 32).abs().amax(-1) / 127
+    d16 = raw[..., :2].contiguous().view(torch.float16).float()[..., 0]
+    assert torch.equal(d16, d.half().float())
+    q = raw[..., 2:].contiguous().view(torch.int8).float()
+    assert torch.equal(q, torch.round(w.reshape(16, 8, 32) / torch.where(d == 0, 1.0, d)[..., None]))
+    assert torch.equal(back.reshape(16, 8, 32), q * d16[..., None])
+    err = (back - w).abs().reshape(16, 8, 32)
+    assert (err <= (d / 2 + 127 * (d16 - d).abs())[..., None] * (1 + 1e-6)).all()
+    assert (back[2, 64:96] == 0).all() and back[5, 40] == 127 * d16[5, 1]  # the outlier is code 127
+    with pytest.raises(ValueError, match="blocks of 32"):
+        q8_0_blocks(torch.randn(2, 40))
+
+
+def test_q8_0_blocks_are_the_gguf_packages_bytes():
+    """The bytes of q8_0_blocks against the `gguf` package's Q8_0 quantiser (bit-exact with ggml's
+    quantize_row_q8_0_ref): the same on weights without ties. At an exact tie ggml rounds away from zero
+    (roundf) and torch.round to even: the one difference, shown at the end."""
+    gguf = pytest.importorskip("gguf")
+    w = _q8_0_test_weights()
+    ref = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)  # (16, 8 * 34) uint8
+    assert torch.equal(q8_0_blocks(w).reshape(16, -1), torch.from_numpy(ref))
+    tie = torch.zeros(1, 32)
+    tie[0, :2] = torch.tensor([127.0, 2.5])  # d = 1: 2.5 / d is a tie
+    ours = q8_0_blocks(tie).reshape(-1)[2:].view(torch.int8)
+    theirs = torch.from_numpy(gguf.quants.quantize(tie.numpy(), gguf.GGMLQuantizationType.Q8_0)).reshape(-1)[2:]
+    assert (int(ours[1]), int(theirs.view(torch.int8)[1])) == (2, 3)
+
+
 def test_rescored_head_recomputes_the_top_k_exactly():
     table = torch.randn(320, 64, generator=gen(4))
     emb = nn.Embedding.from_pretrained(table)

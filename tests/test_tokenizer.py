@@ -185,3 +185,33 @@ def test_gemma3_gguf_has_the_same_vocabulary(tok):
     assert len(differ) <= 31
     assert all(tokens[i] == pieces[i].replace("▁", " ") for i in differ)
     assert Tokenizer.from_pretrained("gemma3-270m").model_file == tok.model_file
+
+
+# --------------------------------------------------------------------------------------------
+# data.bpe_merge: one merge of byte-pair encoding (exercise 08.bpe_merge), on examples worked out by hand
+# --------------------------------------------------------------------------------------------
+def test_bpe_merge_by_hand():
+    from minigemma.data import bpe_merge
+
+    # "low lower lowest" as characters (l=1, o=2, w=3, e=4, r=5, s=6, t=7), one word per sequence. Pairs:
+    # (1,2) x3, (2,3) x3, (3,4) x2, (4,5) x1, (4,6) x1, (6,7) x1: (1,2) and (2,3) tie at 3, the smaller wins
+    words = [[1, 2, 3], [1, 2, 3, 4, 5], [1, 2, 3, 4, 6, 7]]
+    merged, pair = bpe_merge(words, 8)
+    assert pair == (1, 2) and merged == [[8, 3], [8, 3, 4, 5], [8, 3, 4, 6, 7]]
+    # the next merge on the result: (8,3) x3 wins; then (9,4) x2
+    merged, pair = bpe_merge(merged, 9)
+    assert pair == (8, 3) and merged == [[9], [9, 4, 5], [9, 4, 6, 7]]
+    merged, pair = bpe_merge(merged, 10)
+    assert pair == (9, 4) and merged == [[9], [10, 5], [10, 6, 7]]
+    # "aaaa b aaa": (a,a) counted 3 + 2 = 5 times (each position), merged left to right without overlap
+    merged, pair = bpe_merge([[1, 1, 1, 1], [2], [1, 1, 1]], 3)
+    assert pair == (1, 1) and merged == [[3, 3], [2], [3, 1]]
+    # a pair across two sequences never counts: inside them only (2,3) exists, though (1,2) spans twice
+    assert bpe_merge([[1], [2, 3], [1], [2, 3]], 4) == ([[1], [4], [1], [4]], (2, 3))
+    # empty sequences are kept; with no pair at all, nothing changes and the pair is None
+    assert bpe_merge([[], [5, 6], []], 7) == ([[], [7], []], (5, 6))
+    assert bpe_merge([[5], [], [6]], 7) == ([[5], [], [6]], None)
+    # the input is left as it was
+    corpus = [[1, 2, 1, 2]]
+    bpe_merge(corpus, 3)
+    assert corpus == [[1, 2, 1, 2]]

@@ -77,6 +77,33 @@ def test_accumulated_gradients_equal_the_full_batch():
         torch.testing.assert_close(w.grad, g_full, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_adamw_step_is_torch_adamw_bit_for_bit(seed):
+    """train.adamw_step (the reference of exercise 08.adamw_step) against torch.optim.AdamW (single-tensor
+    path, as make_optimizer builds it): 25 steps of fresh random gradients from zero moments, weight decay
+    on and off, several shapes and hyper-parameters; the weights and both moments equal bit for bit."""
+    g = torch.Generator().manual_seed(seed)
+    for shape, lr, betas, eps, wd in [((5, 7), 3e-2, (0.9, 0.95), 1e-8, 0.1), ((13,), 1e-3, (0.9, 0.999), 1e-6, 0.0),
+                                      ((3, 4, 2), 0.5, (0.8, 0.99), 1e-3, 0.3)]:
+        p0 = torch.randn(shape, generator=g)
+        param = torch.nn.Parameter(p0.clone())
+        opt = torch.optim.AdamW([param], lr=lr, betas=betas, eps=eps, weight_decay=wd, foreach=False)
+        mine, m, v = p0.clone(), torch.zeros(shape), torch.zeros(shape)
+        for step in range(1, 26):
+            grad = torch.randn(shape, generator=g) * float(torch.rand(1, generator=g)) * 10 ** (step % 3 - 1)
+            param.grad = grad.clone()
+            opt.step()
+            assert T.adamw_step(mine, grad, m, v, step, lr, betas, eps, wd) is None  # in place
+            state = opt.state[param]
+            assert int(state["step"]) == step
+            assert torch.equal(mine, param.detach()), (shape, step)
+            assert torch.equal(m, state["exp_avg"]) and torch.equal(v, state["exp_avg_sq"]), (shape, step)
+    # a Parameter that requires grad is updated in place too (the capstone's loop calls it on the model's)
+    w = torch.nn.Parameter(torch.ones(3))
+    T.adamw_step(w, torch.ones(3), torch.zeros(3), torch.zeros(3), 1, 0.1, (0.9, 0.999), 0.0, 0.0)
+    torch.testing.assert_close(w.detach(), torch.full((3,), 0.9))  # the first step moves by lr · sign(g)
+
+
 @pytest.mark.parametrize("kind", ["gemma3", "griffin"])
 def test_resume_is_bit_exact(tmp_path, kind):
     data, val = stream(), stream(800, seed=1)

@@ -32,7 +32,7 @@ class Result:
     passed: bool
     n_cases: int
     n_passed: int
-    failure: dict | None = None  # the smallest failing case: label, inputs, expected, got / error
+    failure: dict | None = None  # the first failing case: label, inputs, expected, got / error
     printed: bool = field(default=False, repr=False, compare=False)  # check() has shown it already
 
     def summary(self) -> str:
@@ -63,10 +63,12 @@ def get(name: str) -> Exercise:
 # --------------------------------------------------------------------------------------------
 # Comparing outputs
 # --------------------------------------------------------------------------------------------
-def compare(expected: Any, got: Any, atol: float, rtol: float, exact_types: bool = False) -> str | None:
+def compare(expected: Any, got: Any, atol: float, rtol: float, exact_types: bool = False,
+            names: tuple[str, ...] = ()) -> str | None:
     """None if `got` matches `expected`, else a short reason. Tensors compare with a tolerance.
 
     exact_types: a floating tensor must also have the expected dtype, and an int must be an int.
+    names: what each item of a tuple output is ("the gradient w.r.t. q"), for the reason to name it.
     """
     if isinstance(expected, torch.Tensor):
         if not isinstance(got, torch.Tensor):
@@ -80,7 +82,13 @@ def compare(expected: Any, got: Any, atol: float, rtol: float, exact_types: bool
         if exact_types and got.dtype != expected.dtype:
             return f"dtype {_dtype(got)} != expected {_dtype(expected)}"
         if expected.dtype == torch.bool or not expected.is_floating_point():
-            return None if torch.equal(got.to(expected.dtype), expected) else "values differ"
+            g = got.to(expected.dtype)
+            if torch.equal(g, expected):
+                return None
+            wrong = (g != expected).nonzero()
+            idx = tuple(int(i) for i in wrong[0])
+            return (f"values differ: first at index {idx} (row-major), expected {_item(expected[idx])}, got "
+                    f"{_item(g[idx])}; {len(wrong)} of {expected.numel()} entries wrong")
         if got.dtype == torch.bool:
             return f"expected a {_dtype(expected)} tensor, got a boolean one"
         g, e = got.detach().double(), expected.detach().double()
@@ -105,7 +113,7 @@ def compare(expected: Any, got: Any, atol: float, rtol: float, exact_types: bool
         for i, (e, g) in enumerate(zip(expected, got)):
             why = compare(e, g, atol, rtol, exact_types)
             if why:
-                return f"item {i}: {why}"
+                return f"{names[i] if i < len(names) else f'item {i}'}: {why}"
         return None
     if isinstance(expected, float):
         if not isinstance(got, (int, float)) and not (isinstance(got, torch.Tensor) and got.numel() == 1):
@@ -120,6 +128,11 @@ def compare(expected: Any, got: Any, atol: float, rtol: float, exact_types: bool
     return None if got == expected else f"{got!r} != {expected!r}"
 
 
+def _item(t: torch.Tensor) -> Any:
+    v = t.item()
+    return round(v, 5) if isinstance(v, float) else v
+
+
 def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
@@ -131,7 +144,7 @@ def _kind(x: Any) -> str:
 
 
 def _size(x: Any) -> int:
-    """How big a case is, to show the smallest failing one: numbers in tensors and sequences."""
+    """How big a value is: numbers in tensors and sequences."""
     if isinstance(x, torch.Tensor):
         return x.numel()
     if isinstance(x, (tuple, list)):
@@ -144,6 +157,12 @@ def _size(x: Any) -> int:
 def _describe(x: Any, limit: int = 6) -> str:
     if isinstance(x, torch.Tensor) and type(x) not in (torch.Tensor, torch.nn.Parameter):
         return f"an instance of the tensor subclass {type(x).__name__}"  # its own ops could do anything
+    if isinstance(x, torch.Tensor) and x.dtype == torch.bool and x.dim() >= 2 and x.shape[-1] <= 32 \
+            and x.numel() <= 512:
+        # a mask is read in 2-D: one row per query, 1 where a key is seen, . where it is not
+        rows = x.reshape(-1, x.shape[-1]).tolist()
+        drawn = " / ".join("".join("1" if v else "." for v in row) for row in rows)
+        return f"bool mask{tuple(x.shape)} rows: {drawn}"
     if isinstance(x, torch.Tensor):
         head = x.flatten()[:limit].tolist()
         head = [round(v, 4) if isinstance(v, float) else v for v in head]
@@ -220,10 +239,12 @@ def _time_limit(seconds: float):
 
 
 def run_check(name: str, fn: Callable[..., Any], seed: int | None = None) -> Result:
-    """Run every case of exercise `name` on `fn` and report the smallest failing one. Never raises.
+    """Run every case of exercise `name` on `fn` and report the first failing one. Never raises.
 
-    Cases run from small to large (the size of inputs and expected output; ties keep the
-    exercise's order), so the failure shown is the smallest case that fails.
+    Cases run in the exercise's order, which is curated: the plain case of the idea first, then one
+    case per concept (an edge, a dtype, a mistake learners make), random draws last. So the first case
+    that fails isolates the first idea that is wrong, and its label names it; where the wrong output
+    equals a known wrong answer (the course's catalogue of them), the report says which.
     """
     ex = get(name)
     seed = int(time.time_ns() % 2**31) if seed is None else seed
@@ -236,12 +257,8 @@ def run_check(name: str, fn: Callable[..., Any], seed: int | None = None) -> Res
     n_passed, failure, n_failed = 0, None, 0
     try:
         with _time_limit(ex.timeout_s):
-            prepared = []
-            for i, case in enumerate(cases):
-                expected = ex.run(ex.reference, case)
-                prepared.append((_size((case.args, case.kwargs, expected)), i, case, expected))
-            prepared.sort(key=lambda item: item[:2])
-            for _, _, case, expected in prepared:
+            prepared = [(case, ex.run(ex.reference, case)) for case in cases]
+            for case, expected in prepared:
                 why = _run_case(ex, case, expected, fn)
                 if why is None:
                     n_passed += 1
@@ -251,6 +268,10 @@ def run_check(name: str, fn: Callable[..., Any], seed: int | None = None) -> Res
                     failure = {"case": case.label, "inputs": _describe((case.args, case.kwargs)),
                                "expected": _describe(expected), **why, "seed": seed}
                     failed_case = (case, expected)
+            if failure is not None and "got" in failure:
+                mistake = known_mistake(ex, fn, *failed_case)
+                if mistake:
+                    failure["why"] = f"this matches a known wrong answer: {mistake} ({failure['why']})"
             if failure is not None and ex.diagnose is not None:
                 found = ex.diagnose(fn, *failed_case)
                 if found:  # put first in the reason, so every report (notebook, grade table) shows it
@@ -259,8 +280,65 @@ def run_check(name: str, fn: Callable[..., Any], seed: int | None = None) -> Res
     except ExerciseTimeout as e:
         failure = {"case": "(time limit)", "error": str(e), "seed": seed}
     if failure is not None and n_failed > 1:
-        failure["case"] += f"  (the smallest of {n_failed} failing cases)"
+        failure["case"] += f"  (the first of {n_failed} failing cases)"
     return Result(name, failure is None, len(cases), n_passed, failure)
+
+
+def _mistakes_catalogue() -> dict:
+    """exercise name -> [(label, wrong function)]: the course's plausible wrong answers (tests/mutants/,
+    where this copy of the course has them; an installed package has none, and says nothing)."""
+    global _CATALOGUE
+    if _CATALOGUE is None:
+        import importlib
+        import pkgutil
+        import sys
+        from pathlib import Path
+
+        _CATALOGUE = {}
+        root = Path(__file__).resolve().parents[2]
+        if (root / "tests" / "mutants" / "__init__.py").exists():
+            added = str(root) not in sys.path
+            if added:
+                sys.path.insert(0, str(root))
+            try:
+                package = importlib.import_module("tests.mutants")
+                for m in pkgutil.iter_modules(package.__path__):
+                    _CATALOGUE.update(getattr(importlib.import_module(f"tests.mutants.{m.name}"), "MUTANTS", {}))
+            except Exception:  # noqa: BLE001 - no catalogue: the report just names no known mistake
+                _CATALOGUE = {}
+            finally:
+                if added:
+                    sys.path.remove(str(root))
+    return _CATALOGUE
+
+
+_CATALOGUE: dict | None = None
+
+
+def known_mistake(ex: Exercise, fn: Callable[..., Any], case: Case, expected: Any) -> str | None:
+    """The label of the known wrong answer whose output on `case` equals `fn`'s (within the exercise's
+    tolerance), if exactly one does; None otherwise (an ambiguous match names nothing)."""
+    entries = _mistakes_catalogue().get(ex.name, [])
+    if not entries or ex.launch is not None or ex.diagnose is not None:
+        return None  # a kernel's launches, a capstone's model runs: too slow to repeat for every wrong answer
+    try:
+        got = ex.run(fn, case)
+    except BaseException:  # noqa: BLE001
+        return None
+    atol = ex.atol if case.atol is None else case.atol
+    rtol = ex.rtol if case.rtol is None else case.rtol
+    matches = []
+    for label, wrong in entries:
+        wrong = wrong.new() if hasattr(wrong, "new") else wrong  # a stateful wrong answer starts empty
+        try:
+            theirs = ex.run(wrong, case)
+        except Exception:  # noqa: BLE001 - a wrong answer that raises here matches nothing
+            continue
+        if compare(expected, theirs, atol, rtol) is None:
+            continue  # right on this case: it cannot explain a failure here
+        if compare(theirs, got, atol, rtol) is None:
+            matches.append(label)
+    return matches[0] if len(matches) == 1 else None
 
 
 def _run_case(ex: Exercise, case: Case, expected: Any, fn: Callable[..., Any]) -> dict | None:
@@ -279,7 +357,7 @@ def _run_case(ex: Exercise, case: Case, expected: Any, fn: Callable[..., Any]) -
                          "allowed (put back)"}
     atol = ex.atol if case.atol is None else case.atol
     rtol = ex.rtol if case.rtol is None else case.rtol
-    why = compare(expected, got, atol, rtol, ex.exact_types)
+    why = compare(expected, got, atol, rtol, ex.exact_types, ex.outputs)
     return None if why is None else {"got": _describe(got), "why": why}
 
 

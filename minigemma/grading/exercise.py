@@ -60,6 +60,7 @@ class Exercise:
     exact_types: bool = False
     hint: str = ""
     recipe: str = ""
+    outputs: tuple[str, ...] = ()  # names of a tuple output's items, for the report ("the gradient w.r.t. q")
     # diagnose(fn, case, expected) -> str | None: run on the smallest failing case to say what broke it
     # (the capstone swaps the learner's functions in one at a time and names the one that breaks the text)
     diagnose: Callable[[Callable[..., Any], Case, Any], str | None] | None = None

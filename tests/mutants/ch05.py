@@ -145,3 +145,102 @@ CORRECT.update({
     "05.gguf_header": [("shapes as lists, offsets as ints", lambda d: (lambda v, m, t: (
         v, m, [(n, list(s), ty, int(o)) for n, s, ty, o in t]))(*_parse(d)))],
 })
+
+
+# --------------------------------------------------------------------------------------------
+# 05.quantize_int8_rows
+# --------------------------------------------------------------------------------------------
+def _int8(w, per="row", levels=127.0, rounding="even", floor=1e-12, to_float=True):
+    w = w.float() if to_float else w
+    amax = w.abs().amax(dim=1) if per == "row" else w.abs().amax().expand(w.shape[0])
+    scale = (amax.clamp(min=floor) if floor else amax) / levels
+    x = w / scale[:, None]
+    if rounding == "even":
+        x = torch.round(x)
+    elif rounding == "away":  # half away from zero (C's roundf)
+        x = torch.sign(x) * torch.floor(x.abs() + 0.5)
+    else:  # truncation toward zero
+        x = torch.trunc(x)
+    return x.clamp(-127, 127).to(torch.int8), scale
+
+
+MUTANTS.update({
+    "05.quantize_int8_rows": [
+        ("one scale for the whole matrix, not per row", lambda w: _int8(w, per="tensor")),
+        ("scale = max / 128", lambda w: _int8(w, levels=128.0)),
+        ("codes truncated toward zero, not rounded", lambda w: _int8(w, rounding="trunc")),
+        ("halves rounded away from zero (roundf), not to even", lambda w: _int8(w, rounding="away")),
+        ("no floor for an all-zero row (0 / 0)", lambda w: _int8(w, floor=None)),
+        ("an all-zero row's scale set to 1 / 127 instead", lambda w: (lambda q, s: (q, torch.where(
+            s == 1e-12 / 127, torch.tensor(1 / 127), s)))(*_int8(w))),
+        ("a bfloat16 weight kept in bfloat16 (scales in bfloat16)", lambda w: _int8(w, to_float=False)),
+        ("codes returned as float32, not int8", lambda w: (lambda q, s: (q.float(), s))(*_int8(w))),
+    ],
+    "05.q8_0_round_trip": [],  # filled below
+})
+
+CORRECT.update({
+    "05.quantize_int8_rows": [
+        ("scale from torch.max of |w| per row, float64 division", lambda w: (lambda wf: (lambda s: (
+            torch.round(wf.double() / s.double()[:, None]).clamp(-127, 127).to(torch.int8), s))(
+            torch.max(wf.abs(), dim=1).values.clamp(min=1e-12) / 127))(w.float())),
+    ],
+})
+
+
+# --------------------------------------------------------------------------------------------
+# 05.q8_0_round_trip
+# --------------------------------------------------------------------------------------------
+def _q8_rt(x, stored="fp16", codes_by="fp32", raise_on_bad=True, zero_rule=True, per="block", rounding="even",
+           reciprocal=False):
+    N, K = x.shape
+    if K % 32:
+        if raise_on_bad:
+            raise ValueError("not whole blocks")
+        x = torch.cat([x, torch.zeros(N, 32 - K % 32)], 1)  # padded with zeros, cut back after
+    b = x.float().reshape(N, -1, 32)
+    if per == "block":
+        d = b.abs().amax(-1, keepdim=True) / 127
+    else:  # one d per row
+        d = b.abs().amax((-1, -2), keepdim=True).expand(N, b.shape[1], 1) / 127
+    d16 = d.half().float()
+    div = d if codes_by == "fp32" else d16
+    if zero_rule:
+        div = torch.where(div == 0, 1.0, div)
+    y = b * (1 / div) if reciprocal else b / div
+    q = torch.round(y) if rounding == "even" else torch.sign(y) * torch.floor(y.abs() + 0.5)
+    out = q * (d16 if stored == "fp16" else d)
+    return out.reshape(N, -1)[:, :K]
+
+
+MUTANTS["05.q8_0_round_trip"] += [
+    ("dequantised with the float32 d, not the stored float16 one", lambda x: _q8_rt(x, stored="fp32")),
+    ("codes divided by the float16 d", lambda x: _q8_rt(x, codes_by="fp16")),
+    ("a row of 40 padded with zeros instead of refused", lambda x: _q8_rt(x, raise_on_bad=False)),
+    ("a block of zeros divides 0 by 0", lambda x: _q8_rt(x, zero_rule=False)),
+    ("one d per row, not per block", lambda x: _q8_rt(x, per="row")),
+    ("blocks of 32 down the columns", lambda x: _q8_rt(x.T.contiguous().reshape(-1, 32)).reshape(
+        x.shape[1], x.shape[0]).T if x.shape[1] % 32 == 0 and x.numel() % 32 == 0 else _q8_rt(x)),
+    ("returned in float16", lambda x: _q8_rt(x).half()),
+]
+
+CORRECT.update({
+    "05.q8_0_round_trip": [
+        ("llama.cpp's way: multiply by 1/d, round halves away from zero",
+         lambda x: _q8_rt(x, rounding="away", reciprocal=True)),
+        ("through the package's Q8_0 dequantiser on bytes written by hand", lambda x: _q8_bytes_round_trip(x)),
+    ],
+})
+
+
+def _q8_bytes_round_trip(x):
+    from minigemma.weights.gguf import dequantize_q8_0
+
+    N, K = x.shape
+    if K % 32:
+        raise ValueError(f"{K} is not a multiple of 32")
+    b = x.reshape(-1, 32)
+    d = b.abs().amax(1, keepdim=True) / 127
+    q = torch.round(b / torch.where(d == 0, 1.0, d)).to(torch.int8)
+    raw = torch.cat([d.half().view(torch.uint8), q.view(torch.uint8)], 1).reshape(-1)
+    return dequantize_q8_0(raw, (N, K))

@@ -231,3 +231,48 @@ CORRECT.update({
     "07.local_attention": [("written out", _local)],
     "07.predict_rglru_halflife": [("ln 2 / (8 r ln(1/0.999)), not rounded", lambda: (86.6, 692.8))],
 })
+
+
+# --------------------------------------------------------------------------------------------
+# 07.capstone: the exercises' answers (written as a learner would), and each of them broken once
+# --------------------------------------------------------------------------------------------
+from minigemma.learner_griffin import YourGriffin  # noqa: E402
+
+
+def _your_scan(a, b, h0=None):
+    if h0 is not None:
+        b = torch.cat([b[:, :1] + a[:, :1] * h0[:, None], b[:, 1:]], dim=1)
+    T, d = a.shape[1], 1
+    while d < T:
+        a, b = (torch.cat([a[:, :d], a[:, d:] * a[:, :-d]], dim=1),
+                torch.cat([b[:, :d], a[:, d:] * b[:, :-d] + b[:, d:]], dim=1))
+        d *= 2
+    return b, b[:, -1]
+
+
+YOUR_ANSWERS = dict(rglru_step=lambda *a: _rglru(*a), associative_scan=_your_scan,
+                    conv1d_with_cache=lambda x, w, b, p: _conv(x, w, b, p),
+                    recurrent_block=lambda *a: _block(*a), local_attention=lambda *a: _local(*a))
+CAPSTONE_BROKEN = {  # the function each capstone mutant breaks, for tests/test_learner_griffin.py
+    "an RG-LRU step without the sqrt(1 - a²) input normalisation":
+        ("rglru_step", lambda *a: _rglru(*a, norm="none")),
+    "a scan that ignores h0 (a chunk after the prompt starts from zeros)":
+        ("associative_scan", lambda a, b, h0=None: _scan(a, b, None)),
+    "a conv that drops its cache (zeros before every call: decoding forgets the prompt)":
+        ("conv1d_with_cache", lambda x, w, b, p: _conv(x, w, b, p, use_cache=False)),
+    "a conv that hands back the oldest inputs as its cache":
+        ("conv1d_with_cache", lambda x, w, b, p: _conv(x, w, b, p, tail="first")),
+    "a recurrent block with the conv after the RG-LRU":
+        ("recurrent_block", lambda *a: _block(*a, kind="the conv after the RG-LRU")),
+    "a local attention with a window one key short (W keys with the official edge)":
+        ("local_attention", lambda *a: _local(*a, keys=lambda c: c.attention_window_size)),
+}
+
+MUTANTS["07.capstone"] = [(label, YourGriffin(**{**YOUR_ANSWERS, name: fn}))
+                          for label, (name, fn) in CAPSTONE_BROKEN.items()]
+CORRECT["07.capstone"] = [
+    ("the exercises' answers, written out", YourGriffin(**YOUR_ANSWERS)),
+    ("the scan as a loop over time, the conv with F.conv1d", YourGriffin(
+        **{**YOUR_ANSWERS, "associative_scan": lambda a, b, h0=None: _scan_sequential(a, b, h0),
+           "conv1d_with_cache": _conv_torch})),
+]

@@ -108,3 +108,191 @@ CORRECT = {
              w.detach().clone().requires_grad_())),
     ],
 }
+
+
+# --------------------------------------------------------------------------------------------
+# 08.adamw_step: one AdamW step, in place
+# --------------------------------------------------------------------------------------------
+def _adamw(p, g, m, v, step, lr, betas, eps, wd, bias=True, decay="decoupled", eps_inside=False, count_from=1,
+           writes="all"):
+    b1, b2 = betas
+    t = step if count_from == 1 else step - 1
+    if decay == "coupled":  # Adam + L2: the decay goes through the gradient, so through m and v
+        g = g + wd * p
+    p_new = {"decoupled": p * (1 - lr * wd), "no_lr": p * (1 - wd)}.get(decay, p)
+    m_new = b1 * m + (1 - b1) * g
+    v_new = b2 * v + (1 - b2) * g * g
+    m_hat = m_new / (1 - b1 ** t) if bias else m_new
+    v_hat = v_new / (1 - b2 ** t) if bias else v_new
+    denom = torch.sqrt(v_hat + eps) if eps_inside else torch.sqrt(v_hat) + eps
+    p_new = p_new - lr * m_hat / denom
+    if decay == "after":
+        p_new = p_new * (1 - lr * wd)
+    if writes == "none":  # new tensors returned, the state left as it was
+        return p_new, m_new, v_new
+    p.copy_(p_new)
+    if writes == "all":
+        m.copy_(m_new)
+        v.copy_(v_new)
+    return None
+
+
+def _adamw_float64(p, g, m, v, step, lr, betas, eps, wd):
+    b1, b2 = betas
+    p64, g64, m64, v64 = p.double(), g.double(), m.double(), v.double()
+    m64 = m64 * b1 + g64 * (1 - b1)
+    v64 = v64 * b2 + g64 ** 2 * (1 - b2)
+    upd = (m64 / (1 - b1 ** step)) / ((v64 / (1 - b2 ** step)).sqrt() + eps)
+    p.copy_(p64 - lr * wd * p64 - lr * upd)
+    m.copy_(m64)
+    v.copy_(v64)
+
+
+def _adamw_torch(p, g, m, v, step, lr, betas, eps, wd):
+    """torch.optim.AdamW itself, its state set to the step before this one."""
+    param = torch.nn.Parameter(p.clone())
+    param.grad = g.clone()
+    opt = torch.optim.AdamW([param], lr=lr, betas=betas, eps=eps, weight_decay=wd, foreach=False)
+    opt.state[param] = {"step": torch.tensor(float(step - 1)), "exp_avg": m, "exp_avg_sq": v}
+    opt.step()
+    p.copy_(param.detach())
+
+
+MUTANTS["08.adamw_step"] = [
+    ("no bias correction", lambda *a: _adamw(*a, bias=False)),
+    ("the step counted from 0 (bias correction 1 - β^(step - 1))", lambda *a: _adamw(*a, count_from=0)),
+    ("weight decay coupled into the gradient (Adam + L2)", lambda *a: _adamw(*a, decay="coupled")),
+    ("weight decay not scaled by lr: p · (1 - wd)", lambda *a: _adamw(*a, decay="no_lr")),
+    ("weight decay applied after the update", lambda *a: _adamw(*a, decay="after")),
+    ("eps inside the square root", lambda *a: _adamw(*a, eps_inside=True)),
+    ("new tensors returned, the state left unchanged", lambda *a: _adamw(*a, writes="none")),
+    ("param updated in place, the moments not", lambda *a: _adamw(*a, writes="param")),
+]
+CORRECT["08.adamw_step"] = [
+    ("the formulas written out, in place", lambda *a: _adamw(*a)),
+    ("in float64, copied back", _adamw_float64),
+    ("torch.optim.AdamW itself", _adamw_torch),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# 08.bpe_merge: one merge of byte-pair encoding
+# --------------------------------------------------------------------------------------------
+def _bpe(corpus, new_id, count="every", tie="smallest", across=False, direction="left", skip=2, replace="all",
+         keep_empty=True, no_pair="none"):
+    seqs = [list(s) for s in corpus]
+    counts = {}
+    units = [[x for s in seqs for x in s]] if across else seqs  # across: the corpus as one long sequence
+    for s in units:
+        if count == "every":
+            pairs = list(zip(s, s[1:]))
+        elif count == "once_per_sequence":
+            pairs = list(dict.fromkeys(zip(s, s[1:])))
+        else:  # non-overlapping: [7, 7, 7] holds (7, 7) once
+            pairs, i = [], 0
+            while i + 1 < len(s):
+                pairs.append((s[i], s[i + 1]))
+                i += 2 if i + 2 < len(s) and s[i] == s[i + 1] == s[i + 2] else 1
+        for p in pairs:
+            counts[p] = counts.get(p, 0) + 1
+    if not counts:
+        if no_pair == "crash":
+            max(counts.values())  # ValueError: max() of an empty sequence
+        return ([s for s in seqs if s or keep_empty]), None
+    top = max(counts.values())
+    tied = [p for p, n in counts.items() if n == top]
+    pair = {"smallest": min(tied), "largest": max(tied), "first": tied[0]}[tie]
+
+    def merge(s):
+        if direction == "right":
+            return _merge_right(s)
+        out, i, done = [], 0, False
+        while i < len(s):
+            if i + 1 < len(s) and (s[i], s[i + 1]) == pair and not done:
+                out.append(new_id)
+                i += skip
+                done = replace == "first"
+            else:
+                out.append(s[i])
+                i += 1
+        return out
+
+    def _merge_right(s):
+        out, i = [], len(s) - 1
+        while i >= 0:
+            if i >= 1 and (s[i - 1], s[i]) == pair:
+                out.append(new_id)
+                i -= 2
+            else:
+                out.append(s[i])
+                i -= 1
+        return out[::-1]
+
+    return [merge(s) for s in seqs if s or keep_empty], pair
+
+
+MUTANTS["08.bpe_merge"] = [
+    ("pairs counted across sequence boundaries", lambda c, n: _bpe(c, n, across=True)),
+    ("a tie goes to the first pair counted", lambda c, n: _bpe(c, n, tie="first")),
+    ("a tie goes to the largest pair", lambda c, n: _bpe(c, n, tie="largest")),
+    ("overlapping occurrences counted once ([7, 7, 7] holds (7, 7) once)", lambda c, n: _bpe(c, n, count="nonoverlap")),
+    ("a pair counted once per sequence", lambda c, n: _bpe(c, n, count="once_per_sequence")),
+    ("merged from the right: [7, 7, 7] -> [7, new]", lambda c, n: _bpe(c, n, direction="right")),
+    ("after a merge, the second id is read again", lambda c, n: _bpe(c, n, skip=1)),
+    ("only the first occurrence in each sequence merged", lambda c, n: _bpe(c, n, replace="first")),
+    ("empty sequences dropped", lambda c, n: _bpe(c, n, keep_empty=False)),
+    ("no pair: max() of nothing raises", lambda c, n: _bpe(c, n, no_pair="crash")),
+]
+CORRECT["08.bpe_merge"] = [
+    ("collections.Counter, max over the sorted pairs, and a scan with a skip flag",
+     lambda c, n: (lambda counts: ([list(s) for s in c], None) if not counts else (lambda pair: (
+         [_merge_flag(s, pair, n) for s in c], pair))(
+         max(sorted(counts), key=lambda p: counts[p])))(
+         __import__("collections").Counter(p for s in c for p in zip(s, s[1:])))),
+]
+
+
+def _merge_flag(s, pair, new_id):
+    out, skip = [], False
+    for i, x in enumerate(s):
+        if skip:
+            skip = False
+        elif i + 1 < len(s) and (x, s[i + 1]) == pair:
+            out.append(new_id)
+            skip = True
+        else:
+            out.append(x)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 08.capstone: the exercises' answers (written as a learner would) train a tiny Gemma; one of them broken
+# --------------------------------------------------------------------------------------------
+from minigemma.learner_train import YourTraining  # noqa: E402
+
+
+def _next_token_loss(logits, ids, mask):
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+    scored = mask[:, :-1] & mask[:, 1:]
+    return (nll * scored).sum() / scored.sum()
+
+
+YOUR_ANSWERS = dict(next_token_loss=_next_token_loss, lr_schedule=lambda *a: _lr(*a),
+                    adamw_step=lambda *a: _adamw(*a))
+CAPSTONE_BROKEN = {  # the function each capstone mutant breaks, for tests/test_learner_train.py
+    "padding mask ignored": ("next_token_loss", lambda l, i, m: _nt(l, i, m, use=())),
+    "warmup starts at 0 (step / warmup)": ("lr_schedule", lambda *a: _lr(*a, warm="plain")),
+    "linear decay instead of cosine": ("lr_schedule", lambda *a: _lr(*a, shape="linear")),
+    "no bias correction": ("adamw_step", lambda *a: _adamw(*a, bias=False)),
+    "weight decay applied after the update": ("adamw_step", lambda *a: _adamw(*a, decay="after")),
+    "new tensors returned, the state left unchanged": ("adamw_step", lambda *a: _adamw(*a, writes="none")),
+}
+MUTANTS["08.capstone"] = [(label, YourTraining(**{**YOUR_ANSWERS, name: fn}))
+                          for label, (name, fn) in CAPSTONE_BROKEN.items()]
+CORRECT["08.capstone"] = [
+    ("the exercises' answers, written out", YourTraining(**YOUR_ANSWERS)),
+    ("torch's cross-entropy, the cos² schedule, AdamW in float64",
+     YourTraining(next_token_loss=CORRECT["08.next_token_loss"][0][1], lr_schedule=CORRECT["08.lr_schedule"][0][1],
+                  adamw_step=_adamw_float64)),
+]

@@ -67,3 +67,43 @@ CORRECT = {
             -1, i, torch.softmax(t.gather(-1, i), -1))),
     ],
 }
+
+
+# --------------------------------------------------------------------------------------------
+# 09.chunked_loss_grad
+# --------------------------------------------------------------------------------------------
+def _grad(z, q, mask, mass=True, sign=1.0, denominator="scored", zero_masked=True, stable=True, out=torch.float32):
+    if stable:
+        p = torch.softmax(z.double(), -1)
+    else:  # exp of the raw logits: inf for a logit of 1000
+        e = torch.exp(z.double())
+        p = e / e.sum(-1, keepdim=True)
+    q = q.double()
+    g = p * q.sum(-1, keepdim=True) - q if mass else p - q
+    g = sign * g
+    if zero_masked:
+        g = g * mask[:, None]
+    n = {"scored": mask.sum(), "rows": mask.numel(), "none": 1}[denominator]
+    return (g / n).to(out)
+
+
+MUTANTS.update({
+    "09.chunked_loss_grad": [
+        ("p - q: the target's mass Σq forgotten", lambda z, q, m: _grad(z, q, m, mass=False)),
+        ("the sign flipped: q - p·Σq", lambda z, q, m: _grad(z, q, m, sign=-1.0)),
+        ("mean over all rows, not the scored ones", lambda z, q, m: _grad(z, q, m, denominator="rows")),
+        ("summed, not averaged", lambda z, q, m: _grad(z, q, m, denominator="none")),
+        ("rows not scored keep their gradient", lambda z, q, m: _grad(z, q, m, zero_masked=False)),
+        ("softmax as exp(z) / Σ exp(z), without subtracting the maximum", lambda z, q, m: _grad(z, q, m, stable=False)),
+        ("returned in float64", lambda z, q, m: _grad(z, q, m, out=torch.float64)),
+    ],
+})
+
+CORRECT.update({
+    "09.chunked_loss_grad": [
+        ("torch.autograd on the mean loss", lambda z, q, m: torch.autograd.grad(
+            ((-(q * torch.log_softmax(z.requires_grad_(), -1)).sum(-1) * m).sum() / m.sum()), z)[0]),
+        ("float32 throughout, exp of log_softmax", lambda z, q, m: (torch.log_softmax(z, -1).exp() * q.sum(-1, keepdim=True)
+                                                                   - q) * (m[:, None] / m.sum())),
+    ],
+})

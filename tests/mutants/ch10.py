@@ -100,3 +100,48 @@ CORRECT = {
                                     < W // 2 + 1)))(torch.where(m.bool(), 0, torch.arange(1, m.shape[1] + 1)))),
     ],
 }
+
+
+# --- 10.capstone: the exercises' answers (written as a learner would), and each of them broken ----------
+from minigemma.learner_encoder import YourEmbeddingGemma  # noqa: E402
+
+
+def _your_mean_pool(hidden, attention_mask, pads_too=False):
+    if pads_too:
+        return hidden.float().mean(1)
+    m = attention_mask.float()[..., None]
+    return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def _your_mrl_truncate(embeddings, dim, renormalise=True):
+    e = embeddings[:, :dim]
+    return e / e.norm(dim=-1, keepdim=True) if renormalise else e
+
+
+def _your_encoder_mask(attention_mask, sliding_window, causal=False, half=True, inclusive=True):
+    T = attention_mask.shape[1]
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    real = attention_mask.bool()
+    mask = (real[:, :, None] & real[:, None, :]) | (i == j)
+    if sliding_window is not None:
+        reach = sliding_window // 2 if half else sliding_window
+        mask = mask & ((i - j).abs() <= reach if inclusive else (i - j).abs() < reach)
+    if causal:
+        mask = mask & (j <= i)
+    return mask
+
+
+YOUR_ANSWERS = dict(mean_pool=_your_mean_pool, mrl_truncate=_your_mrl_truncate, encoder_mask=_your_encoder_mask)
+CAPSTONE_BROKEN = {  # the function each capstone mutant breaks, for tests/test_learner_encoder.py
+    "the mean over the pads too": ("mean_pool", lambda h, m: _your_mean_pool(h, m, pads_too=True)),
+    "the prefix not normalised again": ("mrl_truncate", lambda e, d: _your_mrl_truncate(e, d, renormalise=False)),
+    "a causal mask (a decoder's)": ("encoder_mask", lambda m, W: _your_encoder_mask(m, W, causal=True)),
+    "a band of the whole window on each side (|i - j| <= W)":
+        ("encoder_mask", lambda m, W: _your_encoder_mask(m, W, half=False)),
+    "a band one key short on each side (|i - j| < W // 2): the smallest error, 3e-4 on the long document":
+        ("encoder_mask", lambda m, W: _your_encoder_mask(m, W, inclusive=False)),
+}
+
+MUTANTS["10.capstone"] = [(label, YourEmbeddingGemma(**{**YOUR_ANSWERS, name: fn}))
+                          for label, (name, fn) in CAPSTONE_BROKEN.items()]
+CORRECT["10.capstone"] = [("the exercises' answers, written out", YourEmbeddingGemma(**YOUR_ANSWERS))]

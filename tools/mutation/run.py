@@ -46,6 +46,19 @@ NOT_MUTATION_TESTED = {
     "06.capstone": "its reference is the real Gemma 3 270M generating greedy text: every package function the model "
                    "runs would be mutated, at several whole generations per mutant and seed. Each function it swaps in "
                    "has its own exercise here, and the hook (minigemma/learner.py) is tested in tests/test_learner_hook.py",
+    "07.capstone": "its reference is a whole RecurrentGemma fed a prompt, a chunk and decode steps: every package "
+                   "function the model runs would be mutated (the trunk, the attention's plans, the caches), which "
+                   "tests/test_griffin.py tests against the official and HF code. Each function it swaps in has its "
+                   "own exercise here, and the hook (minigemma/learner_griffin.py) is tested in "
+                   "tests/test_learner_griffin.py",
+    "10.capstone": "its reference is the real EmbeddingGemma 300M ranking documents: every package function the "
+                   "encoder runs would be mutated, at two whole encodings per mutant and seed. The three functions it "
+                   "swaps in have their own exercises here (10.mean_pool, 10.mrl_truncate, 10.encoder_mask), and the "
+                   "hook (minigemma/learner_encoder.py) is tested in tests/test_learner_encoder.py",
+    "08.capstone": "its reference is a whole training run of a tiny Gemma: every package function its forward and "
+                   "backward run would be mutated, each mutant training the model again on every seed. The three "
+                   "functions it swaps in have their own exercises here (08.next_token_loss, 08.lr_schedule, "
+                   "08.adamw_step), and the hook (minigemma/learner_train.py) is tested in tests/test_learner_train.py",
 }
 
 

@@ -39,8 +39,13 @@ register(Exercise(
     cases=_softmax_cases,
     reference=softmax_reference,
     description="Numerically stable softmax over the last dimension.",
-    hint="softmax(x) = softmax(x - c) for any constant c per row. Take c = the row's own maximum "
-         "(`x.amax(dim=-1, keepdim=True)`): the largest exponent is then exp(0) = 1, nothing overflows, "
-         "and exp(-inf) = 0 gives masked positions their zero. Normalise by the sum over the same dimension, "
-         "keepdim=True so it broadcasts against every row.",
+    hint="softmax(x) = softmax(x − c) for any constant c per row. Which c makes the largest exponent "
+         "exp(0) = 1, so that logits of ±1000 neither overflow nor all underflow to zero?",
+    recipe="1. For each row (the last dimension) find that row's own maximum m, keeping the reduced dimension "
+           "with size 1 so it broadcasts against the row; one maximum for the whole batch would send the "
+           "exponentials of a small-scale row to 0 and give 0/0. 2. Subtract it and exponentiate, exp(x − m): "
+           "the largest term is exp(0) = 1, nothing overflows, and a masked entry at −inf becomes exactly 0 "
+           "(a row may even start with −inf). 3. Sum the exponentials over the same last dimension, again "
+           "keeping it with size 1, and divide every exponential by its row's sum. Any number of leading "
+           "dimensions works the same way.",
 ))

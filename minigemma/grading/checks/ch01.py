@@ -114,31 +114,52 @@ def rope_reference(x, positions, base):
 register(Exercise(
     "01.causal_mask", _causal_cases, lambda T: causal_mask(T),
     description="(T, T) boolean mask, True where query i may see key j.",
-    hint="Compare two index grids: rows i = torch.arange(T)[:, None], columns j = torch.arange(T)[None, :]. "
-         "Broadcasting gives a (T, T) grid, and a comparison of tensors is already boolean. "
-         "(torch.tril of a boolean ones tensor works too.)"))
+    hint="Query i may see key j exactly when j is not after i. How can you compare every row index with "
+         "every column index at once, without a loop?",
+    recipe="1. Make the query indices 0 … T−1 as a column, shape (T, 1), and the key indices 0 … T−1 as a "
+           "row, shape (1, T). 2. Compare them, key index at most query index: broadcasting turns the one "
+           "comparison into a (T, T) grid, and a comparison of tensors is already boolean. 3. Return it: True "
+           "on and below the diagonal, False above it (for T = 1, a single True). Keeping the lower triangle "
+           "of a boolean all-True (T, T) matrix gives the same mask."))
 register(Exercise(
     "01.masked_attention", _attention_cases, scaled_dot_product_attention,
     description="softmax(q kᵀ / sqrt(D), masked) v for q (B,H,T,D), k, v (B,H,S,D).",
-    hint="Three lines: scores = q @ k.transpose(-2, -1) / sqrt(D) is (B, H, T, S); "
-         "scores.masked_fill(~mask, float('-inf')) hides the keys a query may not see (the (T, S) mask "
-         "broadcasts over B and H; it need not be causal); torch.softmax over the last dimension (the keys), "
-         "then @ v. Masking must happen before the softmax, so the visible weights still sum to 1."))
+    hint="Scores, mask, softmax, weighted sum: in which order must the mask and the softmax come so that "
+         "each query's visible weights still sum to 1? And the mask is (T, S): what does it do across B and H?",
+    recipe="1. Scores: multiply q by k transposed over its last two axes and divide by sqrt(D), giving "
+           "(B, H, T, S). 2. Where the mask is False, set the score to −inf; the (T, S) mask broadcasts over B "
+           "and H, and it may be any pattern, not only causal. Masking must happen before the softmax. "
+           "3. Softmax over the last axis (the keys), the stable way: each row's own maximum subtracted, so "
+           "scores in the hundreds do not overflow and a row whose first key is masked gives no nan. "
+           "4. Multiply the weights (B, H, T, S) by v (B, H, S, D): the output is (B, H, T, D)."))
 register(Exercise(
     "01.split_heads", _split_cases, split_heads,
     description="(B, T, H·D) -> (B, H, T, D).",
-    hint="view the last dimension as (H, D) first, giving (B, T, H, D), because head h owns a contiguous "
-         "block of D features; then swap the T and H axes with transpose(1, 2)."))
+    hint="Head h owns a contiguous block of D features of the last dimension. Which axis do you split "
+         "first, and which two axes must trade places afterwards?",
+    recipe="1. D is the last dimension's size divided by H. 2. Read the last dimension as two axes (H, D), "
+           "H first because each head's D features sit next to each other: the tensor becomes (B, T, H, D). "
+           "3. Swap the T and H axes (the second and the third), giving (B, H, T, D). Splitting as (D, H), "
+           "or reshaping straight to (B, H, T, D) without the swap, mixes tokens and heads."))
 register(Exercise(
     "01.merge_heads", _merge_cases, merge_heads,
     description="(B, H, T, D) -> (B, T, H·D).",
-    hint="Undo split_heads in reverse order: transpose(1, 2) back to (B, T, H, D), then reshape to "
-         "(B, T, H·D). After a transpose the memory is not contiguous, so use reshape (or "
-         ".contiguous().view)."))
+    hint="This is split_heads undone, in reverse order. What does swapping two axes do to the memory "
+         "layout, and which way of reshaping copes with that?",
+    recipe="1. Swap the H and T axes (the second and the third) back, giving (B, T, H, D). 2. Flatten the "
+           "last two axes into one of size H·D, head 0's D features first, then head 1's, and so on: "
+           "(B, T, H·D). After the swap the memory is not contiguous, so use a reshape that copies when it "
+           "must (or make the tensor contiguous first): a plain view refuses."))
 register(Exercise(
     "01.rope", _rope_cases, rope_reference,
     description="RoPE, split-half convention, on x (B,H,T,D) at the given positions.",
-    hint="θ_i = base ** (-2i / D) for i = 0 .. D/2-1 (torch.arange(0, D, 2) / D gives 2i/D). The angles are "
-         "positions.float()[:, None] * θ, shape (T, D/2): use the positions you are given (they may have "
-         "gaps), in float32 whatever x's dtype, and recompute them on every call. With x1, x2 = the two "
-         "halves of the last dimension, return cat([x1·cos − x2·sin, x2·cos + x1·sin])."))
+    hint="Feature i and feature i + D/2 turn together, by the angle p·θ_i of the token's position p. Which "
+         "positions do you use, in which dtype, and when are the angles computed? The cases move the "
+         "positions, leave gaps, repeat one, and go up to 32K with bfloat16 x.",
+    recipe="1. Frequencies: θ_i = base^(−2i/D) for i = 0 … D/2 − 1, in float32. 2. Angles: every position "
+           "you are given (converted to float32 whatever x's dtype; they may have gaps or repeats) times "
+           "every θ_i, an outer product of shape (T, D/2); recompute them on every call, never reuse angles "
+           "kept from an earlier call with the same shape. 3. Take their cosine and sine. 4. Split the last "
+           "dimension of x into its two halves, x1 (the first D/2 features) and x2 (the last D/2). "
+           "5. Return x1·cos − x2·sin followed by x2·cos + x1·sin, joined along the last dimension, with cos "
+           "and sin broadcasting over B and H, computed in float32 and returned in x's dtype."))

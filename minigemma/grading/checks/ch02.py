@@ -64,18 +64,27 @@ def _gqa_cases(seed):
 register(Exercise(
     "02.repeat_kv", _repeat_cases, repeat_kv,
     description="(B, K, S, D) -> (B, K·n_rep, S, D); query head h reads kv head h // n_rep.",
-    hint="Insert a new axis after K: x[:, :, None] is (B, K, 1, S, D); expand it to (B, K, n_rep, S, D) "
-         "(no copy), then reshape to (B, K·n_rep, S, D). Copies of one kv head end up adjacent. "
-         "x.repeat(1, n_rep, 1, 1) tiles the heads instead (0, 1, 0, 1, ...), which is the wrong order; "
-         "torch.repeat_interleave(x, n_rep, dim=1) is right."))
+    hint="Query head h reads kv head h // n_rep, so the copies of one kv head must sit next to each other: "
+         "0, 0, 1, 1, not 0, 1, 0, 1. Which way of repeating gives that order?",
+    recipe="1. Insert a new axis of size 1 right after the K axis: (B, K, 1, S, D). 2. Expand that axis to "
+           "n_rep, which makes no copy: (B, K, n_rep, S, D). 3. Reshape, merging the K and n_rep axes into "
+           "one of size K·n_rep: (B, K·n_rep, S, D). The copies of each kv head end up adjacent. (Repeating "
+           "each head n_rep times along the head axis, one head after another, is the same; tiling the "
+           "whole stack of heads n_rep times gives the wrong order 0, 1, 0, 1.) With n_rep = 1 the input "
+           "comes back unchanged."))
 register(Exercise(
     "02.gqa_attention", _gqa_cases, grouped_query_attention,
     description="attention where H query heads share K kv heads (q (B,H,T,D), k, v (B,K,S,D)), "
                 "with the given mask (any (T, S) pattern, or None).",
-    hint="Repeat k and v with your repeat_kv(·, H // K) so each query head has its kv head, then do "
-         "exactly the masked attention of chapter 01: scores / √D, masked_fill(~mask, -inf) only when a "
-         "mask is given (use the mask you get: it is not always causal, and a one-token decode step can "
-         "still have hidden keys), softmax over the keys, @ v."))
+    hint="Once every query head has its own copy of the right kv head, this is chapter 01's masked "
+         "attention. Which mask do you apply: the one you are given (not always causal, sometimes None)?",
+    recipe="1. Repeat k and v with your repeat_kv, n_rep = H / K, so both become (B, H, S, D) and query "
+           "head h meets kv head h / n_rep (rounded down). 2. Scores: q times k transposed over its last two "
+           "axes, divided by √D: (B, H, T, S). 3. If a mask is given, set the scores where it is False to "
+           "−inf; use the mask you get, which is not always causal (a one-token decode step can still have "
+           "hidden padded keys); if it is None, mask nothing. 4. Softmax over the keys, with each row's own "
+           "maximum subtracted (large scores, rows that start with −inf). 5. Multiply the weights by v: "
+           "(B, H, T, D)."))
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,17 +150,28 @@ def cached_attention_reference(q, k, v, prefill):
 
 register(Exercise(
     "02.kv_cache_update", _kv_cases, kv_cache_update_reference, atol=0.0, rtol=0.0, exact_types=True,
+    outputs=("cache_k", "cache_v", "the new length"),
     description="Write k, v (B, K, T, D) into slots length..length+T-1 of the (B, K, max_len, D) buffers cache_k, "
                 "cache_v (in place; every other slot unchanged); return (cache_k, cache_v, length + T).",
-    hint="end = length + k.shape[2]. Assign into the slice: cache_k[:, :, length:end] = k (and the same for v): "
-         "that writes into the buffer itself, so the next call sees it. Return the two buffers and end, an int. "
-         "Nothing grows: torch.cat would make a new, longer tensor; the buffer keeps its max_len slots."))
+    hint="Which slots do the new tokens' keys and values go to, and what must stay untouched? Nothing "
+         "grows: the buffer keeps its max_len slots, and the next call must see what this one wrote.",
+    recipe="1. T is the size of k's time axis (the third), and the new length is length + T. 2. Write k into "
+           "the time slots from length up to, but not including, length + T of cache_k, in place (assign "
+           "into that slice of the buffer itself), for every batch row and kv head; do the same with v and "
+           "cache_v. Every other slot keeps what it held, even old values past length. 3. Do not concatenate: "
+           "that makes a new, longer tensor and leaves the caller's buffer as it was. 4. Return cache_k, "
+           "cache_v and the new length as a Python int (not a tensor)."))
 register(Exercise(
     "02.cached_attention", _cached_cases, cached_attention_reference,
     description="Causal attention over T tokens computed the cached way: prefill the first `prefill` tokens, then "
                 "one token per step through your kv_cache_update; returns (B, H, T, D), equal to full attention.",
-    hint="Allocate buffers k.new_zeros(B, K, T, D) (and for v). Prefill: write the first `prefill` keys and values "
-         "with your kv_cache_update and attend with your gqa_attention under a causal (prefill, prefill) mask. "
-         "Then for each t from prefill to T-1: write token t first (so it sees itself), and attend q[:, :, t:t+1] "
-         "to the first n slots only (cache_k[:, :, :n]: the slots after n hold zeros, not keys); all of them are "
-         "in its past, so no mask. Concatenate the outputs along the time axis (dim=2)."))
+    hint="A decode step writes its token into the cache before it attends, so that it sees itself. Which "
+         "slots of the buffer hold keys at that moment, and which still hold zeros?",
+    recipe="1. Allocate two zero buffers of shape (B, K, T, D), like k in dtype and device. 2. Prefill: write "
+           "the first prefill keys and values with your kv_cache_update, and attend the first prefill queries "
+           "to them with your gqa_attention under a causal (prefill, prefill) mask. 3. Then for each t from "
+           "prefill to T − 1: write token t's key and value first, then attend the single query t (a time "
+           "axis of length 1) to the first n filled slots only, where n is the length the update returned; "
+           "the slots after n hold zeros, not keys. All of them are in its past, so no mask. "
+           "4. Concatenate the prefill output and each step's output along the time axis: (B, H, T, D). "
+           "When prefill equals T there is no decode step."))

@@ -78,23 +78,36 @@ def geglu_reference(x, w_gate, w_up, w_down):
 register(Exercise(
     "03.soft_cap", _softcap_cases, soft_cap,
     description="cap · tanh(x / cap); cap=None leaves x unchanged.",
-    hint="Divide by cap first, so tanh's steep middle covers (-cap, cap), then multiply by cap to bring the "
-         "range back: cap * torch.tanh(x / cap). Test `if cap is None` before anything else."))
+    hint="tanh squashes everything into (−1, 1). What must you do to x before it and to the result after it "
+         "so that the steep middle covers (−cap, cap) and the output saturates at ±cap? And what if there is "
+         "no cap?",
+    recipe="1. If cap is None, return x unchanged; check this before anything else. 2. Otherwise divide x by "
+           "cap, so the steep middle of tanh covers (−cap, cap). 3. Take tanh of that. 4. Multiply by cap to "
+           "bring the range back: cap · tanh(x / cap). Small logits come out nearly unchanged, and huge ones "
+           "(±1e4) saturate at ±cap, not at ±1."))
 # float16 outputs differ by one rounding step (~1e-3 relative) between equally correct orders of operations
 register(Exercise(
     "03.rms_norm", _rmsnorm_cases, rms_norm_reference, atol=1e-4, rtol=2e-3, exact_types=True,
     description="x / sqrt(mean(x²) + eps) · (1 + w), in float32, returned in x's dtype.",
-    hint="x32 = x.float(); mean of x32.pow(2) over the last dimension with keepdim=True; multiply by "
-         "torch.rsqrt(mean + eps): eps goes inside the square root, and use the eps argument. Then "
-         "* (1 + weight.float()) and .to(x.dtype) at the very end: the check wants float16 back for float16 "
-         "input."))
+    hint="300² already overflows float16. In which dtype do you square and average, where does eps go, "
+         "and in which dtype does the result come back?",
+    recipe="1. Convert x to float32 (a float16 input of size ~300 overflows if squared in float16). 2. Square "
+           "it and take the mean over the last dimension, keeping that dimension with size 1 so it "
+           "broadcasts. 3. Multiply x by rsqrt(mean + eps): eps goes inside the square root, and it is the eps "
+           "argument you are given, not a constant of your own (tiny activations and a zero row show the "
+           "difference). 4. Multiply by (1 + w), with the weight in float32 too (Gemma's weight is stored as "
+           "an offset from 1, so a fresh w of zeros means scale 1). 5. Convert back to x's dtype at the very "
+           "end: float16 in, float16 out; bfloat16 in, bfloat16 out."))
 register(Exercise(
     "03.geglu", _geglu_cases, geglu_reference,
     description="down(gelu_tanh(gate(x)) · up(x)) with nn.Linear-shaped weights (out, in).",
-    hint="An nn.Linear weight is (out, in), so a projection is x @ w.T. gate = x @ w_gate.T and "
-         "up = x @ w_up.T are (B, T, F); only the gate goes through GELU, the tanh form "
-         "0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))) (or F.gelu(g, approximate='tanh')); then "
-         "(gelu(gate) * up) @ w_down.T."))
+    hint="A linear layer's weight is stored (out, in): how do you apply it to x of shape (B, T, C)? And of "
+         "the two projections, gate and up, which one goes through the GELU, and which GELU?",
+    recipe="1. Project x with each weight by multiplying by the weight's transpose, since a weight is stored "
+           "(out, in): gate and up are both (B, T, F). 2. Pass only gate through the tanh form of GELU, "
+           "0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))), not the exact erf form (the large-activation case "
+           "sees the difference in the tails). 3. Multiply the activated gate by up, element by element. "
+           "4. Project the product back down with w_down, again times its transpose: (B, T, C)."))
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,13 +206,22 @@ register(Exercise(
     "03.decoder_layer", _block_cases, decoder_layer_reference,
     description="The sandwich-normed block from its sub-layers: h = x + post_attention_norm(attention(input_norm(x))); "
                 "out = h + post_feedforward_norm(mlp(pre_feedforward_norm(h))).",
-    hint="Two residual steps, each the same shape: x plus a normed-sub-layer-normed update. The residual stream "
-         "itself is never normed: x goes into the sum as it is, and only the sub-layer's input (pre-norm) and "
-         "its output (post-norm) are. The MLP reads h, the stream after the attention step, not x."))
+    hint="Two residual steps of the same shape, each a norm, a sub-layer and a norm. What is normed, and what "
+         "goes into the sum untouched? And which stream does the MLP read?",
+    recipe="1. Attention step: apply input_norm to x, then attention, then post_attention_norm to its output; "
+           "add that to x itself, not to a normed x: this is h. 2. MLP step: apply pre_feedforward_norm to h "
+           "(the stream after the attention step, not x), then mlp, then post_feedforward_norm to its output; "
+           "add that to h. 3. Return the sum. The residual stream itself is never normed: only each "
+           "sub-layer's input (pre-norm) and output (post-norm) are, and each of the four norms is used "
+           "exactly once, in its own place."))
 register(Exercise(
     "03.lm_head", _head_cases, lm_head_reference,
     description="logits = soft_cap(final_norm(x) @ embeddingᵀ, cap): the final RMSNorm (1 + w), the tied head "
                 "(the embedding matrix (V, C) is the head's weight), then the final soft-cap (None: no cap).",
-    hint="Three steps, in this order: your RMSNorm with (1 + norm_weight) and eps; the head, which is the "
-         "embedding matrix itself: x @ embedding.T gives (B, T, V); then cap · tanh(logits / cap) unless cap "
-         "is None. The √C scale belongs to the embedding's input side only, not to the head."))
+    hint="The head has no weight of its own: it is tied to the embedding matrix. In which order do the final "
+         "norm, the head and the cap come, and does the √C scale of the embedding belong here?",
+    recipe="1. Apply your RMSNorm to x with (1 + norm_weight) and the eps you are given (tiny activations "
+           "with eps = 1e-3 show a wrong eps). 2. The head: multiply the normed x (B, T, C) by the transpose "
+           "of the embedding matrix (V, C), giving logits (B, T, V). Do not multiply by √C: that scale belongs "
+           "to the embedding's input side only. 3. If cap is None, return the logits as they are; otherwise "
+           "return cap · tanh(logits / cap)."))

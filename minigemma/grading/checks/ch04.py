@@ -75,21 +75,36 @@ def _bytes_cases(seed):
 register(Exercise(
     "04.layer_types", _pattern_cases, layer_pattern,
     description="['sliding_attention' | 'full_attention'] per layer: layer i is global iff (i+1) % every == 0.",
-    hint="Layers count from 0, so layer i is the (i+1)-th: it is global when (i + 1) % every == 0. "
-         "A list comprehension over range(num_layers) does it; read `every`, don't assume 2 or 6."))
+    hint="Layers count from 0, so layer i is the (i + 1)-th. Which layers does \"every sixth is global\" "
+         "mean then, and what if every is not 2 or 6?",
+    recipe="1. Go through the layer indices i from 0 to num_layers − 1. 2. Layer i is global exactly when "
+           "i + 1 is a multiple of every (the remainder of i + 1 divided by every is 0): give it the string "
+           "'full_attention'. 3. Every other layer gets 'sliding_attention'. 4. Return the list, one string "
+           "per layer, in order. Read every from the argument: every = 1 makes all layers global, and a "
+           "stack shorter than every has no global layer at all."))
 register(Exercise(
     "04.layer_mask", _mask_cases, layer_mask_reference,
     description="(T, T) bool mask of layer `layer_idx`: i - W < j <= i on local layers, j <= i on global ones.",
-    hint="Start from the causal mask j <= i (index grids i = arange(T)[:, None], j = arange(T)[None, :]). "
-         "Decide the layer's type from `every` exactly as in layer_types, (layer_idx + 1) % every == 0 means "
-         "global. On a local layer also require j > i - window: `window` keys, the query's own included."))
+    hint="A global layer's mask is the causal one. What does a local layer add to it, and how many keys, the "
+         "query's own included, does a query see there? Decide the layer's type exactly as layer_types does.",
+    recipe="1. Decide the layer's type from every, as in layer_types: layer_idx + 1 a multiple of every means "
+           "global. Do not hard-code Gemma 2's or Gemma 3's pattern. 2. Build index grids: query indices i "
+           "as a (T, 1) column, key indices j as a (1, T) row. 3. The causal condition is j ≤ i. 4. On a "
+           "local layer also require j > i − window, so a query sees window keys, its own included (window 1: "
+           "only itself; a window larger than T changes nothing). 5. Return the (T, T) boolean mask, True "
+           "where both conditions hold (only the causal one on a global layer)."))
 register(Exercise(
     "04.kv_cache_bytes", _bytes_cases, kv_cache_bytes, exact_types=True,
     description="bytes of K and V after T tokens: global layers keep T, local layers min(T, W). An int.",
-    hint="Per token, one layer stores 2 (k and v) · batch · num_key_value_heads · head_dim · dtype.itemsize "
-         "bytes. A global layer holds all T tokens, a local one min(T, sliding_window). Count the layers of "
-         "each type in config.layer_types. Multiply ints only (no / and no float bits / 8) so the answer "
-         "stays an int."))
+    hint="How many bytes does one token cost in one layer, and how many tokens does each kind of layer keep? "
+         "Keep every step an integer.",
+    recipe="1. Per token, one layer stores 2 (k and v) · batch · num_key_value_heads · head_dim numbers, each "
+           "the dtype's size in bytes (its item size: 4 for float32, 2 for bfloat16, 1 for float8). 2. A "
+           "global layer keeps all T tokens; a local one keeps min(T, sliding_window). 3. Count the layers of "
+           "each type in the config's layer_types list (do not assume a pattern; a config may have only "
+           "global layers). 4. Add the global layers' count times T and the local layers' count times "
+           "min(T, W), and multiply by the per-token bytes. Multiply integers only, with no division and no "
+           "bits divided by 8, so the answer is a Python int."))
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,37 +231,60 @@ def _one_question(label):
 
 register(Exercise(
     "04.ring_update", _ring_cases, ring_update_reference, atol=0.0, rtol=0.0, exact_types=True,
+    outputs=("ring_k", "ring_v", "the keys attended, oldest first", "the values attended, oldest first"),
     description="A local layer's ring of W slots, token i in slot i % W: write the T new tokens (in place), return "
                 "(ring_k, ring_v, keys, values of the last min(length + T, W) tokens, oldest first).",
-    hint="Token length + t goes to slot (length + t) % W. A loop over t writes them in order, so when T > W the "
-         "later tokens overwrite the earlier ones, as they should (or write only the last min(T, W)). After the "
-         "write, n = length + T; the window is indices max(0, n - W) .. n - 1, and index j sits in slot j % W: "
-         "ring_k[:, :, idx % W] with idx = torch.arange(max(0, n - W), n) reads them oldest first."))
+    hint="Token i lives in slot i mod W, so the slots are not in time order once the ring has wrapped. Which "
+         "slot does each new token go to, what happens when the chunk is longer than W, and how do you read "
+         "the window back oldest first?",
+    recipe="1. New token t (t from 0 to T − 1) has index length + t and goes to slot (length + t) mod W, in "
+           "place in ring_k and ring_v. Writing them in order of t means that when T > W the later tokens "
+           "overwrite the earlier ones, as they should (or write only the last min(T, W)). 2. After the "
+           "write, n is length + T. 3. The window is the token indices from max(0, n − W) up to n − 1, and "
+           "index j sits in slot j mod W. 4. Gather the slots of those indices, in increasing index order, "
+           "from ring_k and from ring_v: these are the keys and values, oldest first, min(n, W) of them. "
+           "5. Return ring_k, ring_v, the keys and the values."))
 register(Exercise(
     "04.qk_norm_rope", _qk_cases, qk_norm_rope_reference,
+    outputs=("q", "k", "v"),
     description="Gemma 3's attention inputs of one layer: x @ w_qkvᵀ split into q (H heads), k, v (K heads); "
                 "RMSNorm (1 + w) over head_dim on q and on k; RoPE with the layer's base (local: "
                 "rope_local_base_freq, global: rope_theta, its positions / rope_scaling_factor). Returns (q, k, v).",
-    hint="q, k, v = (x @ w_qkv.T).split([H*D, K*D, K*D], dim=-1), then (B, T, n·D) -> (B, n, T, D) as in "
-         "split_heads. The norm's weight is one (D,) vector for every head: normalise over the last dimension "
-         "of (B, H, T, D). The layer's type is config.layer_types[layer_idx]; only global layers take "
-         "config.rope_theta and the scaling (divide the positions by it); local layers use "
-         "config.rope_local_base_freq. Norm first, then RoPE; v gets neither."))
+    hint="One fused projection gives q, k and v side by side. Which of them are normed, over which axis, and "
+         "which RoPE base and scaling does this layer's type call for?",
+    recipe="1. Project x with the fused weight (times its transpose): (B, T, (H + 2K)·D). 2. Cut the last "
+           "dimension into three consecutive pieces of H·D, K·D and K·D features: q, k and v. 3. Split each "
+           "into heads as in split_heads: (B, H, T, D) for q, (B, K, T, D) for k and v (read H, K and D from "
+           "the config). 4. RMSNorm with (1 + w) over head_dim, the last axis: q with the q-norm weight, k with "
+           "the k-norm weight, one (D,) vector shared by every head, and the config's rms_norm_eps. 5. The "
+           "layer's type is the config's layer_types entry for layer_idx. A global layer uses rope_theta as its "
+           "base and divides the positions by rope_scaling_factor; a local layer uses rope_local_base_freq and "
+           "no scaling. 6. Apply RoPE at those positions (they may have gaps) to the normed q and k: norm "
+           "first, then RoPE. v gets neither. Return q, k and v."))
 register(Exercise(
     "04.predict_kv_cache_mib", _one_question("Gemma 3 270M, one sequence of 32,768 tokens, bfloat16: "
                                              "(MiB as it is, MiB if every layer were global)"),
     kv_cache_mib_reference, atol=0.0, rtol=0.02,
+    outputs=("MiB with the real layer pattern", "MiB with every layer global"),
     description="Predict, then check: the MiB of Gemma 3 270M's KV cache at 32,768 tokens in bfloat16, and "
                 "with every layer global. Within 2%.",
-    hint="Per token and layer: k and v, num_key_value_heads (1) · head_dim (256) numbers each, 2 bytes per "
-         "bfloat16 number. The 270M has 18 layers, every sixth global: 3 global layers keep all 32,768 tokens, "
-         "15 local ones only the window of 512. 1 MiB = 2^20 bytes."))
+    hint="What does one token cost in one layer, and how many tokens does a global layer keep compared with "
+         "a local one? Gemma 3 270M has 18 layers, every sixth of them global.",
+    recipe="1. Per token and layer: k and v, each num_key_value_heads (1) · head_dim (256) numbers, at 2 bytes "
+           "per bfloat16 number. 2. Of the 18 layers, every sixth is global: 3 global layers keep all 32,768 "
+           "tokens, and the 15 local ones keep only the window of 512. 3. Add up the bytes of all layers and "
+           "divide by 2^20 to get MiB. 4. For the second number, count all 18 layers as global, each keeping "
+           "32,768 tokens. 5. Return both numbers, the real pattern first."))
 register(Exercise(
     "04.predict_window_reach", _one_question("Gemma 3 270M's first five (local) layers, W = 512: how many "
                                              "tokens back can the last token see?"),
     window_reach_reference,
     description="Predict, then check: through Gemma 3 270M's five local layers before its first global layer, "
                 "how far back can information reach the last token? An exact number of tokens.",
-    hint="One local layer lets token i see i - (W - 1) .. i: W keys, itself included, so W - 1 tokens back. Each "
-         "further layer lets those tokens pass on what they saw, another W - 1 back. Count the layers before "
-         "the first global one."))
+    hint="One local layer lets a token see W keys, itself included. How far back is that, and what do the "
+         "tokens it sees pass on from the layers below?",
+    recipe="1. One local layer lets token i see tokens i − (W − 1) up to i: W keys, itself included, so W − 1 "
+           "tokens back. 2. In the next layer, each of those tokens passes on what it saw in the layer below, "
+           "so the reach grows by another W − 1 tokens per layer. 3. Count the local layers before the first "
+           "global one (five here) and multiply that count by W − 1, with W = 512. 4. Return that exact "
+           "number of tokens, an integer."))

@@ -1,4 +1,4 @@
-"""Chapter 05: the GGUF header, and block quantisation, dequantised from scratch."""
+"""Chapter 05: the GGUF header, block quantisation dequantised from scratch, and quantising: int8 rows and Q8_0."""
 
 import struct
 import tempfile
@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...quant import int8_rows, q8_0_blocks
 from ...weights.gguf import GGML_TYPES, dequantize_q4_k, dequantize_q8_0, read_gguf
 from ..exercise import Case, Exercise, register
 
@@ -203,3 +204,107 @@ register(Exercise(
          "A string is a u64 length then UTF-8 bytes; an array is a u32 element type, a u64 count, then the "
          "elements (strings included). Tensor dims come fastest first: reverse them. The data starts at the end "
          "of the header rounded up to general.alignment (32 if absent), and each offset counts from there."))
+
+
+# --------------------------------------------------------------------------------------------
+# Quantising: symmetric int8 per row (Int8Linear), and Q8_0 there and back
+# --------------------------------------------------------------------------------------------
+def _int8_cases(seed):
+    """w (N, K) float32 (one case bfloat16). Each small case isolates one mistake; codes that come out
+    whole numbers (a scale of a power of two) leave the rounding out of the cases that are not about it."""
+    g = torch.Generator().manual_seed(seed)
+    sign = 1.0 if torch.rand(1, generator=g) < 0.5 else -1.0
+    one = torch.full((1, 1), sign * 127.0 * 2.0 ** -float(torch.randint(5, 10, (1,), generator=g)))  # scale 2^-k
+    cases = [Case("a row of one weight: its code is ±127 and its scale |w| / 127 (not / 128)", (one,))]
+    # one row, scale 1: round(2.7) = 3 and round(-3.6) = -4, where truncation gives 2 and -3
+    cases.append(Case("round to the nearest code: 2.7 -> 3 and -3.6 -> -4 (truncating toward zero gives 2 and -3)",
+                      (torch.tensor([[127.0, 2.7, -3.6]]),)))
+    # two rows, scales 2^-7 and 2^-1: every code whole, so only the scale's extent matters
+    rows = torch.tensor([[127.0, -64.0, 5.0], [127.0, 32.0, -100.0]]) * torch.tensor([[2.0 ** -7], [0.5]])
+    cases.append(Case("rows of very different sizes: one scale per row, not one for the whole matrix", (rows,)))
+    cases.append(Case("halves round to even, as torch.round does: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2, -2.5 -> -2",
+                      (torch.tensor([[127.0, 0.5, 1.5, 2.5, -2.5]]),)))
+    zero = torch.tensor([[0.0, 0.0, 0.0], [64.0, -127.0, 32.0]]) * 2.0 ** -4
+    cases.append(Case("an all-zero row: its maximum raised to 1e-12, codes 0 (no division by zero)", (zero,)))
+    cases.append(Case("a bfloat16 weight: the scales still float32 (and computed in float32)",
+                      (torch.randn(3, 8, generator=g).bfloat16(),)))
+    for N, K in [(6, 40), (16, 64), (9, 100)]:
+        w = torch.randn(N, K, generator=g) * torch.exp(2 * torch.randn(N, 1, generator=g))  # rows of many sizes
+        cases.append(Case(f"random ({N}, {K})", (w,)))
+    return cases
+
+
+def _q8_0_call(fn, args, kwargs):
+    """fn(x), or for a row length that is not a multiple of 32 (which the statement says to refuse) a sentence
+    saying which error it raised, or that it raised none: that sentence is what the check compares."""
+    x = args[0]
+    if x.shape[-1] % 32 == 0:
+        return fn(*args, **kwargs)
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the kind of error is the answer
+        return f"raised {type(e).__name__}"
+    return "returned without raising"
+
+
+def q8_0_round_trip_reference(x):
+    """x (N, K) float32 -> Q8_0 bytes (`quant.q8_0_blocks`, the quantised embedding's) -> float32 (N, K)
+    (`weights.gguf.dequantize_q8_0`). A K that is not a multiple of 32 raises ValueError."""
+    return dequantize_q8_0(q8_0_blocks(x), x.shape)
+
+
+def _q8_0_round_trip_cases(seed):
+    """x (N, K) float32. The small cases are built so that each isolates one mistake."""
+    g = torch.Generator().manual_seed(seed)
+    # a d = max|x| / 127 that float16 rounds by ~1/4000 of itself (a quarter of its step off)
+    d = torch.tensor(1.0 + 0.75 / 1024) * 2.0 ** float(torch.randint(-10, -4, (1,), generator=g))
+    # whole codes plus a little noise: the codes agree whichever d divides, the stored float16 d shows
+    codes = torch.randint(-126, 127, (1, 32), generator=g).float()
+    codes[0, int(torch.randint(0, 32, (1,), generator=g))] = 127.0
+    noisy = codes + 0.2 * (torch.rand(1, 32, generator=g) - 0.5) * (codes.abs() < 127)
+    cases = [Case("the scale is stored as float16: the weights come back as float16(d) · q, not with the "
+                  "float32 d", (noisy * d,))]
+    # x / d at k + 0.51: the float32 d rounds away from k, the float16 d (larger, here) rounds to k
+    near = torch.tensor([127.0] + [s * (k + 0.51) for k in (3, 20, 45, 70, 90, 100, 110, 120) for s in (1, -1)]
+                        + [0.0] * 15)[None]
+    cases.append(Case("the codes divide by the float32 d: the float16 d only stores the scale", (near * d,)))
+    cases.append(Case("a row of 40 weights, not a multiple of 32: raise a ValueError", (torch.randn(1, 40, generator=g),)))
+    zero = torch.cat([torch.zeros(1, 32), 0.05 * torch.randn(1, 32, generator=g)], dim=1)
+    cases.append(Case("an all-zero block: d = 0 and every code 0 (no division by zero)", (zero,)))
+    spike = 0.05 * torch.randn(1, 64, generator=g)
+    spike[0, int(torch.randint(0, 32, (1,), generator=g))] = 40.0
+    cases.append(Case("one large outlier: its block's 31 other weights share its scale, the next block keeps its own",
+                      (spike,)))
+    for N, K in [(3, 64), (4, 96), (8, 256)]:
+        cases.append(Case(f"random ({N}, {K}): a block is 32 consecutive weights of a row",
+                          (0.05 * torch.randn(N, K, generator=g),)))
+    return cases
+
+
+register(Exercise(
+    "05.quantize_int8_rows", _int8_cases, int8_rows, atol=0.0, rtol=1e-6, exact_types=True,
+    outputs=("the codes q", "the scales s"),
+    description="w (N, K) -> (q int8 (N, K), scale float32 (N,)): scale = max(max|w_row|, 1e-12) / 127, "
+                "q = round(w / scale) clamped to [-127, 127].",
+    hint="Every row gets its own scale, chosen so that the row's largest weight lands exactly on code ±127: "
+         "the maximum of the absolute values along each row, divided by 127. Do the arithmetic in float32 "
+         "whatever the weight's dtype, and keep a row of zeros from dividing by zero with the statement's floor.",
+    recipe="1. Convert the weight to float32. 2. For each row, take the largest absolute value, raise it to at "
+           "least 1e-12, and divide by 127: that is the row's scale, one number per row. 3. Divide each weight "
+           "by its row's scale (broadcast the scales along the row). 4. Round to the nearest whole number with "
+           "torch's rounding (halves go to the even neighbour). 5. Clamp to the range from -127 to 127 and "
+           "convert to int8. 6. Return the codes and the float32 scales, in that order."))
+register(Exercise(
+    "05.q8_0_round_trip", _q8_0_round_trip_cases, q8_0_round_trip_reference, atol=0.0, rtol=1e-6,
+    exact_types=True, call=_q8_0_call,
+    description="x (N, K) float32 -> Q8_0 (per block of 32: d = max|x| / 127, q = round(x / d), d stored as "
+                "float16) -> float32 (N, K) = float16(d) · q; ValueError if K % 32.",
+    hint="Cut each row into blocks of 32 consecutive weights (a reshape), and treat each block as its own "
+         "little int8 row: its scale puts the block's largest weight on ±127. Two details make it GGUF's Q8_0: "
+         "the codes are computed with the exact float32 scale, but the file keeps only a float16 copy of it, "
+         "and that copy is what multiplies the codes on the way back.",
+    recipe="1. Refuse a row length that is not a multiple of 32 with a ValueError. 2. Reshape to blocks of 32 "
+           "weights. 3. Per block, d is the largest absolute value divided by 127, in float32. 4. The codes are "
+           "the weights divided by d, rounded to the nearest whole number; where d is 0 (a block of zeros) the "
+           "codes are 0. 5. Round d to float16, as the file stores it. 6. Multiply the codes by that float16 d, "
+           "both in float32, and reshape back to (N, K)."))

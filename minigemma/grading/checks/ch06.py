@@ -49,16 +49,27 @@ register(Exercise(
     "06.top_k_filter", _top_k_cases, top_k_filter, exact_types=True,
     description="logits (..., V), k >= 1 -> the logits with all but the k largest of each row set to -inf "
                 "(ties with the k-th value kept), in the logits' dtype.",
-    hint="torch.topk(logits, k, dim=-1).values[..., -1:] is each row's k-th largest value, shaped to broadcast. "
-         "Keep what is >= it (so ties survive) with masked_fill(logits < kth, -inf). If k is at least the "
-         "vocabulary size there is nothing to drop."))
+    hint="You need one threshold per row: which value is it, and should a logit equal to it survive? And what "
+         "is there to drop when k is at least the vocabulary size?",
+    recipe="1. If k is at least the vocabulary size (the last dimension), return the logits unchanged. "
+           "2. Otherwise find each row's k-th largest value, kept with a trailing dimension of size 1 so it "
+           "broadcasts against the row. 3. Set every logit strictly smaller than that threshold to −inf; keep "
+           "everything greater than or equal to it, so ties with the k-th value survive (a row may keep more "
+           "than k). Entries already at −inf stay −inf. 4. Return a tensor in the logits' dtype (bfloat16 in, "
+           "bfloat16 out), of the same shape, for any number of leading dimensions."))
 register(Exercise(
     "06.top_p_filter", _top_p_cases, top_p_filter, exact_types=True,
     description="logits (..., V), 0 < p <= 1 -> the logits with -inf outside the nucleus: keep a token if the "
                 "tokens ranked strictly above it hold probability < p.",
-    hint="Sort each row descending (torch.sort returns the order too), softmax the sorted logits in float32, "
-         "and take the mass strictly before each token: cumsum - the token's own probability. Drop where that "
-         "mass is >= p, then put the drop mask back in vocabulary order with scatter(-1, order, ...)."))
+    hint="A token is kept when the tokens ranked strictly above it hold less than p. In which order must you "
+         "look at the tokens to measure that mass, and how do you bring the answer back to vocabulary order?",
+    recipe="1. Sort each row's logits in descending order, and keep the permutation the sort used. 2. Softmax "
+           "the sorted logits over the last dimension, in float32. 3. For each sorted token, the mass strictly "
+           "before it is the running (cumulative) sum of the probabilities up to and including it, minus its "
+           "own probability. 4. Mark a token to drop where that mass is at least p: the most likely token is "
+           "always kept, the token that crosses p is kept, and p = 1 keeps everything. 5. Scatter the drop "
+           "marks back through the permutation into vocabulary order. 6. Set the dropped logits to −inf and "
+           "return the result in the logits' dtype, same shape."))
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,12 +100,18 @@ def left_pad_reference(prompts, pad_id):
 
 register(Exercise(
     "06.left_pad", _pad_cases, left_pad_reference, exact_types=True,
+    outputs=("ids", "attention_mask", "positions"),
     description="prompts (lists of ids), pad_id -> (ids (B, L) long, attention_mask (B, L) bool, positions (B, L) "
                 "long): padded on the left; real tokens at positions 0, 1, ... from their first one, pads at 0.",
-    hint="L = the longest prompt. Row i starts with L - len(p) pads: ids[i, L - len(p):] = p, and the mask is True "
-         "from there on (from the lengths, never from ids != pad_id: a real token may have the pad's id). "
-         "Positions: mask.long().cumsum(-1) - 1 counts the real tokens before each one; torch.where(mask, that, 0) "
-         "puts every pad at 0. ids and positions are torch.long, the mask torch.bool."))
+    hint="Every row's last prompt token must end up in the last column. What tells you which entries are "
+         "padding: the ids, or the prompts' lengths? (A real token may have the pad's id.)",
+    recipe="1. L is the length of the longest prompt. 2. ids: a (B, L) long tensor filled with pad_id; row i "
+           "gets its prompt of length n in its last n columns, after L − n pads. 3. attention_mask: a "
+           "(B, L) bool tensor, False in the pad columns and True from the first real token on, built from the "
+           "lengths, never by comparing ids with pad_id. 4. positions: in each row, a running count of the real "
+           "tokens up to and including each one, minus 1, so the first real token is at 0, the next at 1, and "
+           "so on; then set every pad's position to 0. A long tensor (B, L). 5. Return ids, attention_mask and "
+           "positions, in that order."))
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,6 +141,12 @@ register(Exercise(
     description="Your code, real weights: YourGemma(rms_norm=..., rope=..., gqa_attention=..., geglu=..., "
                 "layer_mask=..., kv_cache_update=...) generates the same greedy text as Gemma 3 270M.",
     hint="Each function must first pass its own exercise (01.rope, 02.gqa_attention, 02.kv_cache_update, "
-         "03.rms_norm, 03.geglu, 04.layer_mask). If the text still differs, the report names the function that "
-         "breaks it when swapped in alone; test that one on the model's shapes: head_dim 256, one kv head for four "
-         "query heads, positions continuing from the cache during decoding."))
+         "03.rms_norm, 03.geglu, 04.layer_mask). If the text still differs, what does the real model give your "
+         "functions that the small cases did not?",
+    recipe="1. Run the six checks (01.rope, 02.gqa_attention, 02.kv_cache_update, 03.rms_norm, 03.geglu, "
+           "04.layer_mask) and fix the first that fails. 2. Build YourGemma with each of your six functions "
+           "given under its own name, and check it. 3. If the text differs, read which function the report "
+           "names: swapped in alone, that one breaks the text. 4. Test that one on the model's shapes and "
+           "compare it with the package's version: head_dim 256, one kv head shared by four query heads, "
+           "positions that continue from the cache during decoding (not restarting at 0), and a cache that "
+           "must keep what earlier steps wrote into it."))

@@ -1,10 +1,12 @@
-"""Chapter 07: Griffin / RecurrentGemma — the RG-LRU, the associative scan, the causal conv."""
+"""Chapter 07: Griffin / RecurrentGemma — the RG-LRU, the associative scan, the causal conv, and the capstone."""
 
+import functools
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
+from ... import learner_griffin
 from ...attention import Positions, grouped_query_attention, sliding_window_mask
 from ...griffin import (RGLRU, Conv1D, GriffinConfig, RecurrentBlock, associative_combine, causal_conv1d,
                         rglru_step, scan_associative)
@@ -112,31 +114,49 @@ register(Exercise(
     "07.rglru_step", _rglru_cases, rglru_step,
     description="h = a·h_prev + sqrt(1 - a²)·(i·x), a = sigmoid(Λ)^(8 r); "
                 "at a reset a = 0 and the multiplier is 1.",
-    hint="a = torch.sigmoid(lam) ** (8 * r): the power is 8·r, so keep the parentheses. The multiplier is "
-         "torch.sqrt(1 - a ** 2). On reset rows replace a by 0 AND the multiplier by 1 "
-         "(torch.where(reset[:, None], ...) broadcasts the (B,) flag over D); then a * h_prev + multiplier * (i * x)."))
+    hint="The decay a is σ(Λ) raised to the power 8·r: mind what the exponent is. And at a reset, two things "
+         "change, not one: what happens to a, and what to the input's multiplier?",
+    recipe="1. a = σ(Λ)^(8·r): the whole product 8·r is the exponent, element by element, (B, D). 2. The input "
+           "multiplier is sqrt(1 − a²). 3. On the rows where reset is True, replace a by 0 and the multiplier "
+           "by 1; the reset flag has shape (B,), so give it a trailing axis of size 1 to broadcast over D. "
+           "4. Return a·h_prev + multiplier·(i·x). With r = 0 the decay is 1: the state is kept exactly and "
+           "the input's multiplier is 0."))
 register(Exercise(
     "07.associative_combine", _combine_cases, associative_combine,
     description="(a1, b1) ∘ (a2, b2) = (a2·a1, a2·b1 + b2): first step 1, then step 2.",
-    hint="Apply the first map, then the second: a2·(a1·h + b1) + b2. Expand it and read off the new a (the "
-         "factor of h) and the new b (the rest). Nothing more: a may be negative or zero, so no logs."))
+    hint="Each pair is the affine map h ↦ a·h + b. What single map do you get by applying the first and then "
+         "the second?",
+    recipe="1. Apply the first map, then the second: a2·(a1·h + b1) + b2. 2. Expand it: a2·a1·h + (a2·b1 + b2). "
+           "3. Read off the new a, the factor of h, which is a2·a1, and the new b, the rest, which is "
+           "a2·b1 + b2. 4. Return the pair (new a, new b), element by element, for any shape. Nothing more: a may "
+           "be negative or zero, so no logarithms and no divisions."))
 register(Exercise(
     "07.associative_scan", _scan_cases, scan_associative,
     description="h_t = a_t·h_{t-1} + b_t for all t with log2(T) rounds of the combine; "
                 "returns (h (B, T, D), h_T (B, D)).",
-    hint="Fold h0 in first: the first step's b becomes b[:, 0] + a[:, 0] * h0 (build a new tensor with "
-         "torch.cat; do not write into the input). Then for d = 1, 2, 4, ... while d < T: combine "
-         "(a[:, :-d], b[:, :-d]) as the first step with (a[:, d:], b[:, d:]) as the second, and put the result "
-         "back at positions d.. (positions < d stay). Keep going until d >= T; stopping early forgets the far "
-         "past, which only shows when a is close to 1. No logs or divisions: a can be 0 or negative."))
+    hint="Where does h0 enter, so that the rest is a scan from zero? And in each round, step t is combined "
+         "with the step how far before it, and for how many rounds?",
+    recipe="1. Fold h0 in first (zeros if it is None): the first step's b becomes b_0 + a_0·h0. Build new "
+           "tensors for this; do not write into the inputs. 2. For d = 1, 2, 4, … while d < T: every position "
+           "t ≥ d combines the pair at t − d, as the first step, with the pair at t, as the second step; "
+           "positions before d keep their pair. Compute all of a round from the previous round's pairs. "
+           "3. Keep doubling d until it reaches T; stopping early forgets the far past, which only shows when "
+           "a is close to 1 (T = 300). 4. The b's are now the states h (B, T, D), and h_T is the last one "
+           "(B, D). Return both. No logarithms or divisions: a can be 0 (a reset) or negative."))
 register(Exercise(
     "07.conv1d_with_cache", _conv_cases, conv1d_with_cache,
     description="Depthwise causal conv y_t = bias + Σ_s w[W-1-s]·x_{t-s}, continuing from the "
                 "cache of the previous W-1 inputs; returns (y, new cache).",
-    hint="Glue the cache in front: xs = cat([x_prev, x], dim=1), (B, W-1+T, D); x_{t-s} is then "
-         "xs[:, W-1+t-s], so the slice xs[:, W-1-s : W-1-s+T] gives it for every t at once. Sum "
-         "w[W-1-s] * slice over s, plus bias. The new cache is the last W-1 rows of xs: xs[:, T:] "
-         "(careful: xs[:, -(W-1):] is all of xs when W = 1)."))
+    hint="The first outputs need inputs from before this call: where are they, and how do you line them up "
+         "with x? And what must the next call find in the cache, even when W is 1?",
+    recipe="1. Put the cache in front of x along the time axis: a sequence xs of shape (B, W − 1 + T, D). "
+           "2. Input x_{t−s} is then row W − 1 + t − s of xs, so for each shift s from 0 to W − 1 the rows "
+           "W − 1 − s up to W − 1 − s + T (not included) give it for every t at once. 3. Multiply each such "
+           "block by the kernel row w_{W−1−s} (one weight per channel: the conv is depthwise) and sum over s; "
+           "add the bias. That is y, (B, T, D). 4. The new cache is the last W − 1 rows of xs, that is, "
+           "everything after its first T rows (counting W − 1 rows back from the end gives all of xs when "
+           "W = 1, where the cache must be empty). When T < W − 1 it mixes old and new inputs. "
+           "5. Return y and the new cache."))
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,23 +277,92 @@ register(Exercise(
     "07.recurrent_block", _block_cases, recurrent_block_reference,
     description="Griffin's recurrent block from its modules: linear_out(gelu_tanh(linear_y(x)) · "
                 "rg_lru(conv_1d(linear_x(x)))).",
-    hint="Two branches read the same x. The gate branch: linear_y, then GELU with the tanh approximation "
-         "(F.gelu(·, approximate='tanh')). The recurrent branch: linear_x, then the conv, then the RG-LRU, in that "
-         "order (the conv mixes a few neighbours before the recurrence carries them on). Multiply the two "
-         "elementwise and project back with linear_out."))
+    hint="Two branches read the same x. Which one is the gate, which GELU does it use, and in which order "
+         "do the conv and the RG-LRU come on the other branch?",
+    recipe="1. Gate branch: apply linear_y to x, then GELU in its tanh approximation (not the exact erf form; "
+           "large inputs show the difference). 2. Recurrent branch: apply linear_x to the same x, then the "
+           "conv (conv_1d), then the RG-LRU (rg_lru), in that order: the conv mixes a few neighbours before "
+           "the recurrence carries them on. 3. Multiply the two branches element by element. 4. Project back "
+           "to the model's width with linear_out and return that."))
 register(Exercise(
     "07.local_attention", _local_cases, local_attention_reference,
     description="Griffin's local attention on q (B, H, T, D), k, v (B, K, T, D): RoPE (base config.rope_base) on the "
                 "first rotary_dim = head_dim · partial_rotary_factor dims only, causal, a window of W + 1 keys "
                 "(window_edge 'inclusive', the official code) or W ('exclusive', HF), scale D^-1/2.",
-    hint="Rotate only x[..., :d] with d = int(D * config.partial_rotary_factor): split-half RoPE on those d dims "
-         "(d/2 frequencies base^(-2i/d)), then cat with x[..., d:] untouched. W = config.attention_window_size; "
-         "with the inclusive edge query i sees keys i - W .. i, so the mask is j <= i and i - j <= W (< W for "
-         "'exclusive'). Then your grouped-query attention (K kv heads, here often 1)."))
+    hint="Only part of head_dim rotates, and the window has two conventions for its edge. How many dims does "
+         "the config say to rotate, with which base, and how many keys does a query see?",
+    recipe="1. d is head_dim times the config's partial_rotary_factor, as a whole number (not always half). "
+           "2. Apply split-half RoPE to the first d dims of q and of k only, with d/2 frequencies "
+           "base^(−2i/d) and the config's rope_base (not a fixed 10 000), at the positions you are given (they "
+           "may have gaps); the remaining dims pass through untouched, joined back after the rotated ones. "
+           "3. W is the config's attention_window_size. With the inclusive edge (the official code) query i "
+           "sees keys j with j ≤ i and i − j ≤ W, that is W + 1 keys; with the exclusive edge (HF) i − j < W, "
+           "W keys. 4. Run your grouped-query attention with that (T, T) mask, K kv heads (often 1) and scale "
+           "1/sqrt(D). v is not rotated."))
 register(Exercise(
     "07.predict_rglru_halflife", lambda seed: [Case("σ(Λ) = 0.999, c = 8: (steps to half with r = 1, with r = 1/8)")],
     rglru_halflife_reference, atol=0.0, rtol=0.02,
     description="Predict, then check: with σ(Λ) = 0.999, after how many steps has one input's share of the RG-LRU's "
                 "state halved, with the gate r held at 1, and at 1/8? Within 2%.",
-    hint="With no new input, h_t = a·h_{t-1}: after n steps the input's share is a^n. Here a = σ(Λ)^(8r), the same "
-         "every step. Solve a^n = 1/2: n = ln(1/2) / ln(a) = ln 2 / (8 r · ln(1/0.999))."))
+    hint="With no new input, h_t = a·h_{t−1}. What share of one input is left after n steps, and how does the "
+         "gate r change a?",
+    recipe="1. With no new input each step multiplies the state by a, so after n steps the input's share is a^n. "
+           "2. Here a = σ(Λ)^(8r) with σ(Λ) = 0.999, the same every step. 3. Solve a^n = 1/2 for n: "
+           "n = log 2 / (8r · log(1/0.999)), natural logarithms. 4. Compute it for r = 1 and for r = 1/8 (a smaller r means a "
+           "slower decay, so a longer half-life), and return the two step counts in that order."))
+
+
+# --------------------------------------------------------------------------------------------
+# The capstone: your functions inside a RecurrentGemma
+# --------------------------------------------------------------------------------------------
+def _capstone_cases(seed):
+    """Token ids drawn from the seed; the model (`learner_griffin.capstone_model`) is the same every run.
+    Its window is 8 (a query sees 9 keys) and its conv keeps the last 3 inputs."""
+    g = torch.Generator().manual_seed(seed)
+    V = learner_griffin.CAPSTONE_CONFIG["vocab_size"]
+    cases = []
+    for label, B, feed in [
+        ("1 row: a prompt of 2 tokens (fewer than the conv's 3 cached inputs), then 10 decode steps that go past "
+         "the window", 1, (2,) + (1,) * 10),
+        ("2 rows: a prompt of 11 tokens (past the window), a chunk of 2 that continues it, then 4 decode steps",
+         2, (11, 2, 1, 1, 1, 1)),
+        ("2 rows: a prompt of 3 tokens, a chunk of 13 (longer than the window) that continues it, then 2 decode "
+         "steps", 2, (3, 13, 1, 1)),
+    ]:
+        cases.append(Case(label, (torch.randint(0, V, (B, sum(feed)), generator=g), feed)))
+    return cases
+
+
+@functools.lru_cache(maxsize=16)
+def _capstone_logits(ids: tuple, shape: tuple, feed: tuple) -> torch.Tensor:
+    return learner_griffin.fed_logits(learner_griffin.capstone_model(), torch.tensor(ids).view(shape), feed)
+
+
+def capstone_reference(ids, feed):
+    """The logits of the capstone's RecurrentGemma itself, the package's code everywhere, fed the same way
+    (remembered per ids and feed: a check run again on the same seed computes them once)."""
+    return _capstone_logits(tuple(ids.flatten().tolist()), tuple(ids.shape), tuple(feed)).clone()
+
+
+register(Exercise(
+    "07.capstone", _capstone_cases, capstone_reference, diagnose=learner_griffin.diagnose,
+    atol=learner_griffin.ATOL, rtol=learner_griffin.RTOL,
+    description="Your code inside a RecurrentGemma: YourGriffin(rglru_step=..., associative_scan=..., "
+                "conv1d_with_cache=..., recurrent_block=..., local_attention=...) gives the logits of a small "
+                "RecurrentGemma (random weights from a fixed seed, a window of 8, a conv of 4 taps) for a prompt, "
+                "a chunk that continues it and one-token decode steps, within 1e-4 (the same maths summed in "
+                "another order differs by about 1e-6 in float32).",
+    hint="Each function must first pass its own exercise. If the logits still differ, the report names the "
+         "function that changes them when swapped in alone. Inside the model your functions meet inputs a single "
+         "exercise case may not give: your scan starts a chunk from the state the prompt left (h0 is not zeros), "
+         "your rglru_step continues that state one token at a time, your conv continues from the inputs the "
+         "previous call left in its cache, and your local attention sees more tokens than its window.",
+    recipe="First make the five exercises pass on their own: 07.rglru_step, 07.associative_scan, "
+           "07.conv1d_with_cache, 07.recurrent_block and 07.local_attention. Then build the YourGriffin with each "
+           "of your five functions given under its own name, and check it. If it fails, read which function the "
+           "report names: swapped in alone, that one changes the logits. Compare that one with the package's "
+           "version (minigemma.griffin) on the inputs the model gives it: for the scan, an h0 that is not zeros; "
+           "for the RG-LRU step, one token from a state that is not zeros and no reset; for the conv, one token "
+           "whose cache holds the previous three inputs, and the cache it hands back; for the local attention, "
+           "more tokens than the window with the official edge (W + 1 keys); for the block, linear_x, the conv "
+           "and the RG-LRU in that order, times the tanh GELU of linear_y."))

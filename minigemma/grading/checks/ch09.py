@@ -1,8 +1,9 @@
-"""Chapter 09: distillation — the full-distribution loss (Gemma 2) and the sampled target (Gemma 3)."""
+"""Chapter 09: distillation — the full-distribution loss (Gemma 2), the sampled target (Gemma 3), and the
+chunked loss's gradient with respect to a chunk's logits, in closed form."""
 
 import torch
 
-from ...losses import kd_loss, sampled_target
+from ...losses import cross_entropy_grad, kd_loss, sampled_target
 from ..exercise import Case, Exercise, register
 
 
@@ -53,3 +54,80 @@ register(Exercise(
     hint="Take p_T = softmax(teacher_logits, -1), keep only the sampled ids (gather), divide by their sum so each "
          "row sums to 1, and write them back into a row of zeros (scatter). Equivalently: softmax over the "
          "gathered logits alone, since the normaliser cancels."))
+
+
+def chunked_loss_grad_reference(z, q, mask):
+    """∂/∂z of the mean over scored rows of −Σ_v q_v log softmax(z)_v, as `chunked_loss` computes it for a
+    chunk: a row not scored has no target (q zeroed there), and the mean's 1 / (scored rows) multiplies the
+    closed form (`losses.cross_entropy_grad`), as `chunked_loss`'s scale does."""
+    q = q.float() * mask[:, None]
+    logp = torch.log_softmax(z.float(), dim=-1)
+    return cross_entropy_grad(logp, q, q.sum(-1)).mul_(1.0 / max(1, int(mask.sum())))
+
+
+def _grad_cases(seed):
+    """z (N, V) float32 logits, q (N, V) float32 target weights (Σq <= 1 per row), mask (N,) bool."""
+    g = torch.Generator().manual_seed(seed)
+
+    def one_hot(N, V):
+        return torch.zeros(N, V).scatter_(-1, torch.randint(0, V, (N, 1), generator=g), 1.0)
+
+    def teacher(N, V, scale=2.0):
+        return torch.softmax(scale * torch.randn(N, V, generator=g), -1)
+
+    def every(N):
+        return torch.ones(N, dtype=torch.bool)
+
+    cases = [Case("one row, a one-hot label: p - onehot (the sign: the label's logit must go up, the others down)",
+                  (3 * torch.randn(1, 4, generator=g), one_hot(1, 4), every(1)))]
+    # Σq < 1: the teacher's probabilities on 3 sampled ids, not renormalised (about half the mass)
+    V = 6
+    t = teacher(1, V)
+    ids = torch.randperm(V, generator=g)[:3]
+    q = torch.zeros(1, V)
+    q[0, ids] = t[0, ids]
+    if q.sum() > 0.9 or q.sum() < 0.1:  # keep the mass well away from 1 (and from 0)
+        q = q / q.sum() * 0.5
+    cases.append(Case("a target holding less than all the mass (sampled probabilities, not renormalised): "
+                      "p·Σq - q, not p - q", (3 * torch.randn(1, V, generator=g), q, every(1))))
+    # the denominator alone: the rows not scored hold q = softmax(z), whose gradient is 0 whatever the mask
+    z = 3 * torch.randn(4, 3, generator=g)
+    q = torch.where(torch.tensor([True, False, True, False])[:, None], teacher(4, 3), torch.softmax(z, -1))
+    cases.append(Case("2 of 4 rows scored: the mean divides by 2, the rows scored (not 4, and not the sum)",
+                      (z, q, torch.tensor([True, False, True, False]))))
+    cases.append(Case("a very peaked row, logits up to ±1000: softmax computed stably (no exp of 1000)",
+                      (torch.stack([torch.linspace(-1000.0, 1000.0, 8), 3 * torch.randn(8, generator=g)]),
+                       teacher(2, 8), every(2))))
+    cases.append(Case("rows not scored (mask False) get zero gradient: their targets count for nothing",
+                      (3 * torch.randn(5, 4, generator=g), teacher(5, 4), torch.tensor([True, False, True, True, False]))))
+    for label, N, V in [("random one-hot labels, N=6, V=17, some rows not scored", 6, 17),
+                        ("random teacher distributions, N=8, V=31", 8, 31),
+                        ("random sampled targets (Σq < 1), N=16, V=64, some rows not scored", 16, 64)]:
+        z = 3 * torch.randn(N, V, generator=g)
+        mask = torch.rand(N, generator=g) > 0.3 if "not scored" in label else every(N)
+        mask[0] = True
+        if "one-hot" in label:
+            q = one_hot(N, V)
+        elif "sampled" in label:
+            keep = torch.rand(N, V, generator=g) < 0.2
+            keep[:, 0] = True
+            q = teacher(N, V) * keep
+        else:
+            q = teacher(N, V)
+        cases.append(Case(label, (z, q, mask)))
+    return cases
+
+
+register(Exercise(
+    "09.chunked_loss_grad", _grad_cases, chunked_loss_grad_reference, atol=1e-7, rtol=1e-5, exact_types=True,
+    description="∂/∂z of the mean over scored rows of -Σ_v q_v log softmax(z)_v: "
+                "mask[:, None] · (softmax(z)·Σq - q) / (number of scored rows), float32 (N, V).",
+    hint="Differentiate one row's loss -Σ_v q_v log softmax(z)_v by hand: log softmax(z)_v is z_v minus the "
+         "log-sum-exp of the row, and the derivative of the log-sum-exp is softmax(z). So each logit gets "
+         "softmax(z) times the row's total target mass, minus its own target weight. Then think about what the "
+         "mean over scored rows does to each row's share.",
+    recipe="1. Softmax each row over the vocabulary with torch's own softmax (it subtracts the row's maximum "
+           "first, so logits of 1000 are fine). 2. Sum each row's target weights: the mass, a number per row "
+           "that need not be 1. 3. The row's gradient is the softmax times that mass, minus the target. "
+           "4. Zero the rows the mask leaves out. 5. Divide everything by the number of scored rows (the mask's "
+           "count, not the number of rows). 6. Return it in float32, the shape of the logits."))

@@ -1,7 +1,11 @@
 """Chapter 10: EmbeddingGemma, the Gemma 3 stack as an encoder."""
 
+import functools
+from collections.abc import Sequence
+
 import torch
 
+from ... import learner_encoder
 from ...encoder import encoder_mask, mean_pool, truncate
 from ..exercise import Case, Exercise, register
 
@@ -105,3 +109,100 @@ register(Exercise(
          "is its own, so i sees j if both are real or i == j. A local layer adds (i - j).abs() <= W // 2: the "
          "band is symmetric (an encoder looks both ways), W // 2 keys on each side plus the query itself. "
          "Build (B, T, T) by broadcasting the mask as (B, T, 1) and (B, 1, T)."))
+
+
+# --------------------------------------------------------------------------------------------
+# The capstone: your functions in the real EmbeddingGemma 300M
+# --------------------------------------------------------------------------------------------
+CAPSTONE_QUERIES = (
+    "how do I keep sourdough bread from going stale?",
+    "which planet has the largest volcano in the solar system?",
+    "who invented the safety bicycle with a chain drive?",
+)
+CAPSTONE_DOCUMENTS = (
+    "Keep a sourdough loaf cut side down on a board, or wrapped in a cloth; in the fridge bread goes stale fastest.",
+    "Olympus Mons on Mars is the tallest volcano known in the solar system, about 22 kilometres high.",
+    "Yeast eats the sugars in dough and gives off carbon dioxide, which makes bread rise.",
+    "Io, a moon of Jupiter, has hundreds of active volcanoes.",
+    "In Python, sorted(xs) returns a new sorted list; xs.sort() sorts the list in place.",
+    "The Tour de France is a bicycle race of three weeks around France.",
+    "For espresso, grind the coffee finely and press hot water through it at high pressure.",
+    # 324 tokens with its prompt, BOS and EOS: past the local layers' band |i - j| <= 256, which then leaves
+    # its first and last tokens out of each other's sight
+    "A short history of the bicycle. In 1817 Karl Drais of Mannheim built the first two-wheeled machine, a wooden "
+    "running machine without pedals: the rider sat between the wheels and pushed against the ground with his feet. "
+    "In the 1860s French makers, among them Pierre Michaux and Pierre Lallement, fixed cranks and pedals to the "
+    "front wheel. Their velocipede was nicknamed the boneshaker, because its iron tyres on cobbled streets made "
+    "every ride a rough one. To go faster, the front wheel grew larger, since each turn of the pedals turned the "
+    "wheel once: the high wheeler, or penny-farthing, of the 1870s had a front wheel as tall as a man, and a fall "
+    "from it, headfirst over the handlebars, was a real danger. In 1885 John Kemp Starley of Coventry built the "
+    "Rover, the first successful safety bicycle: two wheels of the same size, the rider low between them, and a "
+    "chain drive to the rear wheel, geared so that a small wheel could still go fast. Three years later John Boyd "
+    "Dunlop, a veterinary surgeon in Belfast, made a pneumatic tyre for his son's tricycle, and air-filled tyres "
+    "soon made the ride smooth. By the 1890s the safety bicycle had replaced the high wheeler almost everywhere, "
+    "and the bicycle boom had begun: factories made millions of them, women rode them in new and looser clothes, "
+    "and roads were paved for cyclists before there were any cars to use them.",
+)
+CAPSTONE_K = 3
+CAPSTONE_DIMS = (None, 128)  # the full 768, and the smallest prefix EmbeddingGemma was trained for (MRL)
+# Vectors in float32 through 24 layers: your mask attends by an explicit softmax over the whole (B, T, T) mask
+# where the package runs fused attention block by block, so right answers differ from the package's by
+# summation order, ~2e-7 (measured). The smallest mechanism error, a band one key too wide or too narrow on the
+# long document, moves them by 3e-4 (tests/mutants/ch10.py); 1e-5 sits between, with room both ways.
+CAPSTONE_ATOL, CAPSTONE_RTOL = 1e-5, 1e-4
+
+
+@functools.lru_cache(maxsize=4)
+def _reference_results(queries: tuple, documents: tuple, k: int, dims: tuple):
+    return learner_encoder.search(learner_encoder.reference_encode, queries, documents, k, dims)
+
+
+def capstone_reference(queries, documents, k, dims):
+    """The search results of EmbeddingGemma 300M (float32) itself, the package's code everywhere (computed
+    once per process: they do not depend on the seed)."""
+    return list(_reference_results(tuple(queries), tuple(documents), k, tuple(dims)))
+
+
+class _Texts(Sequence):
+    """The case's texts, shown cut short in a report (the whole of them is in minigemma/grading/checks/ch10.py)."""
+
+    def __init__(self, texts):
+        self._texts = tuple(texts)
+
+    def __getitem__(self, i):
+        return self._texts[i]
+
+    def __len__(self):
+        return len(self._texts)
+
+    def __repr__(self):
+        return "[" + ", ".join(repr(t if len(t) <= 32 else t[:29] + "...") for t in self._texts) + "]"
+
+
+def _capstone_cases(seed):
+    return [Case(f"{len(CAPSTONE_QUERIES)} queries against {len(CAPSTONE_DOCUMENTS)} documents (padded batches, one "
+                 f"document of 324 tokens), at full width and at 128: for each, the top {CAPSTONE_K} documents of "
+                 f"every query, then the query vectors, then the document vectors",
+                 (_Texts(CAPSTONE_QUERIES), _Texts(CAPSTONE_DOCUMENTS), CAPSTONE_K, CAPSTONE_DIMS),
+                 atol=CAPSTONE_ATOL, rtol=CAPSTONE_RTOL)]
+
+
+register(Exercise(
+    "10.capstone", _capstone_cases, capstone_reference, atol=CAPSTONE_ATOL, rtol=CAPSTONE_RTOL, timeout_s=300.0,
+    diagnose=learner_encoder.diagnose,
+    description="Your code, real weights: YourEmbeddingGemma(mean_pool=..., mrl_truncate=..., encoder_mask=...) "
+                "ranks documents for queries as EmbeddingGemma 300M does, with the same vectors, at full width and "
+                "at an MRL prefix of 128.",
+    hint="Each function must first pass its own exercise (10.mean_pool, 10.mrl_truncate, 10.encoder_mask). If the "
+         "results still differ, the report names the function that changes them when swapped in alone: think about "
+         "what the real model gives it that the small cases did not, a padded batch, a text longer than half the "
+         "window, vectors of the model's width.",
+    recipe="1. Run the three checks above until each passes. 2. Run the capstone cell: it builds YourEmbeddingGemma "
+           "from those three functions and checks it. 3. If it names mean_pool: the batch of documents is padded on "
+           "the right, and only the real tokens may count, in the sum and in the count. 4. If it names mrl_truncate: "
+           "the first 128 numbers of a unit vector are shorter than 1, so divide them by their own length. 5. If it "
+           "names encoder_mask: on a local layer the model asks with sliding_window 512, so a token sees 256 "
+           "neighbours on each side and itself, in both directions; on a global layer (None) it sees its whole "
+           "text; a pad sees only itself and no real token sees a pad. 6. Compare your function with the package's "
+           "on the model's shapes (encoder.mean_pool, encoder.truncate, encoder.encoder_mask in minigemma/encoder.py).",
+))

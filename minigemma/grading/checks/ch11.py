@@ -59,6 +59,7 @@ def _loss_and_grads(fn, args, kwargs):
 
 register(Exercise(
     "11.nce_loss", _nce_cases, nce_loss, atol=1e-5, rtol=1e-5, call=_loss_and_grads,
+    outputs=("the loss", "the gradient w.r.t. q", "the gradient w.r.t. p", "the gradient w.r.t. n"),
     description="EmbeddingGemma's NCE: in-batch negatives, one hard negative weighted by exp(α·stopgrad(cos(q, n))), "
                 "false negatives (equal doc_ids) masked; the mean over the batch. Graded on the loss and on its "
                 "gradients with respect to q, p and n (the stop-gradient shows only there).",
