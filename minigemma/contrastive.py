@@ -231,6 +231,8 @@ def train_encoder(model: nn.Module, encode_rows: Callable[[str, torch.Tensor], t
         opt.step()
         history.append({"step": step, "loss": loss.item(), "lr": lr, **parts})
     model.eval()
+    if hasattr(model, "mrl_dims"):  # the widths it has now been trained to embed at
+        model.mrl_dims = tuple(d for d in cfg.weights.mrl_dims if d <= model.dim)
     return history
 
 

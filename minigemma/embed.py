@@ -46,8 +46,14 @@ def main(argv=None) -> int:
         ap.error("no texts: pass them as arguments or on stdin, one per line")
     if args.out and args.out.endswith(".npy") and args.query is not None:
         ap.error("--query writes a ranking (JSON lines), not embeddings: drop --query or use another --out name")
-    from .encoder import compile_pointwise
+    from .encoder import MRL_DIMS, compile_pointwise
     from .pretrained import load_pretrained
+
+    if args.batch_size < 1:
+        ap.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.dim is not None and args.model == "embeddinggemma-300m" and args.dim not in MRL_DIMS:
+        ap.error(f"--dim {args.dim}: EmbeddingGemma embeds at {', '.join(map(str, MRL_DIMS))} (MRL); "
+                 "another prefix of its vector is not an embedding")
 
     model, _ = load_pretrained(args.model, quant=args.quant)
     if args.compile:

@@ -119,12 +119,15 @@ class EmbeddingGemma(Trunk):
     """
 
     def __init__(self, config: GemmaConfig, dense_dims: Sequence[int] = (3072, 768),
-                 prompts: dict[str, str] | None = None, max_length: int | None = None, tokenizer=None):
+                 prompts: dict[str, str] | None = None, max_length: int | None = None, tokenizer=None,
+                 mrl_dims: Sequence[int] | None = None):
         if not config.bidirectional:
             raise ValueError("an encoder needs GemmaConfig(bidirectional=True)")
         super().__init__(config, (DecoderLayer(config, i) for i in range(config.num_hidden_layers)))
         dims = [config.hidden_size, *dense_dims]
         self.dense = nn.Sequential(*(nn.Linear(a, b, bias=False) for a, b in zip(dims, dims[1:])))
+        # the widths this model was trained to embed at (MRL): a prefix it was not trained for is no embedding
+        self.mrl_dims = tuple(mrl_dims) if mrl_dims else (dims[-1],)
         self.prompts = dict(prompts or {})
         self.max_length = max_length or config.max_position_embeddings
         self.tokenizer = tokenizer
@@ -219,10 +222,13 @@ class EmbeddingGemma(Trunk):
                      batch ends early rather than pad more than it computes (`length_batches`);
                      each row is padded on the right and its pads are hidden.
         """
-        ids = self.tokenize(list(texts), prompt_name, prompt)
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings, not one string (encode([text]) embeds one text)")
         dim = self.dim if dim is None else dim
-        if not 1 <= dim <= self.dim:
-            raise ValueError(f"dim must be in [1, {self.dim}], got {dim}")
+        if dim not in self.mrl_dims:
+            raise ValueError(f"dim={dim} is not a width this model was trained to embed at: choose one of "
+                             f"{', '.join(map(str, self.mrl_dims))} (any other prefix of the vector is not an embedding)")
+        ids = self.tokenize(list(texts), prompt_name, prompt)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         out = torch.empty(len(ids), dim)

@@ -73,11 +73,23 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """A clear error for sampling settings that mean nothing, before any work is done."""
+    import math
+    import numbers
+
+    if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ValueError(f"top_k must be a whole number >= 1 (or None: no top-k), got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (or None: no top-p), got {top_p!r}")
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,). temperature 0 is greedy (argmax; top-k/p ignored)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -126,6 +138,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (the tokenizer adds BOS)")
+    check_sampling(temperature, top_k, top_p)  # before the prompt's forward pass, not after it
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     longest, limit = max(len(p) for p in prompts), context_length(model)
@@ -279,12 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=list(DTYPES), default=None,
                     help="unquantised weights in this dtype; --dtype float32 is the reference")
     args = ap.parse_args(argv)
-    if args.temperature < 0:
-        ap.error("--temperature must be >= 0")
-    if args.top_k is not None and args.top_k <= 0:
-        ap.error("--top-k must be positive")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        ap.error("--top-p must be in (0, 1]")
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        ap.error(str(e).replace("temperature", "--temperature").replace("top_k", "--top-k").replace("top_p", "--top-p"))
     if sum([args.dtype is not None, args.quant is not None, args.file_codes]) > 1:
         ap.error("--dtype, --quant and --file-codes each choose the weights' precision: give one of them")
     if args.seed is not None:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .atomic import write_atomic
-from .encoder import EmbeddingGemma, st_name_table
+from .encoder import MRL_DIMS, EmbeddingGemma, st_name_table
 from .gemma import Gemma, GemmaConfig, gguf_name_table, hf_name_table, is_norm
 from .griffin import Griffin, GriffinConfig, hf_transforms
 from .griffin import hf_name_table as griffin_name_table
@@ -459,7 +459,9 @@ def embeddinggemma_from_st_dir(path: str | Path, dtype: torch.dtype = torch.floa
         raise CheckpointError(f"{folder.path}/config.json: use_bidirectional_attention is not true; not an encoder")
     tokenizer = Tokenizer(folder.tokenizer)
     with torch.device("meta"):
-        model = EmbeddingGemma(config, folder.dense_dims, folder.prompts, folder.max_seq_length, tokenizer)
+        # EmbeddingGemma was trained with MRL at 768, 512, 256 and 128 (its model card); another folder: its width
+        mrl = MRL_DIMS if (folder.dense_dims or [config.hidden_size])[-1] == MRL_DIMS[0] else None
+        model = EmbeddingGemma(config, folder.dense_dims, folder.prompts, folder.max_seq_length, tokenizer, mrl)
     table = st_name_table(config, folder.dense_folders)
     # Blocks of 4,096 rows: safetensors reads small slices slowly (256-row blocks took the float32 load
     # from 8 s to 24 s, measured); a 262,144 x 768 embedding is then 64 blocks of 12 MB.

@@ -80,6 +80,24 @@ class TrainConfig:
     def __post_init__(self):
         self.betas = tuple(self.betas)
         _check_precision(self.precision)
+        at_least = {"steps": 1, "batch_size": 1, "seq_len": 1, "grad_accum": 1, "eval_windows": 1,
+                    "keep_checkpoints": 1, "warmup": 0, "eval_every": 0, "ckpt_every": 0}
+        for name, low in at_least.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be a whole number >= {low}, got {v!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must split into grad_accum ({self.grad_accum}) "
+                             "equal micro-batches")
+        if self.loss_chunk is not None and (not isinstance(self.loss_chunk, int) or self.loss_chunk < 1):
+            raise ValueError(f"loss_chunk must be None or a whole number >= 1, got {self.loss_chunk!r}")
+        for name in ("lr", "eps"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if not (0 <= self.min_lr_ratio <= 1 and self.weight_decay >= 0 and self.clip >= 0
+                and all(0 <= b < 1 for b in self.betas)):
+            raise ValueError("min_lr_ratio must be in [0, 1], weight_decay and clip >= 0, betas in [0, 1)")
 
 
 PRECISIONS = ("float32", "bf16-mixed")
@@ -523,13 +541,23 @@ def train(model: nn.Module, train_stream: torch.Tensor, val_stream: torch.Tensor
     wrapped = wrap(loss_module, d)
     optimizer = make_optimizer(model, cfg)
     history, start = new_history(), 0
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise NotADirectoryError(f"out_dir {out_dir} is a file: checkpoints need a folder")
     if resume:
         if out_dir is None:
             raise ValueError("resume needs out_dir")
         found = latest_checkpoint(out_dir)
-        if found is not None:
-            ck = load_checkpoint(found, model, optimizer, d)
-            history, start = ck["history"], ck["step"]
+        if found is None:  # stop before anything is written: a fresh start would rotate the old files away
+            names = [p.name for p in list_checkpoints(out_dir)]
+            raise FileNotFoundError(
+                f"resume: no readable checkpoint in {out_dir}" + (
+                    f" ({', '.join(names)} could not be read as checkpoints); nothing was changed or deleted: "
+                    "move them away to start again" if names else "; to start a new run, leave out resume"))
+        ck = load_checkpoint(found, model, optimizer, d)
+        history, start = ck["history"], ck["step"]
+    elif out_dir is not None and list_checkpoints(out_dir):
+        raise FileExistsError(f"{out_dir} already holds checkpoints of a run: resume it, or give a new folder "
+                              "(a new run here would delete them as it rotates its own)")
     val = None if val_stream is None else data_mod.eval_windows(val_stream, cfg.seq_len, cfg.eval_windows)
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     sync = _sync_context(wrapped, d)
@@ -583,9 +611,10 @@ def train(model: nn.Module, train_stream: torch.Tensor, val_stream: torch.Tensor
         if not math.isfinite(loss):
             break  # diverged: nothing more to learn from this run
         if out_dir is not None and (last or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0)):
-            save_checkpoint(out_dir, model, optimizer, step + 1, spec, cfg, history, d)
-            if d.main:
-                for old in list_checkpoints(out_dir)[:-cfg.keep_checkpoints]:
+            saved = save_checkpoint(out_dir, model, optimizer, step + 1, spec, cfg, history, d)
+            if d.main:  # rotation: only this run's older checkpoints go, never the one just written
+                older = [p for p in list_checkpoints(out_dir) if p.name < saved.name]
+                for old in older[:max(0, len(older) - (cfg.keep_checkpoints - 1))]:
                     old.unlink(missing_ok=True)
     if bar is not None:
         bar.close()
@@ -640,7 +669,19 @@ def main(argv=None) -> int:
                  "precision"):
         if getattr(args, name) is not None:
             train_kw[name] = getattr(args, name)
-    cfg = TrainConfig(**train_kw)
+    try:
+        cfg = TrainConfig(**train_kw)
+    except ValueError as e:  # a bad --steps, --batch-size, ...: said before any data is read
+        ap.error(str(e))
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.error(f"--out {args.out} is a file: give a folder for the checkpoints")
+    if args.resume and latest_checkpoint(args.out) is None:
+        names = [p.name for p in list_checkpoints(args.out)] if Path(args.out).is_dir() else []
+        ap.error(f"--resume: no readable checkpoint in {args.out}" + (
+            f" ({', '.join(names)} could not be read); nothing was changed or deleted" if names else
+            "; leave out --resume to start a new run"))
+    if not args.resume and Path(args.out).is_dir() and list_checkpoints(args.out):
+        ap.error(f"{args.out} already holds checkpoints: add --resume to continue that run, or give a new --out")
     d = init_distributed(args.fsdp, args.device)
     if d.main:
         train_ids, val_ids, _ = spec_data(spec)
@@ -651,8 +692,6 @@ def main(argv=None) -> int:
     if not d.main:
         train_ids, val_ids, _ = spec_data(spec)
     model = build_model(spec, cfg.seed)
-    if args.resume and d.main and latest_checkpoint(args.out) is None:
-        print(f"note: no checkpoint in {args.out}; starting from step 0", file=sys.stderr)
     history = train(model, train_ids, val_ids, cfg, out_dir=args.out, resume=args.resume, stop_at=args.stop_at,
                     spec=spec, d=d, progress=not args.quiet)
     if d.main:

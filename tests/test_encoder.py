@@ -451,3 +451,12 @@ def test_bench_top10_agreement_counts_order_sets_and_gaps():
     assert r["worst_score_gap"] == pytest.approx(11.0)
     r0 = top10_agreement(swapped[:1], d, ref[:1], d)
     assert r0["top10_same_set"] == 1 and r0["worst_score_gap"] == pytest.approx(1.0)
+
+
+def test_encode_refuses_one_string_and_an_untrained_width(ours):
+    with pytest.raises(TypeError, match="list of strings, not one string"):
+        ours.encode("how do I sort a list?")
+    assert ours.mrl_dims == (768, 512, 256, 128)
+    with pytest.raises(ValueError, match="dim=300 is not a width this model was trained"):
+        ours.encode(["how do I sort a list?"], dim=300)
+    assert ours.encode(["how do I sort a list?"], dim=128).shape == (1, 128)

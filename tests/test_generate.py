@@ -227,3 +227,18 @@ def test_cli_prints_only_the_completion(real):
     bad = subprocess.run([sys.executable, "-m", "minigemma", "generate", "x", "--top-p", "2"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert bad.returncode != 0 and "top-p" in bad.stderr and bad.stdout == ""
+
+
+def test_sampling_settings_are_checked_before_the_prompt_runs():
+    """A NaN temperature, top_k 0 or top_p 1.5 is named before any forward pass (the model here raises if called)."""
+    class NeverCalled(torch.nn.Module):
+        config = None
+
+        def forward(self, *a, **k):
+            raise AssertionError("the prompt ran before the settings were checked")
+
+    for kw, name in [(dict(temperature=float("nan")), "temperature"), (dict(temperature=-1.0), "temperature"),
+                     (dict(temperature=0.7, top_k=0), "top_k"), (dict(temperature=0.7, top_k=2.5), "top_k"),
+                     (dict(temperature=0.7, top_p=1.5), "top_p"), (dict(temperature=0.7, top_p=0.0), "top_p")]:
+        with pytest.raises(ValueError, match=name):
+            generate_ids(NeverCalled(), [[2, 5, 6]], 4, **kw)

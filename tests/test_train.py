@@ -344,3 +344,74 @@ def test_bench_train_compares_each_system_with_hf_at_its_own_precision():
     md = B._markdown(result, {r["precision"]: r for r in rows if r["system"].startswith("hf-")})
     assert "| minigemma-compile | float32 | 9000 | 9000-9000 | 1.50x |" in md
     assert "| minigemma-compile-bf16 | bf16-mixed | 12000 | 12000-12000 | 1.50x |" in md
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: a clear error before any work, and nothing lost
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(batch_size=0), dict(batch_size=-2), dict(seq_len=0),
+                                 dict(grad_accum=3), dict(lr=float("nan")), dict(lr=0.0), dict(keep_checkpoints=0),
+                                 dict(loss_chunk=0), dict(warmup=-1)])
+def test_a_bad_config_names_the_setting(bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name if name != "grad_accum" else "grad_accum"):
+        cfg(**bad)
+
+
+def _run_with_two_checkpoints(out):
+    m = T.build_model(tiny_spec(), seed=0)
+    T.train(m, stream(), None, cfg(steps=6, ckpt_every=3, eval_every=0), out_dir=out, spec=tiny_spec(), progress=False)
+    return sorted(p.name for p in T.list_checkpoints(out))
+
+
+def test_resume_with_only_unreadable_checkpoints_stops_and_deletes_nothing(tmp_path):
+    out = tmp_path / "run"
+    names = _run_with_two_checkpoints(out)
+    assert names == ["step-0000003.safetensors", "step-0000006.safetensors"]
+    for p in T.list_checkpoints(out):
+        p.write_bytes(b"not a checkpoint")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    m = T.build_model(tiny_spec(), seed=0)
+    with pytest.raises(FileNotFoundError, match="no readable checkpoint.*nothing was changed or deleted"):
+        T.train(m, stream(), None, cfg(steps=9, ckpt_every=3), out_dir=out, spec=tiny_spec(), progress=False,
+                resume=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the history too
+    with pytest.raises(FileNotFoundError, match="no readable checkpoint"):  # an empty folder: nothing to resume
+        T.train(m, stream(), None, cfg(), out_dir=tmp_path / "empty", spec=tiny_spec(), progress=False, resume=True)
+
+
+def test_a_new_run_never_rotates_away_another_runs_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    _run_with_two_checkpoints(out)
+    m = T.build_model(tiny_spec(), seed=0)
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        T.train(m, stream(), None, cfg(), out_dir=out, spec=tiny_spec(), progress=False)
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        T.train(m, stream(), None, cfg(), out_dir=out / "step-0000003.safetensors", spec=tiny_spec(), progress=False)
+
+
+def test_rotation_keeps_the_checkpoint_just_written(tmp_path):
+    """A damaged checkpoint of a later step (an interrupted run's) sorts after the new ones: rotation must
+    delete only this run's older files, never the one it has just written."""
+    out = tmp_path / "run"
+    _run_with_two_checkpoints(out)
+    (out / "step-0000099.safetensors").write_bytes(b"damaged")
+    m = T.build_model(tiny_spec(), seed=0)
+    T.train(m, stream(), None, cfg(steps=12, ckpt_every=3, eval_every=0), out_dir=out, spec=tiny_spec(),
+            progress=False, resume=True)
+    names = sorted(p.name for p in T.list_checkpoints(out))
+    assert names == ["step-0000009.safetensors", "step-0000012.safetensors", "step-0000099.safetensors"]
+    assert T.latest_checkpoint(out).name == "step-0000012.safetensors"
+
+
+def test_cli_refuses_bad_arguments_before_any_work(tmp_path):
+    base = [sys.executable, "-m", "minigemma", "train", "tiny-gemma3", "--quiet"]
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for extra, message in [(["--steps", "0", "--out", str(tmp_path / "a")], "steps must be"),
+                           (["--batch-size", "0", "--out", str(tmp_path / "b")], "batch_size must be"),
+                           (["--out", str(a_file)], "is a file"),
+                           (["--resume", "--out", str(tmp_path / "c")], "no readable checkpoint")]:
+        r = subprocess.run(base + extra, capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr[-500:])
+        assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

@@ -95,3 +95,24 @@ def clone_inputs(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: clone_inputs(v) for k, v in x.items()}
     return x
+
+
+def in_place(*names: str) -> Callable[[Callable[..., Any], tuple, dict], Any]:
+    """An `Exercise.call` for a statement that writes into its first len(names) arguments (the buffers) and
+    returns them first: each buffer must come back as itself (not a new tensor), and what is compared is the
+    caller's buffers after the call, so an answer that leaves them unwritten fails even if it returns the
+    right values."""
+
+    def call(fn, args, kwargs):
+        out = fn(*args, **kwargs)
+        if not isinstance(out, tuple) or len(out) < len(names):
+            return out  # the comparison says what is wrong with its shape
+        for i, name in enumerate(names):
+            got, given = out[i], args[i]
+            if isinstance(got, torch.Tensor) and not (got.data_ptr() == given.data_ptr() and got.shape == given.shape):
+                raise ValueError(f"{name} came back as a new tensor: write into the buffer you were given (in "
+                                 "place) and return that buffer; the next call must see what this one wrote")
+        return (*args[:len(names)], *out[len(names):])
+
+    return call
+

@@ -113,6 +113,8 @@ def _cached(q, k, v, prefill, read=lambda ck, n: ck[:, :, :n], write_first=True,
 
 MUTANTS.update({
     "02.kv_cache_update": [
+        ("new buffers (clone, then write): the caller's cache is never written",
+         lambda ck, cv, l, k, v: _update(ck.clone(), cv.clone(), l, k, v)),
         ("writes at slot 0 every time (length ignored)", lambda ck, cv, l, k, v: _update(ck, cv, l, k, v, at=lambda l: 0)),
         ("writes one slot too far", lambda ck, cv, l, k, v: _update(ck, cv, l, k, v, at=lambda l: l + 1)),
         ("writes the keys only", lambda ck, cv, l, k, v: _update(ck, cv, l, k, v, write_v=False)),

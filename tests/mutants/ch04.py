@@ -136,6 +136,8 @@ def _qk(x, w_qkv, wq, wk, positions, cfg, layer, base=None, scale_on=lambda glob
 
 MUTANTS.update({
     "04.ring_update": [
+        ("a new ring (clone, then write): the caller's ring is never written",
+         lambda rk, rv, l, k, v: _ring(rk.clone(), rv.clone(), l, k, v)),
         ("writes every call from slot 0 (length ignored)",
          lambda rk, rv, l, k, v: _ring(rk, rv, l, k, v, slot=lambda i, W: (i - l) % W)),
         ("slot i % (W - 1)", lambda rk, rv, l, k, v: _ring(rk, rv, l, k, v, slot=lambda i, W: i % max(W - 1, 1))),

@@ -3,7 +3,7 @@
 import torch
 
 from ...attention import KVCache, causal_mask, grouped_query_attention, repeat_kv
-from ..exercise import Case, Exercise, register
+from ..exercise import Case, Exercise, in_place, register
 
 
 def _randn(g, *shape):
@@ -150,6 +150,7 @@ def cached_attention_reference(q, k, v, prefill):
 
 register(Exercise(
     "02.kv_cache_update", _kv_cases, kv_cache_update_reference, atol=0.0, rtol=0.0, exact_types=True,
+    call=in_place("cache_k", "cache_v"),
     outputs=("cache_k", "cache_v", "the new length"),
     description="Write k, v (B, K, T, D) into slots length..length+T-1 of the (B, K, max_len, D) buffers cache_k, "
                 "cache_v (in place; every other slot unchanged); return (cache_k, cache_v, length + T).",

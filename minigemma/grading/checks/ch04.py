@@ -6,7 +6,7 @@ import torch
 
 from ...attention import Positions, RingKVCache, causal_mask, sliding_window_mask
 from ...gemma import FULL, PRESETS, SLIDING, DecoderLayer, GemmaConfig, kv_cache_bytes, layer_pattern
-from ..exercise import Case, Exercise, register
+from ..exercise import Case, Exercise, in_place, register
 
 
 def _pattern_cases(seed):
@@ -231,6 +231,7 @@ def _one_question(label):
 
 register(Exercise(
     "04.ring_update", _ring_cases, ring_update_reference, atol=0.0, rtol=0.0, exact_types=True,
+    call=in_place("ring_k", "ring_v"),
     outputs=("ring_k", "ring_v", "the keys attended, oldest first", "the values attended, oldest first"),
     description="A local layer's ring of W slots, token i in slot i % W: write the T new tokens (in place), return "
                 "(ring_k, ring_v, keys, values of the last min(length + T, W) tokens, oldest first).",

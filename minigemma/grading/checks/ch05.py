@@ -64,19 +64,31 @@ def _q4_k_cases(seed):
 register(Exercise(
     "05.dequantize_q8_0", _q8_0_cases, dequantize_q8_0, exact_types=True,
     description="Q8_0 bytes (n_blocks*34,) uint8 -> float32 weights of `shape`: w = d * q.",
-    hint="raw.reshape(-1, 34) gives one row per block. Bytes 0-1 are d: .contiguous().view(torch.float16) "
-         "reinterprets them (no conversion of values), giving (n_blocks, 1). Bytes 2-33 viewed as torch.int8 "
-         "are q (signed). Convert both to float32 before multiplying (float16 overflows past 65504), then "
-         "reshape to `shape`."))
+    hint="Each block is 34 bytes: a scale and 32 codes. How do you read two bytes as the float16 they are "
+         "(not as two numbers to convert), the codes as signed, and in which dtype must the product be taken?",
+    recipe="1. Reshape the bytes to one row per block: (n_blocks, 34). 2. Bytes 0 and 1 of a row are d: "
+           "reinterpret those two bytes as one float16 (a view of the same bits, made contiguous first, not a "
+           "conversion of the byte values), giving (n_blocks, 1). 3. Bytes 2 to 33 are the 32 codes q: "
+           "reinterpret them as int8, so they are signed (−128 … 127), not 0 … 255. 4. Convert d and q to "
+           "float32 before multiplying: d·q can pass float16's 65504. 5. Multiply, each block's codes by its "
+           "own d (negative and zero scales included), and reshape to the requested shape; return float32."))
 register(Exercise(
     "05.dequantize_q4_k", _q4_k_cases, dequantize_q4_k, exact_types=True,
     description="Q4_K bytes (n_blocks*144,) uint8 -> float32 weights of `shape`: "
                 "w = d * scale_j * q - dmin * min_j.",
-    hint="Work on blocks = raw.reshape(-1, 144). d and dmin are bytes 0-1 and 2-3 viewed as float16. Convert "
-         "the 12 scale bytes to int32 before shifting, and unpack sc and m with the table's formulas (for "
-         "j >= 4, the top two bits of sc[j] are those of byte j-4, and of m[j] those of byte j). For q, reshape bytes 16..143 to (n, 4, 32): "
-         "group g's low nibbles (& 0xF) are sub-block 2g, its high nibbles (>> 4) sub-block 2g+1. Subtract "
-         "dmin * m[j], and return float32."))
+    hint="A super-block of 256 weights is 8 sub-blocks of 32, each with a 6-bit scale and a 6-bit min packed "
+         "into 12 bytes. Where do the top two bits of scales and mins 4 to 7 live, and which sub-block does a "
+         "low or a high nibble belong to?",
+    recipe="1. Reshape the bytes to one row per super-block: (n, 144). 2. d is bytes 0–1 and dmin bytes 2–3, "
+           "each reinterpreted as a float16 (not converted), then used in float32. 3. The 12 scale bytes "
+           "(4–15): convert them to int32 before any shifting. Call them b0 … b11. For j = 0 … 3, the scale "
+           "sc_j is the low 6 bits of byte j and the min m_j the low 6 bits of byte j + 4. For j = 4 … 7, sc_j "
+           "is the low nibble of byte j + 4 plus, as bits 4 and 5, the top two bits of byte j − 4; m_j is the "
+           "high nibble of byte j + 4 plus, as bits 4 and 5, the top two bits of byte j. (All scales 63 tests "
+           "those top bits.) 4. The codes: bytes 16–143 are 4 groups of 32 bytes; group g holds sub-block 2g "
+           "in its low nibbles (the low 4 bits) and sub-block 2g + 1 in its high nibbles (shifted down by 4), "
+           "giving (n, 8, 32) codes q from 0 to 15. 5. Sub-block j's weights are d · sc_j · q − dmin · m_j, in "
+           "float32 (d and dmin may be negative). 6. Reshape to the requested shape and return float32."))
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,10 +212,20 @@ register(Exercise(
     "05.gguf_header", _gguf_cases, gguf_header_reference, atol=0.0, rtol=0.0,
     description="Parse a GGUF file's header (bytes): (version, [(key, value)] in file order, "
                 "[(name, shape in PyTorch order, ggml type id, absolute offset)]).",
-    hint="Keep a cursor and use struct.unpack_from('<I', data, pos) and friends: everything is little-endian. "
-         "A string is a u64 length then UTF-8 bytes; an array is a u32 element type, a u64 count, then the "
-         "elements (strings included). Tensor dims come fastest first: reverse them. The data starts at the end "
-         "of the header rounded up to general.alignment (32 if absent), and each offset counts from there."))
+    hint="Everything is little-endian and read in order, so keep a cursor that every read moves on. How is a "
+         "string stored, how an array, in which order does a tensor list its dims, and where does the data "
+         "that the offsets count from begin?",
+    recipe="1. Keep a byte position; each read unpacks a little-endian number of a fixed size at it and moves "
+           "it on. 2. The fixed start: 4 magic bytes, a u32 version, a u64 tensor count and a u64 key count. "
+           "3. Each key: a string (a u64 length, then that many UTF-8 bytes), a u32 value type, then the value "
+           "in that type: u8, i8, u16, i16, u32, i32, f32, bool (one byte), string, array, u64, i64, f64 (type "
+           "ids 0 to 12 in that order, 8 a string and 9 an array). An array is a u32 element type, a u64 count, "
+           "then the elements, strings included; return it as a list. Keep the keys in file order. 4. Each "
+           "tensor: its name (a string), a u32 number of dims, that many u64 dims, fastest first (reverse them "
+           "for PyTorch's order), a u32 ggml type id and a u64 offset. 5. The data starts where the header "
+           "ends, rounded up to a multiple of general.alignment (32 if the key is absent); each tensor's "
+           "absolute offset is that start plus its own offset. 6. Return the version, the (key, value) pairs "
+           "and the (name, shape, type id, absolute offset) tuples."))
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,15 +45,27 @@ def _target_cases(seed):
 register(Exercise(
     "09.kd_loss", _kd_cases, kd_loss, atol=1e-5, rtol=1e-5,
     description="mean over scored positions of -Σ_v p_T(v) log p_S(v), p = softmax of the logits.",
-    hint="p_T = softmax(teacher_logits, -1); log p_S = log_softmax(student_logits, -1) (more accurate than "
-         "log(softmax)). Multiply, sum over the vocabulary (the last dimension), negate: one number per position. "
-         "Then average over the positions where mask is True."))
+    hint="This is a cross-entropy whose target is a whole distribution, the teacher's, instead of one id. "
+         "Which of the two goes through a log, how do you take that log accurately, and over which positions "
+         "do you average?",
+    recipe="1. The teacher's probabilities p_T: softmax of the teacher logits over the vocabulary (the last "
+           "dimension). 2. The student's log-probabilities: log_softmax of the student logits over the same "
+           "dimension, which is more accurate than the log of a softmax (a peaked teacher has large logits). "
+           "3. Multiply them element by element, sum over the vocabulary and negate: one number per position, "
+           "for any leading shape. 4. Average over the positions where the mask is True: their sum divided by "
+           "their count. When student equals teacher the result is the teacher's entropy, not 0."))
 register(Exercise(
     "09.sampled_target", _target_cases, sampled_target, atol=1e-6, rtol=1e-5,
     description="(N, V) target: the teacher's probabilities on the sampled ids, renormalised to sum to 1; 0 elsewhere.",
-    hint="Take p_T = softmax(teacher_logits, -1), keep only the sampled ids (gather), divide by their sum so each "
-         "row sums to 1, and write them back into a row of zeros (scatter). Equivalently: softmax over the "
-         "gathered logits alone, since the normaliser cancels."))
+    hint="Only the sampled ids keep any mass, and each row must still sum to 1. Does the teacher's full "
+         "normaliser matter once you renormalise over the sampled ids?",
+    recipe="1. Take the teacher's probabilities, softmax of its logits over the vocabulary. 2. Pick out, in each "
+           "row, the probabilities of that row's k sampled ids (a gather along the vocabulary). 3. Divide them "
+           "by their own sum, so the row's sampled probabilities add up to 1. (Equivalently, a softmax over the "
+           "picked logits alone: the full normaliser cancels.) 4. Start from an (N, V) tensor of zeros and "
+           "write each renormalised probability back at its id (a scatter along the vocabulary); every other "
+           "entry stays 0. With k = 1 the sampled id gets 1; with k = V this is the teacher's own "
+           "distribution."))
 
 
 def chunked_loss_grad_reference(z, q, mask):

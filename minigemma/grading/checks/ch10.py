@@ -92,23 +92,38 @@ def _band_cases(seed):
 register(Exercise(
     "10.mean_pool", _pool_cases, mean_pool,
     description="(B, C) float32 mean of hidden (B, T, C) over the real tokens (attention_mask 1); 0 for a row without one.",
-    hint="Turn the mask into floats of shape (B, T, 1) so it broadcasts over C. The masked sum over T divided by "
-         "the number of real tokens per row is the mean; clamp that count to at least 1 so an empty row gives "
-         "0 / 1 = 0 instead of 0 / 0 = NaN."))
+    hint="Only the real tokens may count, in the sum and in the count, wherever the padding is. What shape "
+         "must the mask take to multiply hidden, and what does a row with no real token divide by?",
+    recipe="1. Convert the attention mask (ints or booleans) to float32 and give it a trailing axis: (B, T, 1), "
+           "so it broadcasts over C. 2. Multiply hidden (in float32) by it and sum over T: the sum of each "
+           "row's real vectors, (B, C). 3. Sum the mask over T: the number of real tokens per row, (B, 1). "
+           "Raise that count to at least 1, so an empty row gives 0 / 1 = 0 instead of 0 / 0 = NaN. 4. Divide "
+           "the sum by the count and return the (B, C) float32 result."))
 register(Exercise(
     "10.mrl_truncate", _truncate_cases, truncate,
     description="MRL: the first `dim` numbers of each row of embeddings (N, E), scaled back to unit length.",
-    hint="Slice the first `dim` columns, then divide each row by its own L2 norm (over the last axis, "
-         "keepdim=True so it broadcasts). Normalising before slicing is not enough: the prefix of a unit "
-         "vector is shorter than 1."))
+    hint="The first dim numbers of a unit vector make a vector shorter than 1. So what must happen after you "
+         "cut, and is normalising before cutting enough?",
+    recipe="1. Keep the first dim columns of each row: (N, dim). 2. Compute each row's own L2 length, the "
+           "square root of the sum of its squares over the last axis, kept with size 1 so it broadcasts. "
+           "3. Divide each row by its length, so every row has length 1 again. Normalising only before "
+           "cutting is not enough, and inputs that are not unit length must come out unit length too. With "
+           "dim equal to the full width this just normalises; with dim = 1 every row becomes ±1. Return "
+           "float32."))
 register(Exercise(
     "10.encoder_mask", _band_cases, encoder_mask,
     description="(B, T, T) bool: key j visible to query i iff same document (pads alone) and, on a local "
                 "layer, |i - j| <= W // 2.",
-    hint="Index grids i = arange(T)[:, None], j = arange(T)[None, :]. Documents: real tokens share one, each pad "
-         "is its own, so i sees j if both are real or i == j. A local layer adds (i - j).abs() <= W // 2: the "
-         "band is symmetric (an encoder looks both ways), W // 2 keys on each side plus the query itself. "
-         "Build (B, T, T) by broadcasting the mask as (B, T, 1) and (B, 1, T)."))
+    hint="An encoder looks both ways, and a pad is a document of its own. When may query i see key j, and how "
+         "wide is a local layer's band on each side?",
+    recipe="1. Documents: the real tokens of a row share one, and each pad is its own, so i may see j if both "
+           "are real, or if i = j (a pad sees only itself, and no real token sees a pad). Read real or pad from "
+           "the attention mask, wherever the padding is. 2. Build that per row by broadcasting the mask as "
+           "(B, T, 1) for the queries against (B, 1, T) for the keys, and allow the diagonal: (B, T, T). "
+           "3. On a global layer (sliding_window None) that is the mask. 4. On a local layer, also require "
+           "|i − j| ≤ W // 2 (W halved, rounded down): a symmetric band of W // 2 keys on each side plus the "
+           "query itself (W = 1: only itself; odd W = 5: two on each side), built from a (T, 1) column and a "
+           "(1, T) row of indices. 5. Return the (B, T, T) boolean mask."))
 
 
 # --------------------------------------------------------------------------------------------

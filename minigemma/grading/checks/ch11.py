@@ -63,11 +63,26 @@ register(Exercise(
     description="EmbeddingGemma's NCE: in-batch negatives, one hard negative weighted by exp(α·stopgrad(cos(q, n))), "
                 "false negatives (equal doc_ids) masked; the mean over the batch. Graded on the loss and on its "
                 "gradients with respect to q, p and n (the stop-gradient shows only there).",
-    hint="Build the (B, B) logits q @ p.T / tau; set logits[i, j] to -inf where doc_ids[i] == doc_ids[j] and i != j. "
-         "A weight w in a denominator Σ e^{z} is the same as adding log w to that logit: append a column "
-         "cos(q_i, n_i) / tau + alpha * cos(q_i, n_i).detach(). Then cross-entropy with target i for row i."))
+    hint="A weight w on a term e^{z} of the denominator is the same as adding log w to that logit. So the "
+         "whole loss is one cross-entropy over one row of logits per query: which columns does that row have, "
+         "which are hidden, and which part carries no gradient?",
+    recipe="1. Logits of the in-batch pairs: every query against every positive, cos(q_i, p_j) / τ, a (B, B) "
+           "matrix (the vectors are unit length, so the cosine is the dot product; compute in float32). The "
+           "diagonal holds each query's own positive. 2. If doc_ids is given: where the doc ids of i and j are "
+           "equal but i ≠ j, p_j is the query's own document again, a false negative: set that logit to −inf. "
+           "Never mask the diagonal. 3. If n is given: add one column, the hard negative's logit "
+           "cos(q_i, n_i) / τ plus log w_i, where log w_i = α · stopgrad(cos(q_i, n_i)): the weight's cosine is "
+           "detached, the logit's own cosine is not (the gradients with respect to q and n show the "
+           "difference; α = 0 is the plain hard negative). (B, B + 1). 4. The loss is the cross-entropy of "
+           "each row with target i (its positive), averaged over the batch: a 0-d float32 tensor that still "
+           "has gradients with respect to q, p and n."))
 register(Exercise(
     "11.spread_out", _spread_cases, spread_out, atol=1e-6, rtol=1e-5,
     description="The global orthogonal regulariser: mean over ordered pairs i ≠ j of (e_i · e_j)².",
-    hint="G = e @ e.T holds every dot product. Square it, drop the diagonal (each row with itself), and divide "
-         "by the number of off-diagonal entries, N (N - 1)."))
+    hint="One matrix product holds every dot product e_i · e_j. Which of its entries are not pairs i ≠ j, "
+         "and how many pairs are there?",
+    recipe="1. Form the Gram matrix G = e eᵀ, (N, N), in float32: entry (i, j) is e_i · e_j. 2. Square every "
+           "entry. 3. Leave out the diagonal (each row with itself, 1 for unit vectors): sum all squared "
+           "entries and subtract the sum of the squared diagonal. 4. Divide by the number of ordered "
+           "off-diagonal pairs, N (N − 1). Orthonormal rows give 0, near-identical rows close to 1. Return a "
+           "0-d tensor."))

@@ -544,49 +544,113 @@ def launch(name: str, kernel):
 
 register(Exercise("12.vector_add", _add_cases, vector_add_spec,
                   description="out = x + y, BLOCK = 32 elements per program, grid = cdiv(n, 32).",
-                  hint="offsets = pid * BLOCK + tl.arange(0, BLOCK); the last program's block runs past n, so "
-                       "every tl.load and tl.store needs mask=offsets < n.", launch=LAUNCHERS["12.vector_add"]))
+                  hint="The grid has one program per block of 32 elements, rounded up. What happens in the last "
+                       "program when n is not a multiple of 32, and what must its loads and stores know?",
+                  recipe="1. Read this program's id along axis 0. 2. Its offsets are the program id times BLOCK "
+                         "plus a block of offsets 0 … BLOCK − 1. 3. Build a mask for the tail: offset < n (the last "
+                         "block runs past n: n = 7, n = 100). 4. Load x and y at those offsets with the mask, add "
+                         "them, and store the sum into out at the same offsets with the same mask.",
+                  launch=LAUNCHERS["12.vector_add"]))
 register(Exercise("12.scale_columns", _scale_cases, scale_columns_spec,
                   description="out[i, j] = x[i, j] · s[j] with 8 x 16 blocks; x's rows are stride_x apart.",
-                  hint="Program (0) picks the block of rows and program (1) the block of columns. Element (i, j) "
-                       "of x is at i * stride_x + j, of out at i * N + j: build both with rows[:, None] and "
-                       "cols[None, :], and mask with both conditions.", launch=LAUNCHERS["12.scale_columns"]))
+                  hint="Two program ids: one picks a block of rows, the other a block of columns. x's rows are "
+                       "stride_x apart, not N: where is element (i, j) in x, where in out, and which tails can a "
+                       "block run into?",
+                  recipe="1. Program id 0 picks the block of rows: its row id times BLOCK_M plus 0 … BLOCK_M − 1; "
+                         "program id 1 picks the columns the same way with BLOCK_N. 2. Make a 2-D block by "
+                         "broadcasting the rows as a column against the columns as a row. 3. Element (i, j) of x "
+                         "sits at i · stride_x + j; of out, which is contiguous, at i · N + j. 4. The mask needs both "
+                         "conditions, row < M and column < N: there are row tails and column tails. 5. Load the "
+                         "block of x with that mask and the scales s at the block's columns (masked on the "
+                         "columns), multiply, with s broadcast down the rows, and store into out with the 2-D "
+                         "mask.",
+                  launch=LAUNCHERS["12.scale_columns"]))
 register(Exercise("12.rms_norm_rows", _rms_cases, rms_norm_spec,
                   description="Gemma's RMSNorm (1 + w) of one row per program, statistics in float32.",
-                  hint="Load the row with mask=cols < N and other=0.0, so the padding adds nothing to Σx²; then "
-                       "divide by N (not BLOCK), add eps inside the square root, and scale by (1 + w).",
+                  hint="One program holds a whole row in a block that may be longer than the row. What must the "
+                       "lanes past N contribute to Σx², and what do you divide that sum by?",
+                  recipe="1. The program id is the row. 2. Take a block of column offsets 0 … BLOCK − 1 and a mask "
+                         "for the tail, column < N. 3. Load the row at row · stride_x + column with that mask, "
+                         "filling the masked lanes with 0.0 so they add nothing to Σx²; load w at the columns the "
+                         "same way. 4. In float32, the mean of squares is Σx² divided by N, not by BLOCK. "
+                         "5. Multiply x by rsqrt(mean + eps), eps inside the square root (a row of zeros and a row "
+                         "of tiny values show a missing one), then by (1 + w). 6. Store into out, which is "
+                         "contiguous, at row · N + column, with the mask.",
                        launch=LAUNCHERS["12.rms_norm_rows"]))
 register(Exercise("12.geglu_rows", _geglu_cases, geglu_spec,
                   description="gelu_tanh(gate) · up from gate_up = [gate, up], blocks of 32 columns.",
-                  hint="Row r's gate column j is at r * stride_gu + j and its up column j at r * stride_gu + F + j. "
-                       "Triton has no tanh: tanh(u) = 2 * tl.sigmoid(2 * u) - 1.",
+                  hint="gate and up sit side by side in one row of gate_up: how far into the row does up's column "
+                       "j lie? And Triton has no tanh of its own: how do you get it from a sigmoid?",
+                  recipe="1. Program id 0 is the row r, program id 1 the block of 32 columns j; mask the tail, "
+                         "j < F (F = 37 has a tail). 2. Row r starts at r · stride_gu; its gate column j is at that start plus j, and "
+                         "its up column j at that start plus F plus j. Load both with the mask. 3. In float32, "
+                         "apply the tanh form of GELU to the gate, 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))), "
+                         "writing tanh(u) as 2·σ(2u) − 1. 4. Multiply by up and store at r · F + j (out is a "
+                         "contiguous (M, F)), with the mask.",
                        launch=LAUNCHERS["12.geglu_rows"]))
 register(Exercise("12.online_logsumexp", _lse_cases, logsumexp_spec,
                   description="log Σ exp(z) of each row, walking it in blocks of 32 with a running max and sum.",
-                  hint="Keep a running max m (start at float('-inf')) and a running sum l of exp(z - m) (start at 0). "
-                       "For each block: m_new = max(m, max of the block); l = l * exp(m - m_new) + Σ exp(z - m_new). "
-                       "Load with other=float('-inf') so lanes past V add exp(-inf) = 0. The answer is m + log(l).",
+                  hint="Walking the row block by block, the maximum can grow as you go. What must happen to the sum "
+                       "collected so far when it does, where must the running maximum start, and what should the "
+                       "lanes past V add?",
+                  recipe="1. The program id is the row. Start a running maximum m at −inf (not 0: logits near "
+                         "−1000 would underflow) and a running sum l of exp(z − m) at 0. 2. For each block of 32 "
+                         "columns from 0 up to V: load the block at row · stride_z + column with the mask "
+                         "column < V, filling the masked lanes with −inf so they add exp(−inf) = 0. 3. The new "
+                         "maximum m′ is max(m, the block's maximum). 4. Rescale what was summed so far and add the "
+                         "block: l becomes l · exp(m − m′) + Σ exp(z − m′) over the block; then m becomes m′. "
+                         "5. After the last block, store m + log(l) at the row. Logits near +100 overflow without "
+                         "the maximum subtracted.",
                        launch=LAUNCHERS["12.online_logsumexp"]))
 register(Exercise("12.linear_scan", _scan_cases, linear_scan_spec,
                   description="h_t = a_t · h_{t-1} + b_t from h0, a program per (sequence, 16 channels).",
-                  hint="Start from h = h0 for this sequence's channels, then `for t in range(T)`: element (seq, t, d) "
-                       "is at (seq * T + t) * D + d; update h, then store it.", launch=LAUNCHERS["12.linear_scan"]))
+                  hint="Time is sequential, channels are not. Which axis does one program walk in a loop, which "
+                       "does it hold as a block, and where is element (sequence, t, channel) in memory?",
+                  recipe="1. Program id 0 is the sequence, program id 1 the block of 16 channels; mask the tail, "
+                         "channel < D (D = 37 has a tail). 2. Load h0 for this sequence's channels, at "
+                         "sequence · D + channel: that is the running state h. 3. Loop over t from 0 to T − 1 "
+                         "(an ordinary loop in the kernel). Element (sequence, t, channel) of a, b and the output is "
+                         "at (sequence · T + t) · D + channel. Load a_t and b_t with the mask, replace h by "
+                         "a_t · h + b_t, and store h there, with the mask, every step.",
+                  launch=LAUNCHERS["12.linear_scan"]))
 register(Exercise("12.tiled_matmul", _matmul_cases, tiled_matmul_spec, atol=1e-4,
                   description="C = A @ B, one 16 x 32 tile of C per program, walking K in steps of 32 with tl.dot; "
                               "every matrix addressed through its strides.",
                   hint="Program (p, q) owns one BLOCK_M x BLOCK_N tile of C. Keep a float32 accumulator of that "
                        "shape, walk K one BLOCK_K at a time, and load a tile of A and a tile of B through their strides, "
                        "each masked on both of its dimensions. Which lanes of the store need a mask?",
+                  recipe="1. Program ids p and q (axes 0 and 1) give the tile's rows, p · BLOCK_M plus "
+                         "0 … BLOCK_M − 1, and columns, q · BLOCK_N plus 0 … BLOCK_N − 1. 2. Start a float32 "
+                         "accumulator of zeros, BLOCK_M × BLOCK_N. 3. Walk k0 from 0 up to K in steps of BLOCK_K; "
+                         "the tile's K offsets are k0 plus 0 … BLOCK_K − 1. Load the A tile, element (i, k) at "
+                         "i · stride_am + k · stride_ak, masked by row < M and k < K with 0.0 in the masked lanes; "
+                         "load the B tile, element (k, j) at k · stride_bk + j · stride_bn, masked by k < K and "
+                         "column < N, also 0.0. 4. Add the dot product of the two tiles to the accumulator: give "
+                         "the dot the tiles as loaded, bf16 included, and keep the sum in float32 (a bf16 "
+                         "accumulator loses digits at every step). 5. After the loop, store the accumulator at "
+                         "i · stride_cm + j · stride_cn, masked by row < M and column < N. Every matrix is addressed "
+                         "through its own strides (transposed and row-padded layouts are tested).",
                   launch=LAUNCHERS["12.tiled_matmul"]))
 register(Exercise("12.tile_for_h100", _tile_cases, tile_rules_spec, timeout_s=300.0,
                   description="A tile (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for your matmul kernel on an "
                               "H100 in bf16 at M = N = K = 4096: it compiles, tl.dot becomes wgmma, nothing spills, "
                               "shared memory fits, and at least 2 programs are resident per SM.",
-                  hint="Count before you compile. Shared memory: every stage holds a BLOCK_M x BLOCK_K tile of A and "
-                       "a BLOCK_K x BLOCK_N tile of B in bf16 (2 B each), and two programs must fit in the SM's "
-                       "233,472 B. Registers: the float32 accumulator alone takes BLOCK_M * BLOCK_N / (32 * num_warps) "
-                       "per thread, and two programs share the SM's 65,536. wgmma needs num_warps a multiple of 4 "
-                       "and BLOCK_M of at least 64.", launch=LAUNCHERS["12.tile_for_h100"]))
+                  hint="Count before you compile: what does each stage put in shared memory, how many registers does "
+                       "the accumulator alone take per thread, and what must two programs share on one SM? wgmma "
+                       "has its own demands on num_warps and BLOCK_M.",
+                  recipe="1. wgmma: num_warps a multiple of 4 and BLOCK_M at least 64; and the dot must get the "
+                         "bf16 tiles as loaded (it accumulates in float32 itself; tiles converted to float32 first "
+                         "become FMAs). 2. Registers: the float32 accumulator alone takes BLOCK_M · BLOCK_N / "
+                         "(32 · num_warps) registers per thread, and a thread has at most 255 before it spills, with "
+                         "room needed for addresses and loaded fragments besides. Two programs share the SM's 65,536 "
+                         "registers, so each may use at most half: registers per thread · 32 · num_warps at most "
+                         "32,768. 3. Shared memory: each stage holds a BLOCK_M × BLOCK_K tile of A and a BLOCK_K × "
+                         "BLOCK_N tile of B in bf16, 2 B each, so a program needs num_stages · (BLOCK_M + BLOCK_N) · "
+                         "BLOCK_K · 2 B. One program may have at most 232,448 B; two programs per SM must fit in the "
+                         "SM's 233,472 B, less 1 KiB per program. 4. Choose powers of two that pass all of these "
+                         "counts, then check: if a rule still breaks, the report gives the compiler's numbers, and "
+                         "the message says which count to lower (fewer stages, a smaller tile, or more warps).",
+                  launch=LAUNCHERS["12.tile_for_h100"]))
 register(Exercise("12.int4_gemv", _int4_cases, int4_gemv_spec, atol=1e-4,
                   description="y = W x for one plane of Int4Linear's packed int4 weight (N, K) and one float32 row x "
                               "(K,): BLOCK_N = 32 rows per program, K walked in tiles of BLOCK_K = GROUP = 32 (one "
@@ -596,4 +660,19 @@ register(Exercise("12.int4_gemv", _int4_cases, int4_gemv_spec, atol=1e-4,
                        "which nibble is its own? Then the same for a row of the tail, which shares its bytes with a "
                        "neighbour. A BLOCK_N vector of rows may hold both kinds: work out both, pick per row. Within "
                        "one K tile each row has a single scale and zero, so the tile's sum factors.",
+                  recipe="1. The program id picks BLOCK_N rows n; mask them with n < N (the last program runs past "
+                         "N). Keep a float32 sum per row. 2. Walk the K tiles k0 = 0, 32, 64, …; tile k0 is group "
+                         "g = k0 / GROUP. Load x at k0 plus 0 … 31. 3. Where each row's code at k sits, with "
+                         "B = 2 · HALF rows per block and n_full the rows in whole blocks: a row n < n_full is rank "
+                         "r = n mod B of block n / B (rounded down); its byte is block · K · HALF + k · HALF + "
+                         "(r mod HALF), so its codes for k and k + 1 are HALF bytes apart, and its nibble is the "
+                         "low one when r < HALF, the high one otherwise (byte j holds rows j and j + HALF, not 2j "
+                         "and 2j + 1). A tail row, t = n − n_full, sits after the blocks' n_full · K / 2 bytes, at "
+                         "n_full · K / 2 + k · (N − n_full) / 2 + t / 2 (rounded down): low nibble for even t, high "
+                         "for odd. Compute both addresses for the (rows × 32) block and pick per row. 4. Load the "
+                         "bytes with the row mask, shift right by 4 for a high nibble and keep the low four bits: a "
+                         "code c from 0 to 15 stands for c − 8. 5. The row's scale is at g · stride_szg + 2n and its "
+                         "zero right after it (bf16 pairs; use them in float32). 6. The tile adds "
+                         "scale · Σ_k (c − 8) · x_k + zero · Σ_k x_k to each row's sum. 7. Store the sums into y "
+                         "with the row mask.",
                   launch=LAUNCHERS["12.int4_gemv"]))
