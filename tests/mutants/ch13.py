@@ -429,3 +429,88 @@ CORRECT = {
     "13.flash_forward_window": _m("13.flash_forward_window", flash_from_the_first_visible_key_as_the_package,
                                   flash_with_exp2_a_finite_floor_and_a_normalised_output),
 }
+
+
+# 5. the capstone: the exercises' answers (written as a learner would), and each of them broken once ----------
+from minigemma.learner_kernels import YourKernels  # noqa: E402
+from tests.mutants.ch12 import (  # noqa: E402
+    geglu_erf_gelu,
+    geglu_tanh_from_exp,
+    rms_mean_over_block,
+    rms_w_not_one_plus_w,
+    rms_with_rsqrt_and_mean_of_squares,
+)
+
+
+def your_rms_norm_kernel(x_ptr, w_ptr, out_ptr, N, stride_x, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * N + cols, x * rstd * (1.0 + w), mask=mask)
+
+
+def your_geglu_kernel(gu_ptr, out_ptr, F, stride_gu, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < F
+    gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask)
+    up = tl.load(gu_ptr + row * stride_gu + F + cols, mask=mask)
+    u = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+    tanh = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+    tl.store(out_ptr + row * F + cols, 0.5 * gate * (1.0 + tanh) * up, mask=mask)
+
+
+def your_flash_window_kernel(q_ptr, k_ptr, v_ptr, o_ptr, T, scale, window, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
+    pid, h = tl.program_id(0), tl.program_id(1)
+    head = h * T * D
+    i = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + head + i[:, None] * D + d[None, :], mask=(i < T)[:, None], other=0.0)
+    i_lo = pid * BLOCK_M
+    i_hi = tl.minimum(T, i_lo + BLOCK_M) - 1
+    first = tl.maximum(0, i_lo - window + 1) // BLOCK_N
+    last = i_hi // BLOCK_N
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    for n in range(first, last + 1):
+        j = n * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.load(k_ptr + head + j[:, None] * D + d[None, :], mask=(j < T)[:, None], other=0.0)
+        v = tl.load(v_ptr + head + j[:, None] * D + d[None, :], mask=(j < T)[:, None], other=0.0)
+        x = tl.dot(q, tl.trans(k)) * scale
+        seen = (j[None, :] <= i[:, None]) & (i[:, None] - j[None, :] < window) & (j < T)[None, :]
+        x = tl.where(seen, x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_use)
+        p = tl.exp(x - m_use[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p, v)
+        m = m_new
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    tl.store(o_ptr + head + i[:, None] * D + d[None, :], out, mask=(i < T)[:, None])
+
+
+YOUR_ANSWERS = dict(rms_norm_rows=your_rms_norm_kernel, geglu_rows=your_geglu_kernel,
+                    flash_forward_window=your_flash_window_kernel)
+CAPSTONE_BROKEN = {  # label -> (the kernel it breaks, the wrong kernel), for tests/test_learner_kernels.py
+    "RMSNorm scaled by w, not 1 + w": ("rms_norm_rows", rms_w_not_one_plus_w),
+    "RMSNorm's mean of x² over the block of 1024, not the row's 640": ("rms_norm_rows", rms_mean_over_block),
+    "GeGLU with the exact (erf) GELU, not the tanh one the model uses": ("geglu_rows", geglu_erf_gelu),
+    "flash attention's window one key too long (i − j ≤ window)": ("flash_forward_window",
+                                                                    flash_window_one_key_too_many),
+    "flash attention storing the rows past T too (the 8 queries' block of 32 unmasked)": ("flash_forward_window",
+                                                                                        flash_rows_past_T_stored),
+}
+MUTANTS["13.capstone"] = [(label, YourKernels(**{**YOUR_ANSWERS, name: kernel}))
+                          for label, (name, kernel) in CAPSTONE_BROKEN.items()]
+CORRECT["13.capstone"] = [
+    ("the exercises' answers, written out", YourKernels(**YOUR_ANSWERS)),
+    ("right answers written differently (rsqrt, tanh from exp, base-2 exponentials and a finite floor)",
+     YourKernels(rms_norm_rows=rms_with_rsqrt_and_mean_of_squares, geglu_rows=geglu_tanh_from_exp,
+                 flash_forward_window=flash_with_exp2_a_finite_floor_and_a_normalised_output)),
+]

@@ -59,6 +59,11 @@ NOT_MUTATION_TESTED = {
                    "backward run would be mutated, each mutant training the model again on every seed. The three "
                    "functions it swaps in have their own exercises here (08.next_token_loss, 08.lr_schedule, "
                    "08.adamw_step), and the hook (minigemma/learner_train.py) is tested in tests/test_learner_train.py",
+    "13.capstone": "its reference is the real Gemma 3 270M's logits over a prompt: every package function the model "
+                   "runs would be mutated, each mutant running the learner's kernels through the whole model in "
+                   "Triton's interpreter again. The three kernels it swaps in have their own exercises here "
+                   "(12.rms_norm_rows, 12.geglu_rows, 13.flash_forward_window), and the hook "
+                   "(minigemma/learner_kernels.py) is tested in tests/test_learner_kernels.py",
 }
 
 

@@ -23,6 +23,11 @@ over the splits' log-sum-exps, the windowed attention as the package's own
 13.flash_forward_window grades block skipping as well as values: its launcher watches every load from
 k and v, and a program that loads a key block none of its queries can see (before the window, or
 after the block's last query) fails with `BlockSkippingError`, naming the program and the keys.
+
+13.capstone runs the learner's 13.flash_forward_window, 12.rms_norm_rows and 12.geglu_rows inside the real
+Gemma 3 270M on the package's kernels (`minigemma.learner_kernels`, each launched by its exercise's launcher)
+and compares a prompt's logits and greedy next tokens with the model's own, its local window cut to 4 in both;
+the diagnosis swaps each kernel in alone and names the one that breaks them.
 """
 
 from __future__ import annotations
@@ -357,21 +362,49 @@ def launch(name: str, kernel):
 register(Exercise("13.online_softmax", _online_cases, online_softmax_spec,
                   description="Fold one block of scores into the running (m, l, acc) of flash attention; "
                               "16 queries per program.",
-                  hint="m_new = tl.maximum(m, tl.max(x, axis=1)). Rescale what was summed so far by "
-                       "alpha = exp(m - m_new), both l and acc. A row whose m_new is -inf would compute "
-                       "exp(-inf - (-inf)) = nan: subtract tl.where(m_new == -inf, 0.0, m_new) instead.",
+                  hint="When the block raises a row's maximum, what must happen to what that row has summed so "
+                       "far, l and acc alike? And what does a row that has still seen no key compute, with "
+                       "−inf − (−inf) in an exponent?",
+                  recipe="1. The program id picks 16 query rows; mask rows < M. Load m, l and the acc rows "
+                         "(columns masked by d < D), the block of scores x (rows × keys, masked by row < M and "
+                         "key < N, with −inf in the masked lanes so they weigh exp(−inf) = 0) and v (keys × D, "
+                         "masked, 0.0 outside). 2. The new maximum m′ of each row is max(m, the row's maximum of "
+                         "x). 3. Guard: where m′ is −inf (a row that has seen no key yet, or a fully masked row on "
+                         "the first block), subtract 0 instead of m′ below, else exp(−inf − (−inf)) gives nan. "
+                         "4. With that value u: α = exp(m − u) rescales what was summed so far, and "
+                         "p = exp(x − u) for the block, in float32. 5. l′ = α·l + the row sum of p; acc′ = α·acc + "
+                         "the matrix product of p (rows × keys) and v (keys × D). 6. Store m′, l′ and acc′ into "
+                         "m_out, l_out and acc_out with the row (and column) masks. A row that has seen nothing "
+                         "keeps m′ = −inf, l′ = 0, acc′ = 0.",
                        launch=LAUNCHERS["13.online_softmax"]))
 register(Exercise("13.key_range", _range_cases, key_range_spec,
                   description="For each block of 16 queries, the slots [lo, hi) of the keys any of them can see.",
-                  hint="Work in indices: the block's queries are i_lo .. i_hi (the last one is the last real "
-                       "query, T may cut the block). Causal: nothing after i_hi. A window W: nothing before "
-                       "i_lo - W + 1, and for a band nothing after i_hi + W - 1. Clip to the keys' own indices "
-                       "k_first .. k_first + S - 1, then subtract k_first.", launch=LAUNCHERS["13.key_range"]))
+                  hint="Work in token indices, not slots: which is the block's first query, which its last real "
+                       "one (T may cut the block), and how far back and forward can each of them see?",
+                  recipe="1. The program id b picks the block: its first query has index i_lo = q_start + 16b, "
+                         "and its last real one i_hi = q_start + min(16b + 16, T) − 1 (T may cut the last block). "
+                         "2. The keys hold indices k_first … k_first + S − 1, slot s holding index k_first + s. "
+                         "3. Start from the widest range, all the keys. If causal, nothing after i_hi. With a "
+                         "window W (the WINDOW flag set), nothing before i_lo − W + 1; and for a bidirectional band "
+                         "(not causal), nothing after i_hi + W − 1 either. Without a window and not causal, every "
+                         "key is seen. 4. Clip the range to the keys' own indices, then subtract k_first to turn "
+                         "indices into slots. 5. Store lo, the first slot, and hi, one past the last, as the two "
+                         "int32 entries of row b of out (at 2b and 2b + 1).",
+                  launch=LAUNCHERS["13.key_range"]))
 register(Exercise("13.combine_splits", _combine_cases, combine_splits_spec,
                   description="Merge the partial outputs of split-K decoding, weighted by exp(lse), "
                               "one program per (row, block of 16 columns).",
-                  hint="w_s = exp(lse_s - max_s lse_s): subtracting the maximum keeps exp from overflowing. "
-                       "Load the missing splits with other=-inf so they weigh 0, and divide by Σ w_s.",
+                  hint="Each split's weight is exp of its log-sum-exp, and those are near 1000 in one case. What do "
+                       "you subtract first, what should the lanes past the last split weigh, and what do you "
+                       "divide by?",
+                  recipe="1. Program id 0 is the row r, program id 1 the block of 16 columns d; mask d < D. "
+                         "2. Take a block of split offsets 0 … BLOCK_S − 1 with the mask s < n. Load lse of row r at "
+                         "r · n + s, filling the missing splits with −inf so they weigh 0. 3. The weights are "
+                         "w_s = exp(lse_s − max over s of lse_s): subtracting the maximum keeps exp from "
+                         "overflowing (a split that saw no key has lse = −inf and weighs 0). 4. Load the outputs, "
+                         "element (r, s, d) at (r · n + s) · D + d, masked on both s and d with 0.0 outside. "
+                         "5. The merged output is Σ_s w_s · o_s divided by Σ_s w_s, for each column. 6. Store it at "
+                         "r · D + d with the column mask. With one split it is that split's output.",
                   launch=LAUNCHERS["13.combine_splits"]))
 register(Exercise("13.flash_forward_window", _flash_cases, flash_window_spec,
                   description="The forward kernel of causal sliding-window attention: one program per (block of "
@@ -381,4 +414,78 @@ register(Exercise("13.flash_forward_window", _flash_cases, flash_window_spec,
                        "block's last real query (T cuts the last block); a loop over blocks of keys can start at "
                        "the block holding that first key. Inside, the score mask is per element (each query has "
                        "its own window), and the update is 13.online_softmax's, guard included. Normalise once, "
-                       "after the loop.", launch=LAUNCHERS["13.flash_forward_window"]))
+                       "after the loop.",
+                  recipe="1. Program id 0 picks the block of 32 queries, i_lo = 32 · id plus 0 … 31, masked by "
+                         "i < T; program id 1 is the head h. Head h's row i is at (h · T + i) · D, for q, k, v and o "
+                         "alike. Load the q block (rows × D). 2. Bounds, as in 13.key_range: the block's last real "
+                         "query i_hi = min(i_lo + 32, T) − 1, and the first key its first query sees, "
+                         "max(0, i_lo − window + 1). Start the loop at the key block of 16 that holds that key "
+                         "(round it down to a multiple of 16), and stop after the block holding i_hi; never visit a "
+                         "key block that no query of the block can see. 3. Running state per query: m = −inf, "
+                         "l = 0, acc = 0 (rows × D), all float32. 4. For each key block: load k and v at the key "
+                         "offsets, masked by key < T; scores are q times k transposed, times scale. Mask them per "
+                         "element, query i sees key j when j ≤ i and i − j < window (and j < T), with −inf "
+                         "elsewhere. 5. Fold the block in with 13.online_softmax's update, the guard for a row whose "
+                         "maximum is still −inf included (in an early key block, late queries see nothing). "
+                         "6. After the loop divide acc by l, once, and store it into o with the row mask.",
+                  launch=LAUNCHERS["13.flash_forward_window"]))
+
+
+# --------------------------------------------------------------------------------------------
+# 5. the capstone: your kernels inside the real Gemma 3 270M (minigemma/learner_kernels.py)
+# --------------------------------------------------------------------------------------------
+# The 270M's local layers see 512 keys, more than a prompt the interpreter can afford (each program of a kernel costs
+# it a few ms, and one prompt of T tokens runs some 200 T of them): the capstone cuts the window to 4, in the model
+# it compares with as in yours, so that it cuts keys (queries 4..7 of the 8). 8 tokens: one block of 32 queries
+# and one of 16 keys, both cut by T (their tails masked); too short for a key block to be skipped, which the
+# exercise grades on its own.
+CAPSTONE_PROMPT = "Once upon a time there was a"
+CAPSTONE_TOKENS = 8  # with the BOS token (tests/test_learner_kernels.py checks it)
+CAPSTONE_WINDOW = 4
+# float32 everywhere, but your kernels add in other orders than torch (a row's Σx² in one sum, the attention's
+# online softmax): last-bit differences that 18 layers carry to the logits, about 5e-5 for the exercises' answers
+# (at most 1e-4 for the other right answers of tests/mutants/ch13.py); the smallest wrong kernel there, the exact
+# GELU for the tanh one, moves them by more than 1e-2. The top two logits are 0.15 apart or more at every position:
+# no greedy token flips within the tolerance.
+CAPSTONE_ATOL, CAPSTONE_RTOL = 1e-3, 1e-4
+
+
+def _capstone_cases(seed):
+    return [Case(f"a {CAPSTONE_TOKENS}-token prompt, local window {CAPSTONE_WINDOW}: the greedy next token after each "
+                 "prefix and the logits at every position", (CAPSTONE_PROMPT, CAPSTONE_WINDOW),
+                 atol=CAPSTONE_ATOL, rtol=CAPSTONE_RTOL)]
+
+
+def capstone_reference(prompt, window):
+    """What Gemma 3 270M (float32) itself gives, the package's torch code everywhere and its local layers'
+    window set to `window`: the greedy next token after each prefix of the prompt (T,) and the logits at
+    every position (T, V) (computed once per process: they do not depend on the seed)."""
+    from ... import learner_kernels
+
+    return learner_kernels.reference_outputs(prompt, window)
+
+
+def _capstone_diagnose(fn, case, expected):
+    from ... import learner_kernels
+
+    return learner_kernels.diagnose(fn, case, expected)
+
+
+register(Exercise(
+    "13.capstone", _capstone_cases, capstone_reference, timeout_s=600.0, diagnose=_capstone_diagnose,
+    outputs=("the greedy next token after each prefix", "the logits at every position"),
+    description="Your kernels, real weights: YourKernels(rms_norm_rows=..., geglu_rows=..., flash_forward_window=...) "
+                f"gives the greedy next tokens and logits (within {CAPSTONE_ATOL:g}) of Gemma 3 270M at every "
+                f"position of a {CAPSTONE_TOKENS}-token prompt, its local window cut to {CAPSTONE_WINDOW}.",
+    hint="Each kernel must first pass its own exercise (12.rms_norm_rows, 12.geglu_rows, 13.flash_forward_window). "
+         "If the logits still differ, what does the model hand your kernels that the exercises' cases did not: "
+         "how wide is a row, how wide is a head, how long is the prompt?",
+    recipe="1. Run the three checks (12.rms_norm_rows, 12.geglu_rows, 13.flash_forward_window) on the kernels you "
+           "give here, and fix the first that fails. 2. Build YourKernels with each kernel given under its own "
+           "name, and check it. 3. If the outputs differ, read which kernel the report names: swapped in alone, "
+           "that one changes the logits, or raises the error shown beside it. 4. Think about that kernel on the "
+           "model's shapes: rows of 640 values in a block of 1024 and rows of 256 for the QK-norm, so the column "
+           "mask and the division by the row's own length matter; a head dimension of 256, not 16 or 32, and GeGLU "
+           "blocks of 512 columns (four per row of 2048), not 32, so nothing may assume a width; a prompt of 8 tokens, so the one block of 32 queries and the one block of "
+           "16 keys are both cut by T, and their loads and stores need their masks; a window of 4 on the local "
+           "layers, the whole prompt on the global ones."))
