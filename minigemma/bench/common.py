@@ -1,8 +1,9 @@
 """What every benchmark shares: the machine it ran on, a process's peak memory, package versions,
-running one measurement in a fresh process, and the real English texts to measure on.
+a minigemma level's loading arguments, running one measurement in a fresh process, and the real
+English texts to measure on.
 
-Not a benchmark itself (it has no `main`); `generate`, `embed`, `train` and the kernels' benchmark
-import from here.
+Not a benchmark itself (it has no `main`); `generate`, `quality`, `embed`, `train` and the kernels'
+benchmark import from here.
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ def versions(packages=("torch", "transformers", "llama-cpp-python")) -> dict:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def load_kwargs(level: str) -> dict:
+    """`load_pretrained`'s arguments for a minigemma system's level ("float32", "bf16", ..., "file-codes")."""
+    if level == "file-codes":
+        return {"file_codes": True}
+    return {"quant": None if level == "float32" else level}
 
 
 def child_result(module_args: list[str], label: str) -> dict | None:

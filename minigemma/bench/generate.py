@@ -1,7 +1,8 @@
 """CPU generation benchmark for the real Gemma 3 270M (chapter 06).
 
-    python -m minigemma bench generate [--contexts 128,512,8192] [--decode-tokens 32]
-                                       [--systems ...] [--out docs/benchmarks]
+    python -m minigemma bench generate [--contexts 128,512,8192] [--decode-tokens 32] [--repeats 3]
+                                       [--systems ...] [--quality-tokens 1024 | --no-quality]
+                                       [--out docs/benchmarks]
 
 Every (system, context) runs in a fresh process of its own, so peak memories and start-up times do
 not mix, and every system reads the same GGUF file:
@@ -27,6 +28,19 @@ Debian's licence texts, or Python's own documentation strings where those are mi
                     imports, loading and the prefill
     greedy tokens   compared with minigemma-float32's at the same L (first step at which they differ)
 
+A shared machine's speed drifts by 10-20% from minute to minute, so every system runs `--repeats`
+times (3 by default), the systems in turn (A B C, A B C, ...; each (system, context) a fresh process
+every time), and every cell of the table is the median run's value with the range of the runs, as in
+`44.7 (43.1–46.0)` (of an even count, the lower middle run, as `bench train`). The JSON keeps every
+run's values under `runs`; the targets use the medians.
+
+Then, once per system (it is deterministic), its fidelity to the weights on a fixed text that is not in
+this project (CPython's `pydoc_data.topics`, the first `--quality-tokens` tokens): perplexity, KL from
+minigemma-float32 and top-1 agreement with it (`bench/quality.py`, which says how the 262,144-way
+log-probabilities are kept out of memory). And one decode step of minigemma-file-codes and -int8
+under torch.profiler: where its time goes, and its operator calls per step (`ops_per_step` in the
+JSON, a number to compare before and after a change).
+
 Results go to docs/benchmarks/generate-cpu.{json,md} with the command and the machine. Ratios are
 against llama.cpp and HF measured in the same run.
 """
@@ -43,7 +57,8 @@ import time
 from pathlib import Path
 
 from ..atomic import write_atomic
-from .common import child_result, machine, peak_rss_mb, versions
+from .common import child_result, load_kwargs, machine, peak_rss_mb, versions
+from .quality import QUALITY_TOKENS, REFERENCE, run_quality
 
 SYSTEMS = ["minigemma-float32", "minigemma-bf16", "minigemma-int8", "minigemma-int4", "minigemma-file-codes",
            "hf-float32", "llama.cpp-Q4_K_M"]
@@ -82,13 +97,6 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 # One (system, context), run in its own process: prints one JSON line
 # ----------------------------------------------------------------------------------------------
-def load_kwargs(level: str) -> dict:
-    """`load_pretrained`'s arguments for a minigemma system's level ("float32", "bf16", ..., "file-codes")."""
-    if level == "file-codes":
-        return {"file_codes": True}
-    return {"quant": None if level == "float32" else level}
-
-
 def _run_minigemma(level: str, ids: list[int], n_decode: int, clock) -> dict:
     import torch
 
@@ -288,6 +296,7 @@ def _available(system: str) -> bool:
 
 
 def run_one(system: str, n_prompt: int, n_decode: int) -> dict | None:
+    """One run of one system at one context, in a fresh process: its measured values (None if it failed)."""
     started = time.time()
     r = child_result(["minigemma.bench.generate", "--child", system, str(n_prompt), str(n_decode)],
                      f"{system} @ {n_prompt}")
@@ -299,34 +308,91 @@ def run_one(system: str, n_prompt: int, n_decode: int) -> dict | None:
     return r
 
 
-def run(systems: list[str], contexts: list[int], n_decode: int) -> dict:
-    results = []
+# The measured values that vary from run to run: each table cell is their median run and range.
+SPREAD_KEYS = ("decode_tok_s", "prefill_tok_s", "peak_rss_mb", "cold_start_s", "load_s")
+# What every run of a (system, context) shares: copied from the first run.
+FIXED_KEYS = ("system", "prompt_tokens", "decode_tokens", "weight_bytes", "threads")
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """One table row from the runs of one (system, context).
+
+    Each of SPREAD_KEYS becomes the median run's value (statistics.median_low: of an even count, the
+    lower middle run, so every number shown was measured) and `<key>_range` = [min, max]; the greedy
+    tokens are the first run's, `tokens_same_every_run` says whether the others agreed; every run is
+    kept whole under `runs`."""
+    if not runs:
+        raise ValueError("no runs to aggregate")
+    first = runs[0]
+    row = {k: first[k] for k in FIXED_KEYS if k in first}
+    for key in SPREAD_KEYS:
+        values = [r[key] for r in runs]
+        row[key] = statistics.median_low(values)
+        row[key + "_range"] = [min(values), max(values)]
+    row["tokens"] = first["tokens"]
+    row["tokens_same_every_run"] = all(r["tokens"] == first["tokens"] for r in runs)
+    row["repeats"] = len(runs)
+    row["runs"] = runs
+    return row
+
+
+def run_speed(systems: list[str], contexts: list[int], n_decode: int, repeats: int, runner=run_one) -> list[dict]:
+    """Every system at every context, `repeats` times, the systems in turn (A B C, A B C, ...), so that a
+    slow minute of a shared machine hits every system alike. One aggregated row per (system, context).
+
+    runner(system, n_prompt, n_decode) -> one run's dict, or None if it failed (default: a fresh process)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    present = []
     for system in systems:
-        if not _available(system):
+        if _available(system):
+            present.append(system)
+        else:
             print(f"[skip {system}: not importable]", file=sys.stderr)
-            continue
-        for L in contexts:
-            print(f"[running {system} at {L} tokens ...]", file=sys.stderr, flush=True)
-            r = run_one(system, L, n_decode)
-            if r is not None:
-                results.append(r)
+    runs: dict[tuple[str, int], list[dict]] = {(s, L): [] for s in present for L in contexts}
+    for rep in range(1, repeats + 1):
+        for system in present:
+            for L in contexts:
+                print(f"[run {rep}/{repeats}: {system} at {L} tokens ...]", file=sys.stderr, flush=True)
+                r = runner(system, L, n_decode)
+                if r is None:
+                    continue
+                runs[(system, L)].append(r)
+                print(f"[run {rep}/{repeats}: {system} at {L}: decode {r['decode_tok_s']:.1f} tok/s, prefill "
+                      f"{r['prefill_tok_s']:.0f} tok/s, peak RSS {r['peak_rss_mb']:.0f} MB]", file=sys.stderr, flush=True)
+    return [aggregate(rs) for rs in runs.values() if rs]
+
+
+PROFILED = ("minigemma-file-codes", "minigemma-int8")
+
+
+def run(systems: list[str], contexts: list[int], n_decode: int, repeats: int = 3,
+        quality_tokens: int | None = QUALITY_TOKENS) -> dict:
+    """The whole benchmark: speed (repeated, in turn), the bandwidth, the decode-step profiles, quality."""
+    results = run_speed(systems, contexts, n_decode, repeats)
     bw = memory_bandwidth_gbs()
     by = {(r["system"], r["prompt_tokens"]): r for r in results}
     for r in results:
-        ref = by.get(("minigemma-float32", r["prompt_tokens"]))
+        ref = by.get((REFERENCE, r["prompt_tokens"]))
         if ref is not None:
             r["first_difference_vs_float32"] = _first_difference(r["tokens"], ref["tokens"])
         r["roofline_tok_s"] = bw * 1e9 / r["weight_bytes"]
     profiles = []
-    for system in ("minigemma-file-codes", "minigemma-int8"):
-        if system in systems and 512 in contexts:
-            print(f"[profiling one decode step of {system} at 512 tokens ...]", file=sys.stderr, flush=True)
-            prof = profile_step(system, 512)
+    L_prof = 512 if 512 in contexts else contexts[0]
+    for system in PROFILED:
+        if system in systems:
+            print(f"[profiling one decode step of {system} at {L_prof} tokens ...]", file=sys.stderr, flush=True)
+            prof = profile_step(system, L_prof)
             if prof is not None:
                 profiles.append(prof)
+    quality = None
+    if quality_tokens:
+        quality = run_quality([s for s in systems if _available(s)], quality_tokens)
     return dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine(), python=platform.python_version(),
-                memory_bandwidth_gb_s=bw, contexts=contexts, decode_tokens=n_decode, results=results,
-                profiles=profiles, versions=versions())
+                memory_bandwidth_gb_s=bw, contexts=contexts, decode_tokens=n_decode, repeats=repeats,
+                results=results, profiles=profiles,
+                ops_per_step={p["system"]: p["ops_per_step"] for p in profiles},
+                quality=quality, versions=versions())
 
 
 def _get(report, system, L, key):
@@ -334,46 +400,69 @@ def _get(report, system, L, key):
     return None if r is None else r.get(key)
 
 
+def format_spread(value, rng, spec: str, unit: str = "") -> str:
+    """A cell: the median and, when there were runs to spread, their range, e.g. `44.7 (43.1–46.0)`.
+
+    value None -> "-"; rng None (a report from before repeats) -> the value alone."""
+    if value is None:
+        return "-"
+    cell = f"{value:{spec}}"
+    if rng is not None:
+        cell += f" ({rng[0]:{spec}}–{rng[1]:{spec}})"
+    return cell + unit
+
+
 def format_table(report: dict) -> str:
-    """The table, one row per system, and the targets of issue 8 as ratios from this run."""
+    """The speed table (median run and range per cell), the targets of issue 8 as ratios of the medians,
+    the decode-step profiles, and the quality table with its targets. Reads older reports too (one run
+    per system, no quality)."""
     Ls = report["contexts"]
+    repeats = report.get("repeats", 1)
     systems = list(dict.fromkeys(r["system"] for r in report["results"]))
     head = (["system"] + [f"decode @{L} (tok/s)" for L in Ls] + [f"prefill @{L} (tok/s)" for L in Ls]
             + [f"peak RSS @{L}" for L in Ls] + ["cold start @" + str(Ls[0]), "load", "weights/token", "greedy = float32?"])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def fmt(v, spec, unit=""):
-        return "-" if v is None else f"{v:{spec}}{unit}"
+    def cell(s, L, key, spec, unit=""):
+        return format_spread(_get(report, s, L, key), _get(report, s, L, key + "_range"), spec, unit)
 
     for s in systems:
         cells = [s]
-        cells += [fmt(_get(report, s, L, "decode_tok_s"), ".1f") for L in Ls]
-        cells += [fmt(_get(report, s, L, "prefill_tok_s"), ".0f") for L in Ls]
-        cells += [fmt(_get(report, s, L, "peak_rss_mb"), ".0f", " MB") for L in Ls]
-        cells += [fmt(_get(report, s, Ls[0], "cold_start_s"), ".2f", " s"), fmt(_get(report, s, Ls[0], "load_s"), ".2f", " s"),
-                  fmt((_get(report, s, Ls[0], "weight_bytes") or 0) / 1e6 or None, ".0f", " MB")]
+        cells += [cell(s, L, "decode_tok_s", ".1f") for L in Ls]
+        cells += [cell(s, L, "prefill_tok_s", ".0f") for L in Ls]
+        cells += [cell(s, L, "peak_rss_mb", ".0f", " MB") for L in Ls]
+        cells += [cell(s, Ls[0], "cold_start_s", ".2f", " s"), cell(s, Ls[0], "load_s", ".2f", " s"),
+                  format_spread((_get(report, s, Ls[0], "weight_bytes") or 0) / 1e6 or None, None, ".0f", " MB")]
         diffs = [_get(report, s, L, "first_difference_vs_float32") for L in Ls]
         known = [(L, d) for L, d in zip(Ls, diffs) if _get(report, s, L, "tokens") is not None
-                 and _get(report, "minigemma-float32", L, "tokens") is not None]
+                 and _get(report, REFERENCE, L, "tokens") is not None]
         cells.append("-" if not known else ", ".join(
-            f"@{L}: " + ("yes" if d is None else f"from step {d}") for L, d in known))
+            f"@{L}: " + ("yes" if d is None else f"from step {d}")
+            + ("" if _get(report, s, L, "tokens_same_every_run") is not False else " (runs differ)") for L, d in known))
         rows.append("| " + " | ".join(cells) + " |")
+    runs_line = (f" Every system ran {repeats} times, in turn, each run a fresh process; a cell is the median run's "
+                 f"value and (min–max) the range of the runs." if repeats > 1 else "")
     lines = [f"{report['machine']}, {report['date']}, " + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
              + f"; memory read bandwidth ~{report['memory_bandwidth_gb_s']:.1f} GB/s; "
-             f"decode = 1 / median step time over {report['decode_tokens']} steps after an L-token prompt.",
+             f"decode = 1 / median step time over {report['decode_tokens']} steps after an L-token prompt." + runs_line,
              "", *rows]
-    for fast in ("minigemma-file-codes", "minigemma-int8"):
+    for fast in PROFILED:
         if any(r["system"] == fast for r in report["results"]):
             lines += ["", targets(report, fast)]
+    if report.get("ops_per_step"):
+        lines += ["", "Operator calls per decode step (torch.profiler, every aten call, nested ones included): "
+                  + ", ".join(f"{s} {n:.0f}" for s, n in report["ops_per_step"].items()) + "."]
     for prof in report.get("profiles", []):
         lines += ["", format_profile(prof)]
+    if report.get("quality") and report["quality"]["systems"]:   # none when the float32 reference failed
+        lines += ["", format_quality(report["quality"])]
     return "\n".join(lines)
 
 
 def targets(report: dict, fast: str = "minigemma-file-codes", anchor: str = "llama.cpp-Q4_K_M") -> str:
-    """Issue 8's targets, as ratios measured in this run."""
+    """Issue 8's targets, as ratios of the medians measured in this run."""
     Ls = report["contexts"]
-    out = [f"Targets ({fast} against {anchor}, same run):"]
+    out = [f"Targets ({fast} against {anchor}, same run" + (", medians" if report.get("repeats", 1) > 1 else "") + "):"]
 
     def ratio(key, L, other=anchor):
         a, b = _get(report, fast, L, key), _get(report, other, L, key)
@@ -400,24 +489,97 @@ def targets(report: dict, fast: str = "minigemma-file-codes", anchor: str = "lla
             line(f"peak RSS @{L} vs llama.cpp", ratio("peak_rss_mb", L), 1.5, higher=False)
     line(f"cold start @{Ls[0]} vs llama.cpp", ratio("cold_start_s", Ls[0]), 2.0, higher=False)
     hf = [ratio("decode_tok_s", L, "hf-float32") for L in Ls]
-    out.append("- decode vs HF float32: " + ", ".join(f"@{L} {v:.2f}x" for L, v in zip(Ls, hf) if v is not None))
+    out.append("- decode vs HF float32: " + (", ".join(f"@{L} {v:.2f}x" for L, v in zip(Ls, hf) if v is not None)
+                                             or "not measured"))
     return "\n".join(out)
+
+
+def format_quality(quality: dict, anchor: str = "llama.cpp-Q4_K_M") -> str:
+    """The quality table (one row per system) and its targets: KL no larger than llama.cpp's for every
+    minigemma level, int4's perplexity within 2% of float32's."""
+    text, rows = quality["text"], {r["system"]: r for r in quality["systems"]}
+    n = text["tokens"]
+    lines = [f"Fidelity to the weights on the first {n} tokens (BOS first; {n - 1} scored positions) of "
+             f"{text['source']}, Python {text['python']}, text SHA-256 {text['text_sha256'][:16]}…, ids SHA-256 "
+             f"{text['ids_sha256'][:16]}… (another Python's text differs: compare only equal hashes). One forward "
+             f"pass per system, its head applied {quality['chunk']} positions at a time; KL(float32 ‖ system) and "
+             f"top-1 are against {quality['reference']}. Deterministic: one run per system.", "",
+             "| system | perplexity | KL from float32 (nats/token) | top-1 = float32 | peak RSS | time (load + scoring) |",
+             "|---|---|---|---|---|---|"]
+    for s, r in rows.items():
+        ref = " (reference)" if s == quality["reference"] else ""
+        lines.append(f"| {s}{ref} | {r['perplexity']:.3f} | {r['kl_from_float32']:.5f} | {100 * r['top1_agreement']:.1f}% "
+                     f"| {r['peak_rss_mb']:.0f} MB | {r['seconds']:.1f} s |")
+    lines += ["", f"Quality targets (against {anchor}, same text):"]
+    base = rows.get(anchor)
+    for s, r in rows.items():
+        if not s.startswith("minigemma-") or s == quality["reference"]:
+            continue
+        if base is None:
+            lines.append(f"- KL from float32 vs llama.cpp's, {s}: {r['kl_from_float32']:.5f} vs not measured (target <=)")
+        else:
+            ok = r["kl_from_float32"] <= base["kl_from_float32"]
+            lines.append(f"- KL from float32 vs llama.cpp's, {s}: {r['kl_from_float32']:.5f} vs "
+                         f"{base['kl_from_float32']:.5f} nats/token (target <=) {'met' if ok else 'MISSED'}")
+    ref = rows.get(quality["reference"])
+    for s in ("minigemma-int4", "minigemma-file-codes"):
+        if s in rows and ref is not None:
+            rel = rows[s]["perplexity"] / ref["perplexity"] - 1
+            label = "int4 perplexity within 2% of float32's" + ("" if s == "minigemma-int4" else f" ({s}, int4 codes)")
+            lines.append(f"- {label}: {rows[s]['perplexity']:.3f} vs {ref['perplexity']:.3f}, {100 * rel:+.2f}% "
+                         f"(target <= +2%) {'met' if rel <= 0.02 else 'MISSED'}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, or a clear error naming the value."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The options, every one checked before any work starts (argparse exits with status 2 on bad input)."""
+    ap = argparse.ArgumentParser(prog="python -m minigemma bench generate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--contexts", default="128,512,8192", help="prompt lengths, comma-separated")
+    ap.add_argument("--decode-tokens", type=_positive_int, default=32, help="timed decode steps per run")
+    ap.add_argument("--repeats", type=_positive_int, default=3,
+                    help="runs of every system, in turn (each cell: the median run and the range); default 3")
+    ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help="comma-separated subset of " + ", ".join(SYSTEMS))
+    ap.add_argument("--quality-tokens", type=_positive_int, default=QUALITY_TOKENS,
+                    help=f"tokens of the quality text each system scores (default {QUALITY_TOKENS}; at least 2)")
+    ap.add_argument("--no-quality", action="store_true", help="skip the quality table (speed only)")
+    ap.add_argument("--out", default="docs/benchmarks", help="folder for generate-cpu.json/.md ('' = do not save)")
+    args = ap.parse_args(argv)
+    args.systems = [s for s in args.systems.split(",") if s]
+    unknown = sorted(set(args.systems) - set(SYSTEMS))
+    if unknown:
+        ap.error(f"unknown systems {unknown}; choose from {SYSTEMS}")
+    if not args.systems:
+        ap.error("--systems is empty")
+    try:
+        args.contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
+    except ValueError:
+        ap.error(f"--contexts must be comma-separated integers, got {args.contexts!r}")
+    if not args.contexts or min(args.contexts) < 1:
+        ap.error(f"--contexts needs at least one prompt length >= 1, got {args.contexts}")
+    if args.quality_tokens < 2:
+        ap.error(f"--quality-tokens must be at least 2 (one scored prediction), got {args.quality_tokens}")
+    return args
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    ap = argparse.ArgumentParser(prog="python -m minigemma bench generate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--contexts", default="128,512,8192", help="prompt lengths, comma-separated")
-    ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help="comma-separated subset of " + ", ".join(SYSTEMS))
-    ap.add_argument("--out", default="docs/benchmarks", help="folder for generate-cpu.json/.md ('' = do not save)")
-    args = ap.parse_args(argv)
-    systems = [s for s in args.systems.split(",") if s]
-    unknown = sorted(set(systems) - set(SYSTEMS))
-    if unknown:
-        ap.error(f"unknown systems {unknown}; choose from {SYSTEMS}")
-    contexts = [int(c) for c in args.contexts.split(",") if c]
-    report = run(systems, contexts, args.decode_tokens)
+    args = parse_args(argv)
+    report = run(args.systems, args.contexts, args.decode_tokens, args.repeats,
+                 None if args.no_quality else args.quality_tokens)
     report["command"] = "python -m minigemma bench generate " + " ".join(argv)
     table = format_table(report)
     print(table)
