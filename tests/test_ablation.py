@@ -38,3 +38,17 @@ def test_cli_refuses_bad_arguments_before_any_work(argv, message, capsys, monkey
     with pytest.raises(SystemExit) as e:
         ablation.main(argv + (["--out", "x.json"] if argv and "--out" not in argv else []))
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_shipped_seeds_cover_every_variant_and_rate():
+    """docs/runs/ch08-ablation.json: at least 3 seeds of every (variant, lr), its summary agreeing with its runs."""
+    import json
+    from pathlib import Path
+
+    report = json.loads((Path(__file__).resolve().parents[1] / "docs" / "runs" / "ch08-ablation.json").read_text())
+    assert len(report["seeds"]) >= 3 and report["variants"] == list(ablation.VARIANTS)
+    for variant in ablation.VARIANTS:
+        for lr in report["lrs"]:
+            row = report["summary"][f"{variant} @ {lr:g}"]["val_loss"]
+            finals = [report["runs"][f"{variant} @ {lr:g} @ seed {s}"]["val_loss"][-1] for s in report["seeds"]]
+            assert row["runs"] == pytest.approx(finals) and row["min"] <= row["mean"] <= row["max"]

@@ -67,7 +67,8 @@ def compare(expected: Any, got: Any, atol: float, rtol: float, exact_types: bool
             names: tuple[str, ...] = ()) -> str | None:
     """None if `got` matches `expected`, else a short reason. Tensors compare with a tolerance.
 
-    exact_types: a floating tensor must also have the expected dtype, and an int must be an int.
+    exact_types: a floating tensor must also have the expected dtype, an int must be an int, and a float a
+    number (not a tensor).
     names: what each item of a tuple output is ("the gradient w.r.t. q"), for the reason to name it.
     """
     if isinstance(expected, torch.Tensor):
@@ -116,6 +117,8 @@ def compare(expected: Any, got: Any, atol: float, rtol: float, exact_types: bool
                 return f"{names[i] if i < len(names) else f'item {i}'}: {why}"
         return None
     if isinstance(expected, float):
+        if exact_types and (isinstance(got, bool) or not isinstance(got, numbers.Real)):
+            return f"expected a float, got {_kind(got)}"  # "return a float": a number, not a tensor
         if not isinstance(got, (int, float)) and not (isinstance(got, torch.Tensor) and got.numel() == 1):
             return f"expected a number, got {type(got).__name__}"
         g = float(got)

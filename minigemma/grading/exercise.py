@@ -39,8 +39,9 @@ class Exercise:
     atol/rtol: tolerance for tensor outputs (float32 references; the tolerance covers
                summation-order differences, not algorithmic ones). A Case may set its own.
     exact_types: the statement fixes the output's type: a floating tensor must have the
-               reference's dtype ("a float32 tensor", "in x's dtype") and an int must be a
-               Python int, not 1.0 ("return an int"). Off, only values and shapes count.
+               reference's dtype ("a float32 tensor", "in x's dtype"), an int must be a
+               Python int, not 1.0 ("return an int"), and a float a number, not a 0-d tensor
+               ("return a float"). Off, only values and shapes count.
     hint:      revealed on request by `hint(name)`: the first tier, a nudge towards the idea.
     recipe:    the second tier, `hint(name, 2)`: the steps in words. Neither tier is code.
     launch:    for a Triton kernel exercise, kernel -> the torch function the cases call (it picks

@@ -23,6 +23,8 @@ MUTANTS = {
         ("streaming softmax: nan while a row starts with -inf", _online),
         ("sum without keepdim", lambda x: (x - x.amax(-1, keepdim=True)).exp() / (x - x.amax(-1, keepdim=True)).exp().sum(-1)),
         ("max without keepdim", lambda x: (x - x.amax(-1)).exp() / (x - x.amax(-1)).exp().sum(-1, keepdim=True)),
+        ("computed in float32 and returned in float32 for a bfloat16 x", lambda x: torch.softmax(x.float(), -1)),
+        ("returned in float64", lambda x: torch.softmax(x.double(), -1)),
         ("subtracts the mean instead of the max",
          lambda x: (x - x.mean(-1, keepdim=True)).exp() / (x - x.mean(-1, keepdim=True)).exp().sum(-1, keepdim=True)),
     ],
@@ -32,6 +34,8 @@ CORRECT = {
     "00.softmax": [
         ("torch.softmax", lambda x: torch.softmax(x, dim=-1)),
         ("exp(x - logsumexp)", lambda x: (x - torch.logsumexp(x, -1, keepdim=True)).exp()),
-        ("computed in float64", lambda x: torch.softmax(x.double(), -1).float()),
+        ("computed in float64, rounded back to x's dtype", lambda x: torch.softmax(x.double(), -1).to(x.dtype)),
+        ("computed in x's dtype throughout (bfloat16 for a bfloat16 x)",
+         lambda x: (x - x.amax(-1, keepdim=True)).exp() / (x - x.amax(-1, keepdim=True)).exp().sum(-1, keepdim=True)),
     ],
 }

@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minigemma.attention import causal_mask, merge_heads, split_heads
+from minigemma.attention import causal_mask, merge_heads, scaled_dot_product_attention, split_heads
 
 from . import fresh
 
@@ -86,7 +86,7 @@ def _rope_theta_variants(x, pos, base, how):
              "float64 then float32": lambda: (1.0 / base ** (i2.double() / D)).float()}[how]()
     ang = pos.float()[:, None] * theta
     x1, x2 = x[..., : D // 2], x[..., D // 2:]
-    return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1)
+    return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1).to(x.dtype)
 
 
 def _rope_rotate_pairs_complex(x, pos, base):
@@ -94,7 +94,25 @@ def _rope_rotate_pairs_complex(x, pos, base):
     D = x.shape[-1]
     ang = pos.float()[:, None] * (1.0 / base ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
     z = torch.complex(x[..., : D // 2].float(), x[..., D // 2:].float()) * torch.polar(torch.ones_like(ang), ang)
-    return torch.cat([z.real, z.imag], -1)
+    return torch.cat([z.real, z.imag], -1).to(x.dtype)
+
+
+def _split_into_zeros(x, H):
+    """Each head's features copied into a fresh buffer of zeros: float32, whatever x's dtype."""
+    B, T, C = x.shape
+    D = C // H
+    out = torch.zeros(B, H, T, D)
+    for h in range(H):
+        out[:, h] = x[..., h * D:(h + 1) * D]
+    return out
+
+
+def _merge_into_zeros(x):
+    B, H, T, D = x.shape
+    out = torch.zeros(B, T, H * D)
+    for h in range(H):
+        out[..., h * D:(h + 1) * D] = x[:, h]
+    return out
 
 
 MUTANTS = {
@@ -118,14 +136,18 @@ MUTANTS = {
          lambda q, k, v, m: _attn_own_softmax(q, k, v, m, "streaming")),
         ("a T=1 decode step ignores the mask", _attn_decode_unmasked),
         ("every mask assumed causal", _attn_assumes_causal),
+        ("computed in float32 and returned in float32 for bfloat16 inputs",
+         lambda q, k, v, m: _attn(q.float(), k.float(), v.float(), m)),
     ],
     "01.split_heads": [
         ("heads split in the wrong order", lambda x, H: x.reshape(x.shape[0], H, x.shape[1], -1)),
         ("interleaved heads", lambda x, H: x.reshape(x.shape[0], x.shape[1], -1, H).permute(0, 3, 1, 2)),
+        ("copied into a float32 buffer of zeros (bfloat16 comes back float32)", _split_into_zeros),
     ],
     "01.merge_heads": [
         ("merged without the transpose", lambda x: x.reshape(x.shape[0], x.shape[2], -1)),
         ("heads merged in the wrong order", lambda x: x.permute(0, 2, 3, 1).reshape(x.shape[0], x.shape[2], -1)),
+        ("copied into a float32 buffer of zeros (bfloat16 comes back float32)", _merge_into_zeros),
     ],
     "01.rope": [
         ("interleaved (GPT-J) convention", _rope_interleaved),
@@ -140,6 +162,7 @@ MUTANTS = {
         ("angles in x's dtype", lambda x, p, b: _rope_split(x, p, b, angle_dtype=x.dtype)),
         ("positions in x's dtype", lambda x, p, b: _rope_split(x, p, b, pos_dtype=x.dtype)),
         ("positions in float16", lambda x, p, b: _rope_split(x, p, b, pos_dtype=torch.float16)),
+        ("float32 result for a bfloat16 x (not rounded back to x's dtype)", lambda x, p, b: _rope_split(x, p, b)),
     ],
 }
 
@@ -147,11 +170,12 @@ CORRECT = {
     "01.masked_attention": [
         ("masked_fill with -1e9", lambda q, k, v, m: _attn(q, k, v, m, fill=-1e9)),
         ("torch's scaled_dot_product_attention", lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m)),
-        ("computed in float64", lambda q, k, v, m: _attn(q.double(), k.double(), v.double(), m).float()),
+        ("computed in float64, returned in q's dtype",
+         lambda q, k, v, m: _attn(q.double(), k.double(), v.double(), m).to(q.dtype)),
+        ("the package's attention run in bfloat16 for bfloat16 inputs", scaled_dot_product_attention),
     ],
     "01.rope": [
-        ("the statement's formula, float32 output for any x", lambda x, p, b: _rope_split(x, p, b)),
-        ("rounded back to x's dtype", lambda x, p, b: _rope_split(x, p, b).to(x.dtype)),
+        ("the statement's formula, rounded back to x's dtype", lambda x, p, b: _rope_split(x, p, b).to(x.dtype)),
         ("complex multiplication", _rope_rotate_pairs_complex),
         ("θ = base ** (-2i/D)", lambda x, p, b: _rope_theta_variants(x, p, b, "neg power")),
         ("θ = exp(-2i/D · ln base)", lambda x, p, b: _rope_theta_variants(x, p, b, "exp log")),

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from minigemma.attention import causal_mask
+from minigemma.attention import causal_mask, grouped_query_attention
 
 from .ch01 import _own_softmax
 
@@ -24,6 +24,15 @@ def _gqa(q, k, v, mask, softmax=None, mask_rule=lambda q, m: m):
     return (torch.softmax(s, -1) if softmax is None else _own_softmax(s, softmax)) @ v
 
 
+def _repeat_into_zeros(x, n):
+    """Each kv head copied n times into a fresh buffer of zeros: float32, whatever x's dtype."""
+    B, K, S, D = x.shape
+    out = torch.zeros(B, K * n, S, D)
+    for h in range(K * n):
+        out[:, h] = x[:, h // n]
+    return out
+
+
 def _tiled(x, n):  # heads in the order [0, 1, .., K-1, 0, 1, ..]: query head h reads kv head h % K
     return x.repeat(1, n, 1, 1)
 
@@ -33,6 +42,7 @@ MUTANTS = {
         ("tiled instead of repeated (head h reads h % K)", _tiled),
         ("repeats along the sequence axis", lambda x, n: x.repeat_interleave(n, dim=2).view(x.shape[0], -1, x.shape[2], x.shape[3])),
         ("interleaves the head_dim features", lambda x, n: x.repeat_interleave(n, dim=-1).view(x.shape[0], x.shape[1] * n, x.shape[2], x.shape[3])),
+        ("copied into a float32 buffer of zeros (bfloat16 comes back float32)", _repeat_into_zeros),
     ],
     "02.gqa_attention": [
         ("kv heads tiled (h % K) instead of grouped (h // K)",
@@ -53,6 +63,8 @@ MUTANTS = {
         ("one max over the whole batch", lambda q, k, v, m: _gqa(q, k, v, m, softmax="global max")),
         ("streaming softmax, nan while the first keys are masked",
          lambda q, k, v, m: _gqa(q, k, v, m, softmax="streaming")),
+        ("computed in float32 and returned in float32 for bfloat16 inputs",
+         lambda q, k, v, m: _gqa(q.float(), k.float(), v.float(), m)),
     ],
 }
 
@@ -64,6 +76,7 @@ CORRECT = {
         ("repeat_interleave, then attention", lambda q, k, v, m: _gqa(q, k, v, m)),
         ("queries grouped per kv head (no copies of k, v)",
          lambda q, k, v, m: _grouped(q, k, v, m)),
+        ("the package's attention run in bfloat16 for bfloat16 inputs", grouped_query_attention),
     ],
 }
 
@@ -95,9 +108,9 @@ def _grown(ck, cv, length, k, v):  # concatenates: a longer tensor, the buffer's
 
 
 def _cached(q, k, v, prefill, read=lambda ck, n: ck[:, :, :n], write_first=True, prefill_mask=True,
-            decode_mask=None, update=_update):
+            decode_mask=None, update=_update, dtype=None):
     B, K, T, D = k.shape
-    ck, cv = k.new_zeros(B, K, T, D), v.new_zeros(B, K, T, D)
+    ck, cv = k.new_zeros(B, K, T, D, dtype=dtype), v.new_zeros(B, K, T, D, dtype=dtype)
     ck, cv, n = update(ck, cv, 0, k[:, :, :prefill], v[:, :, :prefill])
     m = causal_mask(prefill) if prefill_mask else None
     outs = [_gqa(q[:, :, :prefill], read(ck, n), read(cv, n), m)]
@@ -131,6 +144,8 @@ MUTANTS.update({
         ("no causal mask in the prefill", lambda q, k, v, p: _cached(q, k, v, p, prefill_mask=False)),
         ("decode steps attend only the newest key",
          lambda q, k, v, p: _cached(q, k, v, p, read=lambda c, n: c[:, :, n - 1:n] if n > 0 else c[:, :, :0])),
+        ("buffers allocated as float32 zeros, not in k's dtype",
+         lambda q, k, v, p: _cached(q, k, v, p, dtype=torch.float32)),
     ],
 })
 

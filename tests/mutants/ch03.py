@@ -24,6 +24,8 @@ MUTANTS = {
         ("tanh(x) · cap (no division)", lambda x, cap: x if cap is None else torch.tanh(x) * cap),
         ("tanh(x / cap) without the factor cap", lambda x, cap: x if cap is None else torch.tanh(x / cap)),
         ("cap=None crashes or zeroes", lambda x, cap: 30.0 * torch.tanh(x / 30.0) if cap is None else cap * torch.tanh(x / cap)),
+        ("computed in float32 and returned in float32 for a bfloat16 x",
+         lambda x, cap: x if cap is None else cap * torch.tanh(x.float() / cap)),
     ],
     "03.rms_norm": [
         ("w instead of (1 + w)", lambda x, w, eps: _rms(x, w, eps, one_plus=False)),
@@ -40,6 +42,8 @@ MUTANTS = {
         ("gate and up swapped", lambda x, wg, wu, wd: _geglu(x, wg, wu, wd, swap=True)),
         ("SiLU (SwiGLU)", lambda x, wg, wu, wd: _geglu(x, wg, wu, wd, act=F.silu)),
         ("no gate: down(gelu(up(x)))", lambda x, wg, wu, wd: F.gelu(x @ wu.T, approximate="tanh") @ wd.T),
+        ("computed in float32 and returned in float32 for bfloat16 inputs",
+         lambda x, wg, wu, wd: _geglu(x.float(), wg.float(), wu.float(), wd.float())),
     ],
 }
 
@@ -111,13 +115,16 @@ MUTANTS.update({
         ("soft-cap before the head", lambda x, e, w, eps, cap: _head(x, e, w, eps, cap, cap_first=True)),
         ("logits scaled by sqrt(C) again", lambda x, e, w, eps, cap: _head(x, e, w, eps, cap, scale=x.shape[-1] ** 0.5)),
         ("caps at 30 when cap is None", lambda x, e, w, eps, cap: _head(x, e, w, eps, cap, default_cap=30.0)),
+        ("float32 logits for a bfloat16 x and embedding (the head computed in float32)",
+         lambda x, e, w, eps, cap: _head(x.float(), e.float(), w, eps, cap)),
     ],
 })
 
 CORRECT.update({
     "03.decoder_layer": [("as written in the statement", _block)],
     "03.lm_head": [
-        ("F.linear and F.rms_norm", lambda x, e, w, eps, cap: (lambda l: l if cap is None else cap * torch.tanh(l / cap))(
-            F.linear(F.rms_norm(x, (x.shape[-1],), 1 + w, eps), e))),
+        ("F.linear and F.rms_norm in float32, rounded back to x's dtype", lambda x, e, w, eps, cap: (
+            lambda l: l if cap is None else cap * torch.tanh(l / cap))(
+            F.linear(F.rms_norm(x.float(), (x.shape[-1],), 1 + w.float(), eps), e.float())).to(x.dtype)),
     ],
 })

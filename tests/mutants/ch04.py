@@ -48,6 +48,8 @@ MUTANTS = {
          lambda T, l, W, e: _mask(T, l, W, e, pattern=lambda i, e: (i + 1) % (2 if e == 2 else 6) == 0)),
         ("every=1 treated as 'no global layer'",
          lambda T, l, W, e: _mask(T, l, W, e, pattern=lambda i, e: e > 1 and (i + 1) % e == 0)),
+        ("off by one at the window's edge: no cut while T <= W + 1",
+         lambda T, l, W, e: _mask(T, l, W, e) if T > W + 1 else _mask(T, l, W, e, keys=lambda W: T + 1)),
     ],
     "04.kv_cache_bytes": [
         ("every layer global", lambda c, T, b, d: _bytes(c, T, b, d, all_global=True)),
@@ -157,6 +159,7 @@ MUTANTS.update({
         ("one norm over all heads' features (H·D)", lambda *a: _qk(*a, norm="over H·D")),
         ("q's norm weight used for k too", lambda *a: _qk(*a, k_weight="q")),
         ("RoPE before the norm", lambda *a: _qk(*a, order="rope first")),
+        ("q and k come back float32 for a bfloat16 x (promoted by the float32 norm weights)", lambda *a: _qk(*a)),
     ],
     "04.predict_kv_cache_mib": [
         ("keys only (no factor 2)", lambda: (51.75, 288.0)),
@@ -176,7 +179,7 @@ CORRECT.update({
     "04.ring_update": [
         ("writes only the last min(T, W) tokens, vectorised", lambda rk, rv, l, k, v: _ring_vectorised(rk, rv, l, k, v)),
     ],
-    "04.qk_norm_rope": [("written out", lambda *a: _qk(*a))],
+    "04.qk_norm_rope": [("written out, rounded back to x's dtype", lambda *a: tuple(t.to(a[0].dtype) for t in _qk(*a)))],
     "04.predict_kv_cache_mib": [("rounded to 3 digits", lambda: (104.0, 576.0))],
     "04.predict_window_reach": [("a float", lambda: 2555.0)],
 })

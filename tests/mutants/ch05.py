@@ -79,7 +79,7 @@ _FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 
 
 
 def _parse(data, reverse=True, absolute=True, aligned=True, read_alignment=True, str_len="<Q", counts="tensors first",
-           f32="<f"):
+           f32="<f", float_start=False):
     pos = 0
 
     def take(fmt):
@@ -125,6 +125,8 @@ def _parse(data, reverse=True, absolute=True, aligned=True, read_alignment=True,
         infos.append((name, shape, take("<I"), take("<Q")))
     align = dict(meta).get("general.alignment", 32) if read_alignment else 32
     start = -(-pos // align) * align if aligned else pos
+    if float_start:  # rounded up with a float division, as numpy.ceil(pos / align) * align does
+        start = float(-(-pos // align) * align)
     return version, meta, [(n, s, t, (start + o) if absolute else o) for n, s, t, o in infos]
 
 
@@ -138,6 +140,7 @@ MUTANTS.update({
         ("string lengths read as u32", lambda d: _parse(d, str_len="<I")),
         ("the two counts read in the other order", lambda d: _parse(d, counts="metadata first")),
         ("float32 values read as float64", lambda d: _parse(d, f32="<d")),
+        ("offsets as floats (the data start rounded up with a float division)", lambda d: _parse(d, float_start=True)),
     ],
 })
 
@@ -222,6 +225,10 @@ MUTANTS["05.q8_0_round_trip"] += [
     ("blocks of 32 down the columns", lambda x: _q8_rt(x.T.contiguous().reshape(-1, 32)).reshape(
         x.shape[1], x.shape[0]).T if x.shape[1] % 32 == 0 and x.numel() % 32 == 0 else _q8_rt(x)),
     ("returned in float16", lambda x: _q8_rt(x).half()),
+    ("refuses only rows longer than a block: a row of 31 crashes instead of raising a ValueError",
+     lambda x: _q8_rt(x) if x.shape[1] > 32 or x.shape[1] % 32 == 0 else x.reshape(x.shape[0], -1, 32)),
+    ("checks the whole tensor (N·K a multiple of 32), not each row: blocks cut across rows",
+     lambda x: _q8_rt(x.reshape(-1, 32)).reshape(x.shape) if x.numel() % 32 == 0 else _q8_rt(x)),
 ]
 
 CORRECT.update({

@@ -43,6 +43,8 @@ MUTANTS = {
         ("returns the mask in sorted order", lambda l, p: _top_p(l, p, unsort=False)),
         ("keeps a token whose preceding mass equals p (> instead of >=)", lambda l, p: _top_p(l, p, strict=True)),
         ("cumulative mass in vocabulary order, not sorted", _top_p_unsorted),
+        ("filters a float32 copy: bf16 logits come back float32", lambda l, p: _top_p(l.float(), p)),
+        ("softmax in the logits' dtype (bfloat16), not float32", lambda l, p: _top_p(l, p, float32=False)),
     ],
 }
 

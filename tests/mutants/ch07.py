@@ -109,6 +109,8 @@ MUTANTS = {
         ("a2 applied to b2 too: (a2·a1, a2·(b1 + b2))", lambda e1, e2: (e2[0] * e1[0], e2[0] * (e1[1] + e2[1]))),
         ("a multiplied in log space", lambda e1, e2: ((e1[0].log() + e2[0].log()).exp(), e2[0] * e1[1] + e2[1])),
         ("a taken as a magnitude", lambda e1, e2: (e2[0].abs() * e1[0].abs(), e2[0].abs() * e1[1] + e2[1])),
+        ("computed in float32 and returned in float32 for bfloat16 pairs",
+         lambda e1, e2: (e2[0].float() * e1[0].float(), e2[0].float() * e1[1].float() + e2[1].float())),
     ],
     "07.associative_scan": [
         ("operator applied in the wrong order", lambda a, b, h0: _scan(a, b, h0, combine_order="left")),
@@ -128,6 +130,8 @@ MUTANTS = {
         ("cache never updated", lambda x, w, b, p: _conv(x, w, b, p, tail="stale")),
         ("oldest inputs kept as the cache", lambda x, w, b, p: _conv(x, w, b, p, tail="first")),
         ("new cache as xs[:, -(W-1):] (all of xs when W = 1)", lambda x, w, b, p: _conv(x, w, b, p, tail="negative slice")),
+        ("computed in float32 and returned in float32 for bfloat16 inputs",
+         lambda x, w, b, p: _conv(x.float(), w.float(), b.float(), p.float())),
     ],
 }
 
@@ -142,6 +146,13 @@ CORRECT = {
     ],
     "07.conv1d_with_cache": [
         ("F.conv1d with groups = D", lambda x, w, b, p: _conv_torch(x, w, b, p)),
+        ("computed in float32, rounded back to x's dtype",
+         lambda x, w, b, p: tuple(t.to(x.dtype) for t in _conv(x.float(), w.float(), b.float(), p.float()))),
+    ],
+    "07.associative_combine": [
+        ("computed in float64, rounded back", lambda e1, e2: (
+            (e2[0].double() * e1[0].double()).to(e1[0].dtype),
+            (e2[0].double() * e1[1].double() + e2[1].double()).to(e1[1].dtype))),
     ],
 }
 
@@ -178,7 +189,8 @@ def _block(x, ly, lx, conv, lru, lo, kind="right"):
     return lo(_gelu(ly(x)) * lru(conv(lx(x))))
 
 
-def _local(q, k, v, positions, cfg, keys=None, rotate="first", scale_dim=None, rope_k=True):
+def _local(q, k, v, positions, cfg, keys=None, rotate="first", scale_dim=None, rope_k=True, round_back=True,
+           edge_late=False):
     B, H, T, D = q.shape
     d = {"all": D, "half": D // 2}.get(rotate, int(D * cfg.partial_rotary_factor))
     theta = cfg.rope_base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
@@ -189,12 +201,15 @@ def _local(q, k, v, positions, cfg, keys=None, rotate="first", scale_dim=None, r
         part, rest = (x[..., :d], x[..., d:]) if rotate != "last" else (x[..., D - d:], x[..., :D - d])
         x1, x2 = part[..., : d // 2], part[..., d // 2:]
         r = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        r = r.to(x.dtype) if round_back else r  # the float32 angles would promote a bfloat16 x
         return torch.cat([r, rest], -1) if rotate != "last" else torch.cat([rest, r], -1)
 
     q = rope(q)
     k = rope(k) if rope_k else k
     W = cfg.attention_window_size
     n_keys = (W + 1 if cfg.window_edge == "inclusive" else W) if keys is None else keys(cfg)
+    if edge_late and T <= n_keys + 1:  # off by one at the edge: no cut until T > W + 2
+        n_keys = T
     i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
     mask = (j <= i) & (i - j < n_keys)
     n = H // k.shape[1]
@@ -217,6 +232,10 @@ MUTANTS.update({
         ("RoPE on the last half of head_dim", lambda *a: _local(*a, rotate="last")),
         ("no RoPE on the keys", lambda *a: _local(*a, rope_k=False)),
         ("scaled by 1/sqrt(rotary_dim)", lambda *a: _local(*a, scale_dim=lambda D, d: d)),
+        ("off by one at the window's edge: no cut until T > W + 2", lambda *a: _local(*a, edge_late=True)),
+        ("RoPE's float32 angles promote bfloat16 q and k (not rounded back)", lambda *a: _local(*a, round_back=False)),
+        ("computed in float32 and returned in float32 for bfloat16 inputs",
+         lambda q, k, v, p, c: _local(q.float(), k.float(), v.float(), p, c)),
     ],
     "07.predict_rglru_halflife": [
         ("c = 8 forgotten (a = σ(Λ)^r)", lambda: (693.0, 5545.0)),
@@ -228,7 +247,11 @@ MUTANTS.update({
 
 CORRECT.update({
     "07.recurrent_block": [("as written in the statement", _block)],
-    "07.local_attention": [("written out", _local)],
+    "07.local_attention": [
+        ("written out", _local),
+        ("in float64, returned in q's dtype",
+         lambda q, k, v, p, c: _local(q.double(), k.double(), v.double(), p, c).to(q.dtype)),
+    ],
     "07.predict_rglru_halflife": [("ln 2 / (8 r ln(1/0.999)), not rounded", lambda: (86.6, 692.8))],
 })
 

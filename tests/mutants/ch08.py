@@ -38,6 +38,8 @@ def _lr(step, peak, warmup, total, ratio, warm="plus1", floor="ratio", span="aft
     p = (step - warmup) / max(1, total - warmup) if span == "after" else step / total
     if shape == "cos":
         return lo + 0.5 * (peak - lo) * (1 + math.cos(math.pi * p))
+    if shape == "torch cos":
+        return lo + 0.5 * (peak - lo) * (1 + torch.cos(torch.tensor(math.pi * p)))
     return peak - (peak - lo) * p
 
 
@@ -68,9 +70,15 @@ MUTANTS = {
         ("divided by B·(T-1), not by the scored positions", lambda l, i, m: _nt(l, i, m, denom="all")),
         ("divided by the number of real tokens", lambda l, i, m: _nt(l, i, m, denom="mask")),
         ("a sum, not a mean", lambda l, i, m: _nt(l, i, m, reduce="sum")),
+        ("F.cross_entropy on the bfloat16 logits: a bfloat16 loss (not float32)", lambda l, i, m: F.cross_entropy(
+            l[:, :-1].reshape(-1, l.shape[-1]),
+            torch.where(m[:, :-1] & m[:, 1:], i[:, 1:], torch.full_like(i[:, 1:], -100)).reshape(-1),
+            ignore_index=-100)),
+        ("returned in float64", lambda l, i, m: _nt(l, i, m).double()),
     ],
     "08.lr_schedule": [
         ("warmup starts at 0 (step / warmup)", lambda *a: _lr(*a, warm="plain")),
+        ("a 0-d tensor, not a float (the cosine taken with torch.cos)", lambda *a: _lr(*a, shape="torch cos")),
         ("decays to 0, not to peak · min_ratio", lambda *a: _lr(*a, floor="zero")),
         ("min_ratio used as the floor itself", lambda *a: _lr(*a, floor="raw")),
         ("cosine over the whole run (step / total)", lambda *a: _lr(*a, span="all")),
@@ -90,8 +98,8 @@ MUTANTS = {
 
 CORRECT = {
     "08.next_token_loss": [
-        ("F.cross_entropy with ignore_index", lambda l, i, m: F.cross_entropy(
-            l[:, :-1].reshape(-1, l.shape[-1]),
+        ("F.cross_entropy with ignore_index, on float32 logits", lambda l, i, m: F.cross_entropy(
+            l[:, :-1].float().reshape(-1, l.shape[-1]),
             torch.where(m[:, :-1] & m[:, 1:], i[:, 1:], torch.full_like(i[:, 1:], -100)).reshape(-1),
             ignore_index=-100)),
     ],

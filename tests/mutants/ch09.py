@@ -46,6 +46,8 @@ MUTANTS = {
         ("mask ignored", lambda s, t, m: _kd(s, t, m, use_mask=False)),
         ("temperature 2", lambda s, t, m: _kd(s, t, m, temp=2.0)),
         ("KL(p_T || p_S): the teacher's entropy subtracted", lambda s, t, m: _kd(s, t, m, kl=True)),
+        ("computed in the logits' dtype: a bfloat16 loss for bfloat16 logits", lambda s, t, m: (lambda per: (
+            per * m).sum() / m.sum())(-(torch.softmax(t, -1) * torch.log_softmax(s, -1)).sum(-1))),
     ],
     "09.sampled_target": [
         ("not renormalised", lambda t, i: _target(t, i, "raw")),
@@ -53,18 +55,20 @@ MUTANTS = {
         ("the full teacher distribution (nothing zeroed)", lambda t, i: _target(t, i, "dense")),
         ("sampled logits divided by their sum", lambda t, i: _target(t, i, "logits")),
         ("scaled by V / k instead of renormalised", lambda t, i: _target(t, i, "by_k")),
+        ("zeros like the logits: a bfloat16 target for a bfloat16 teacher",
+         lambda t, i: torch.zeros_like(t).scatter(-1, i, torch.softmax(t.float().gather(-1, i), -1).to(t.dtype))),
     ],
 }
 
 CORRECT = {
     "09.kd_loss": [
-        ("KL plus the teacher's entropy", lambda s, t, m: (lambda per: (per * m).sum() / m.sum())(
+        ("KL plus the teacher's entropy, in float32", lambda s, t, m: (lambda s, t: (lambda per: (per * m).sum() / m.sum())(
             F.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
-            - (torch.softmax(t, -1) * torch.log_softmax(t, -1)).sum(-1))),
+            - (torch.softmax(t, -1) * torch.log_softmax(t, -1)).sum(-1)))(s.float(), t.float())),
     ],
     "09.sampled_target": [
-        ("softmax over the gathered logits", lambda t, i: torch.zeros_like(t).scatter(
-            -1, i, torch.softmax(t.gather(-1, i), -1))),
+        ("softmax over the gathered logits, in float32", lambda t, i: torch.zeros(t.shape).scatter(
+            -1, i, torch.softmax(t.float().gather(-1, i), -1))),
     ],
 }
 

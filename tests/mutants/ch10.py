@@ -58,6 +58,8 @@ MUTANTS = {
         ("no clamp: an empty row is NaN", lambda h, m: _pool(h, m, count=lambda m: m.sum(1))),
         ("divides by the real tokens of the whole batch", lambda h, m: _pool(h, m, count=lambda m: m.sum().clamp(min=1.0))),
         ("last real token (last-token pooling)", _last_real),
+        ("the mean in the hidden states' dtype: bfloat16 for a bfloat16 model", lambda h, m: (
+            h * m.to(h.dtype)[..., None]).sum(1) / m.to(h.dtype).sum(1, keepdim=True).clamp(min=1.0)),
         ("max over real tokens", _max_real),
     ],
     "10.mrl_truncate": [
@@ -79,6 +81,8 @@ MUTANTS = {
         ("causal (a decoder's band)", lambda m, W: _band(m, W, causal=True)),
         ("padding ignored", lambda m, W: _band(m, W, docs="none")),
         ("pads hidden as keys only (pad queries see the text)", lambda m, W: _band(m, W, docs="keys only")),
+        ("no band while the text fits in W tokens (the band taken as W keys in all)",
+         lambda m, W: _band(m, None if W is not None and m.shape[1] <= W else W)),
         ("pad rows empty (a pad does not see itself)", lambda m, W: _band(m, W, docs="real only")),
         ("a band on global layers too (W = T)", lambda m, W: _band(m, W if W is not None else m.shape[1] // 2)),
     ],
@@ -86,7 +90,7 @@ MUTANTS = {
 
 CORRECT = {
     "10.mean_pool": [
-        ("a loop over rows", lambda h, m: torch.stack([h[b, m[b].bool()].mean(0) if m[b].any() else torch.zeros(h.shape[2])
+        ("a loop over rows", lambda h, m: torch.stack([h[b, m[b].bool()].float().mean(0) if m[b].any() else torch.zeros(h.shape[2])
                                                        for b in range(h.shape[0])])),
         ("einsum in float64", lambda h, m: (torch.einsum("btc,bt->bc", h.double(), m.double())
                                             / m.double().sum(1, keepdim=True).clamp(min=1e-9)).float()),

@@ -3,8 +3,9 @@ import torch.nn.functional as F
 
 
 def _nce(q, p, n, ids, tau, alpha, mask="ids", weight="log", mean=True, hard_tau=True, w_scaled=False,
-         drop_hard=False, stopgrad=True):
-    q, p = q.double(), p.double()
+         drop_hard=False, stopgrad=True, in_input_dtype=False):
+    dtype = q.dtype
+    q, p = (q, p) if in_input_dtype else (q.double(), p.double())
     B = len(q)
     logits = q @ p.T / tau
     if ids is not None and mask != "none":
@@ -13,7 +14,7 @@ def _nce(q, p, n, ids, tau, alpha, mask="ids", weight="log", mean=True, hard_tau
             same = same & ~torch.eye(B, dtype=torch.bool)
         logits = logits.masked_fill(same, float("-inf"))
     if n is not None and not drop_hard:
-        c = (q * n.double()).sum(-1)
+        c = (q * n.to(q.dtype)).sum(-1)
         z = c / tau if hard_tau else c
         cw = c.detach() if stopgrad else c  # the hardness weight is a constant: stopgrad
         lw = alpha * (cw / tau if w_scaled else cw)
@@ -28,10 +29,13 @@ def _nce(q, p, n, ids, tau, alpha, mask="ids", weight="log", mean=True, hard_tau
             col = z + lw
         logits = torch.cat([logits, col[:, None]], 1)
     loss = F.cross_entropy(logits, torch.arange(B), reduction="mean" if mean else "sum")
-    return loss.float()
+    return loss.to(dtype) if in_input_dtype else loss.float()
 
 
 def _spread(e, how="right"):
+    if how == "in the input dtype":
+        g = e @ e.T
+        return g[~torch.eye(len(e), dtype=torch.bool)].pow(2).mean()
     e = e.double()
     g = e @ e.T
     N = len(e)
@@ -51,6 +55,12 @@ def _spread(e, how="right"):
     raise ValueError(how)
 
 
+def _spread_right64(e):
+    e = e.double()
+    g = e @ e.T
+    return g[~torch.eye(len(e), dtype=torch.bool)].pow(2).mean()
+
+
 MUTANTS = {
     "11.nce_loss": [
         ("false negatives not masked", lambda q, p, n, i, t, a: _nce(q, p, n, i, t, a, mask="none")),
@@ -63,6 +73,9 @@ MUTANTS = {
         ("hard negative left out", lambda q, p, n, i, t, a: _nce(q, p, n, i, t, a, drop_hard=True)),
         ("sum over the batch instead of the mean", lambda q, p, n, i, t, a: _nce(q, p, n, i, t, a, mean=False)),
         ("no stop-gradient on the hardness weight", lambda q, p, n, i, t, a: _nce(q, p, n, i, t, a, stopgrad=False)),
+        ("computed in the embeddings' dtype: a bfloat16 loss for bfloat16 embeddings",
+         lambda q, p, n, i, t, a: _nce(q, p, n, i, t, a, in_input_dtype=True)),
+        ("returned in float64", lambda q, p, n, i, t, a: _nce(q, p, n, i, t, a).double()),
     ],
     "11.spread_out": [
         ("diagonal included (mean over N²)", lambda e: _spread(e, "diag")),
@@ -71,6 +84,8 @@ MUTANTS = {
         ("upper triangle only, divided by N(N-1)", lambda e: _spread(e, "upper")),
         ("divided by N² instead of N(N-1)", lambda e: _spread(e, "n2")),
         ("the squared mean added (GOR's first moment)", lambda e: _spread(e, "first_moment")),
+        ("computed in the embeddings' dtype: a bfloat16 result for bfloat16 rows", lambda e: _spread(e, "in the input dtype")),
+        ("returned in float64", _spread_right64),
     ],
 }
 

@@ -56,19 +56,36 @@ def _attention_cases(seed):
     q[1] *= 30.0
     k[1] *= 30.0
     cases.append(Case("batch rows of very different scale", (q, k, v, _random_mask(g, 3, 5)), atol=1e-3, rtol=1e-3))
+    # bfloat16 keeps 8 significant bits (2^-8 = 0.4% relative a rounding). Computed in bfloat16, the scores
+    # (|s| up to ~3), the weights and the product with v (|v| up to ~3) each round: the weights are off by ~1%,
+    # and a sum of weights·v that nearly cancels keeps ~0.03 of absolute error (the largest seen over 300
+    # seeds): atol 5e-2, rtol 2e-2. The expected values are computed in float32 from the same inputs.
+    q, k, v = (_randn(g, 2, 2, T, 8).to(torch.bfloat16) for T in (4, 6, 6))
+    cases.append(Case("bfloat16 q, k, v (returned in bfloat16)", (q, k, v, _random_mask(g, 4, 6)), atol=5e-2, rtol=2e-2))
     return cases
+
+
+def attention_reference(q, k, v, mask):
+    """The package's attention computed in float32 (from the same, possibly bfloat16, inputs), returned in q's
+    dtype."""
+    return scaled_dot_product_attention(q.float(), k.float(), v.float(), mask).to(q.dtype)
 
 
 def _split_cases(seed):
     g = torch.Generator().manual_seed(seed)
     return [Case(f"B={B}, T={T}, H={H}, D={D}", (_randn(g, B, T, H * D), H))
-            for B, T, H, D in [(2, 3, 4, 5), (1, 1, 2, 3), (3, 7, 1, 4), (2, 5, 3, 2)]]
+            for B, T, H, D in [(2, 3, 4, 5), (1, 1, 2, 3), (3, 7, 1, 4), (2, 5, 3, 2)]] + [
+        # moving numbers rounds nothing: bfloat16 in, the same bfloat16 numbers out (exactly)
+        Case("bfloat16 x, B=2, T=3, H=2, D=4 (returned in bfloat16)", (_randn(g, 2, 3, 8).to(torch.bfloat16), 2),
+             atol=0.0, rtol=0.0)]
 
 
 def _merge_cases(seed):
     g = torch.Generator().manual_seed(seed)
     return [Case(f"B={B}, H={H}, T={T}, D={D}", (_randn(g, B, H, T, D),))
-            for B, H, T, D in [(2, 4, 3, 5), (1, 2, 1, 3), (3, 1, 7, 4), (2, 3, 5, 2)]]
+            for B, H, T, D in [(2, 4, 3, 5), (1, 2, 1, 3), (3, 1, 7, 4), (2, 3, 5, 2)]] + [
+        Case("bfloat16 x, B=2, H=2, T=3, D=4 (returned in bfloat16)", (_randn(g, 2, 2, 3, 4).to(torch.bfloat16),),
+             atol=0.0, rtol=0.0)]
 
 
 def _rope_cases(seed):
@@ -97,11 +114,12 @@ def _rope_cases(seed):
         p_max = int(positions.max())
         tol = {"atol": 1e-6 * p_max, "rtol": 3e-7 * p_max} if p_max > 100 else {}
         cases.append(Case(label, (_randn(g, B, H, T, D), positions, base), **tol))
-    # The statement asks for angles in float32. bfloat16 holds integers exactly only up to 256, so
-    # angles (or positions) in x's dtype are wrong by whole radians here. The tolerance covers
-    # rounding x·cos and x·sin to bfloat16 (relative step 2^-8, on |x| up to ~4).
+    # The statement asks for angles in float32 and the result in x's dtype. bfloat16 holds integers exactly
+    # only up to 256, so angles (or positions) in x's dtype are wrong by whole radians here. The expected
+    # values are computed in float32 and rounded once; the tolerance covers rounding x·cos and x·sin to
+    # bfloat16 too (relative step 2^-8, on |x| up to ~4).
     x = _randn(g, 1, 2, 5, 16).to(torch.bfloat16)
-    cases.append(Case("bfloat16 x, positions in the thousands (angles in float32)",
+    cases.append(Case("bfloat16 x, positions in the thousands (angles in float32, the result in bfloat16)",
                       (x, torch.tensor([300, 1001, 4093, 4094, 9999]), 10_000.0), atol=0.05, rtol=0.02))
     return cases
 
@@ -122,8 +140,8 @@ register(Exercise(
            "on and below the diagonal, False above it (for T = 1, a single True). Keeping the lower triangle "
            "of a boolean all-True (T, T) matrix gives the same mask."))
 register(Exercise(
-    "01.masked_attention", _attention_cases, scaled_dot_product_attention,
-    description="softmax(q kᵀ / sqrt(D), masked) v for q (B,H,T,D), k, v (B,H,S,D).",
+    "01.masked_attention", _attention_cases, attention_reference, exact_types=True,
+    description="softmax(q kᵀ / sqrt(D), masked) v for q (B,H,T,D), k, v (B,H,S,D), in q's dtype.",
     hint="Scores, mask, softmax, weighted sum: in which order must the mask and the softmax come so that "
          "each query's visible weights still sum to 1? And the mask is (T, S): what does it do across B and H?",
     recipe="1. Scores: multiply q by k transposed over its last two axes and divide by sqrt(D), giving "
@@ -131,28 +149,32 @@ register(Exercise(
            "and H, and it may be any pattern, not only causal. Masking must happen before the softmax. "
            "3. Softmax over the last axis (the keys), the stable way: each row's own maximum subtracted, so "
            "scores in the hundreds do not overflow and a row whose first key is masked gives no nan. "
-           "4. Multiply the weights (B, H, T, S) by v (B, H, S, D): the output is (B, H, T, D)."))
+           "4. Multiply the weights (B, H, T, S) by v (B, H, S, D): the output is (B, H, T, D), in q's dtype "
+           "(bfloat16 in, bfloat16 out)."))
 register(Exercise(
-    "01.split_heads", _split_cases, split_heads,
-    description="(B, T, H·D) -> (B, H, T, D).",
+    "01.split_heads", _split_cases, split_heads, exact_types=True,
+    description="(B, T, H·D) -> (B, H, T, D), in x's dtype.",
     hint="Head h owns a contiguous block of D features of the last dimension. Which axis do you split "
          "first, and which two axes must trade places afterwards?",
     recipe="1. D is the last dimension's size divided by H. 2. Read the last dimension as two axes (H, D), "
            "H first because each head's D features sit next to each other: the tensor becomes (B, T, H, D). "
            "3. Swap the T and H axes (the second and the third), giving (B, H, T, D). Splitting as (D, H), "
-           "or reshaping straight to (B, H, T, D) without the swap, mixes tokens and heads."))
+           "or reshaping straight to (B, H, T, D) without the swap, mixes tokens and heads. Nothing is computed: "
+           "the numbers come back as they are, in x's dtype (a new buffer of float32 zeros would change it)."))
 register(Exercise(
-    "01.merge_heads", _merge_cases, merge_heads,
-    description="(B, H, T, D) -> (B, T, H·D).",
+    "01.merge_heads", _merge_cases, merge_heads, exact_types=True,
+    description="(B, H, T, D) -> (B, T, H·D), in x's dtype.",
     hint="This is split_heads undone, in reverse order. What does swapping two axes do to the memory "
          "layout, and which way of reshaping copes with that?",
     recipe="1. Swap the H and T axes (the second and the third) back, giving (B, T, H, D). 2. Flatten the "
            "last two axes into one of size H·D, head 0's D features first, then head 1's, and so on: "
            "(B, T, H·D). After the swap the memory is not contiguous, so use a reshape that copies when it "
-           "must (or make the tensor contiguous first): a plain view refuses."))
+           "must (or make the tensor contiguous first): a plain view refuses. The numbers come back as they are, "
+           "in x's dtype."))
 register(Exercise(
-    "01.rope", _rope_cases, rope_reference,
-    description="RoPE, split-half convention, on x (B,H,T,D) at the given positions.",
+    "01.rope", _rope_cases, rope_reference, exact_types=True,
+    description="RoPE, split-half convention, on x (B,H,T,D) at the given positions; angles in float32, the "
+                "result in x's dtype.",
     hint="Feature i and feature i + D/2 turn together, by the angle p·θ_i of the token's position p. Which "
          "positions do you use, in which dtype, and when are the angles computed? The cases move the "
          "positions, leave gaps, repeat one, and go up to 32K with bfloat16 x.",

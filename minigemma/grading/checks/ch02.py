@@ -13,7 +13,10 @@ def _randn(g, *shape):
 def _repeat_cases(seed):
     g = torch.Generator().manual_seed(seed)
     return [Case(f"B={B}, K={K}, S={S}, D={D}, n_rep={n}", (_randn(g, B, K, S, D), n))
-            for B, K, S, D, n in [(2, 2, 5, 4, 3), (1, 1, 1, 3, 4), (3, 4, 2, 2, 2), (1, 3, 6, 5, 1)]]
+            for B, K, S, D, n in [(2, 2, 5, 4, 3), (1, 1, 1, 3, 4), (3, 4, 2, 2, 2), (1, 3, 6, 5, 1)]] + [
+        # copying numbers rounds nothing: bfloat16 in, the same bfloat16 numbers out (exactly)
+        Case("bfloat16 x, K=2, n_rep=2 (returned in bfloat16)", (_randn(g, 1, 2, 3, 4).to(torch.bfloat16), 2),
+             atol=0.0, rtol=0.0)]
 
 
 def _random_mask(g, T, S):
@@ -58,12 +61,26 @@ def _gqa_cases(seed):
     q[1] *= 30.0
     k[1] *= 30.0
     cases.append(Case("batch rows of very different scale", (q, k, v, _random_mask(g, 3, 5)), atol=1e-3, rtol=1e-3))
+    # bfloat16 keeps 8 significant bits (2^-8 = 0.4% relative a rounding). Computed in bfloat16, the scores
+    # (|s| up to ~3), the weights and the product with v (|v| up to ~3) each round: the weights are off by ~1%,
+    # and a sum of weights·v that nearly cancels keeps ~0.03 of absolute error: atol 5e-2, rtol 2e-2. The
+    # expected values are computed in float32 from the same inputs.
+    q, k, v = _randn(g, 2, 4, 3, 8), _randn(g, 2, 2, 5, 8), _randn(g, 2, 2, 5, 8)
+    cases.append(Case("bfloat16 q, k, v, 4 heads / 2 kv heads (returned in bfloat16)",
+                      (q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16), _random_mask(g, 3, 5)),
+                      atol=5e-2, rtol=2e-2))
     return cases
 
 
+def gqa_reference(q, k, v, mask):
+    """The package's grouped-query attention computed in float32 (from the same, possibly bfloat16, inputs),
+    returned in q's dtype."""
+    return grouped_query_attention(q.float(), k.float(), v.float(), mask).to(q.dtype)
+
+
 register(Exercise(
-    "02.repeat_kv", _repeat_cases, repeat_kv,
-    description="(B, K, S, D) -> (B, K·n_rep, S, D); query head h reads kv head h // n_rep.",
+    "02.repeat_kv", _repeat_cases, repeat_kv, exact_types=True,
+    description="(B, K, S, D) -> (B, K·n_rep, S, D); query head h reads kv head h // n_rep; in x's dtype.",
     hint="Query head h reads kv head h // n_rep, so the copies of one kv head must sit next to each other: "
          "0, 0, 1, 1, not 0, 1, 0, 1. Which way of repeating gives that order?",
     recipe="1. Insert a new axis of size 1 right after the K axis: (B, K, 1, S, D). 2. Expand that axis to "
@@ -71,11 +88,11 @@ register(Exercise(
            "one of size K·n_rep: (B, K·n_rep, S, D). The copies of each kv head end up adjacent. (Repeating "
            "each head n_rep times along the head axis, one head after another, is the same; tiling the "
            "whole stack of heads n_rep times gives the wrong order 0, 1, 0, 1.) With n_rep = 1 the input "
-           "comes back unchanged."))
+           "comes back unchanged. Nothing is computed: the numbers keep x's dtype."))
 register(Exercise(
-    "02.gqa_attention", _gqa_cases, grouped_query_attention,
+    "02.gqa_attention", _gqa_cases, gqa_reference, exact_types=True,
     description="attention where H query heads share K kv heads (q (B,H,T,D), k, v (B,K,S,D)), "
-                "with the given mask (any (T, S) pattern, or None).",
+                "with the given mask (any (T, S) pattern, or None); in q's dtype.",
     hint="Once every query head has its own copy of the right kv head, this is chapter 01's masked "
          "attention. Which mask do you apply: the one you are given (not always causal, sometimes None)?",
     recipe="1. Repeat k and v with your repeat_kv, n_rep = H / K, so both become (B, H, S, D) and query "
@@ -84,7 +101,7 @@ register(Exercise(
            "−inf; use the mask you get, which is not always causal (a one-token decode step can still have "
            "hidden padded keys); if it is None, mask nothing. 4. Softmax over the keys, with each row's own "
            "maximum subtracted (large scores, rows that start with −inf). 5. Multiply the weights by v: "
-           "(B, H, T, D)."))
+           "(B, H, T, D), in q's dtype (bfloat16 in, bfloat16 out)."))
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,12 +157,20 @@ def _cached_cases(seed):
     ]:
         q, k, v = _randn(g, B, H, T, D), _randn(g, B, K, T, D), _randn(g, B, K, T, D)
         cases.append(Case(label, (q, k, v, prefill)))
+    # the buffers must be allocated in k's dtype: float32 zeros would hold the bfloat16 keys, and the
+    # attention would then meet bfloat16 queries and float32 keys. Tolerance: as 02.gqa_attention's bfloat16
+    # case (each step's scores, weights and product round to 8 significant bits: atol 5e-2, rtol 2e-2); the
+    # expected values are computed in float32 from the same inputs.
+    q, k, v = _randn(g, 1, 4, 5, 8), _randn(g, 1, 2, 5, 8), _randn(g, 1, 2, 5, 8)
+    cases.append(Case("bfloat16 q, k, v, prefill 2, then 3 decode steps (buffers and output in bfloat16)",
+                      (q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16), 2), atol=5e-2, rtol=2e-2))
     return cases
 
 
 def cached_attention_reference(q, k, v, prefill):
-    """Full causal attention over all T tokens at once: what cached decoding must reproduce."""
-    return grouped_query_attention(q, k, v, causal_mask(q.shape[2]))
+    """Full causal attention over all T tokens at once: what cached decoding must reproduce. Computed in float32
+    (from the same, possibly bfloat16, inputs) and returned in q's dtype."""
+    return grouped_query_attention(q.float(), k.float(), v.float(), causal_mask(q.shape[2])).to(q.dtype)
 
 
 register(Exercise(
@@ -163,9 +188,9 @@ register(Exercise(
            "that makes a new, longer tensor and leaves the caller's buffer as it was. 4. Return cache_k, "
            "cache_v and the new length as a Python int (not a tensor)."))
 register(Exercise(
-    "02.cached_attention", _cached_cases, cached_attention_reference,
+    "02.cached_attention", _cached_cases, cached_attention_reference, exact_types=True,
     description="Causal attention over T tokens computed the cached way: prefill the first `prefill` tokens, then "
-                "one token per step through your kv_cache_update; returns (B, H, T, D), equal to full attention.",
+                "one token per step through your kv_cache_update; returns (B, H, T, D) in q's dtype, equal to full attention.",
     hint="A decode step writes its token into the cache before it attends, so that it sees itself. Which "
          "slots of the buffer hold keys at that moment, and which still hold zeros?",
     recipe="1. Allocate two zero buffers of shape (B, K, T, D), like k in dtype and device. 2. Prefill: write "

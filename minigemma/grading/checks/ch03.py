@@ -23,7 +23,17 @@ def _softcap_cases(seed):
         Case("small logits (nearly unchanged)", (_randn(g, 9, scale=0.5), 30.0)),
         Case("huge logits saturate at ±cap", (torch.tensor([-1e4, -100.0, 0.0, 100.0, 1e4]), 20.0)),
         Case("cap=None means no cap", (_randn(g, 3, 4, scale=80.0), None)),
+        # bfloat16 keeps 8 significant bits (2^-8 = 0.4% relative a rounding): x / cap, tanh and the product
+        # each round, at most ~1.2% relative together (tanh's slope is at most 1); atol 1e-2, rtol 1.6e-2. The
+        # expected values are computed in float32 from the same inputs.
+        Case("bfloat16 logits, cap 30 (returned in bfloat16)", (_randn(g, 3, 7, scale=40.0).to(torch.bfloat16), 30.0),
+             atol=1e-2, rtol=1.6e-2),
     ]
+
+
+def soft_cap_reference(x, cap):
+    """The package's soft-cap computed in float32 (from the same, possibly bfloat16, values), in x's dtype."""
+    return soft_cap(x.float(), cap).to(x.dtype)
 
 
 def _rmsnorm_cases(seed):
@@ -64,27 +74,37 @@ def _geglu_cases(seed):
         w_gate, w_up = _randn(g, F, C, scale=C ** -0.5), _randn(g, F, C, scale=C ** -0.5)
         w_down = _randn(g, C, F, scale=F ** -0.5)
         cases.append(Case(label, (x, w_gate, w_up, w_down)))
+    # bfloat16 keeps 8 significant bits (2^-8 = 0.4% relative a rounding): the two projections, the GELU and
+    # the product round (~1.2% relative), and the down projection sums F of those terms, some cancelling:
+    # ~0.017 of absolute error at most over 300 seeds; atol 3e-2, rtol 2e-2. The expected values are computed
+    # in float32 from the same bfloat16 inputs.
+    x, w_gate, w_up = _randn(g, 2, 3, 8), _randn(g, 12, 8, scale=8 ** -0.5), _randn(g, 12, 8, scale=8 ** -0.5)
+    w_down = _randn(g, 8, 12, scale=12 ** -0.5)
+    cases.append(Case("bfloat16 x and weights (returned in bfloat16)",
+                      tuple(t.to(torch.bfloat16) for t in (x, w_gate, w_up, w_down)), atol=3e-2, rtol=2e-2))
     return cases
 
 
 def geglu_reference(x, w_gate, w_up, w_down):
+    """The package's GeGLU module holding these weights, run in float32 (from the same, possibly bfloat16,
+    values); the output in x's dtype."""
     mlp = GeGLU(w_gate.shape[1], w_gate.shape[0])
     with torch.no_grad():
         mlp.gate_up_proj.weight.copy_(torch.cat([w_gate, w_up]))  # the model stores the two stacked
         mlp.down_proj.weight.copy_(w_down)
-        return mlp(x)
+        return mlp(x.float()).to(x.dtype)
 
 
 register(Exercise(
-    "03.soft_cap", _softcap_cases, soft_cap,
-    description="cap · tanh(x / cap); cap=None leaves x unchanged.",
+    "03.soft_cap", _softcap_cases, soft_cap_reference, exact_types=True,
+    description="cap · tanh(x / cap), in x's dtype; cap=None leaves x unchanged.",
     hint="tanh squashes everything into (−1, 1). What must you do to x before it and to the result after it "
          "so that the steep middle covers (−cap, cap) and the output saturates at ±cap? And what if there is "
          "no cap?",
     recipe="1. If cap is None, return x unchanged; check this before anything else. 2. Otherwise divide x by "
            "cap, so the steep middle of tanh covers (−cap, cap). 3. Take tanh of that. 4. Multiply by cap to "
            "bring the range back: cap · tanh(x / cap). Small logits come out nearly unchanged, and huge ones "
-           "(±1e4) saturate at ±cap, not at ±1."))
+           "(±1e4) saturate at ±cap, not at ±1. The result keeps x's dtype (bfloat16 in, bfloat16 out)."))
 # float16 outputs differ by one rounding step (~1e-3 relative) between equally correct orders of operations
 register(Exercise(
     "03.rms_norm", _rmsnorm_cases, rms_norm_reference, atol=1e-4, rtol=2e-3, exact_types=True,
@@ -99,15 +119,16 @@ register(Exercise(
            "an offset from 1, so a fresh w of zeros means scale 1). 5. Convert back to x's dtype at the very "
            "end: float16 in, float16 out; bfloat16 in, bfloat16 out."))
 register(Exercise(
-    "03.geglu", _geglu_cases, geglu_reference,
-    description="down(gelu_tanh(gate(x)) · up(x)) with nn.Linear-shaped weights (out, in).",
+    "03.geglu", _geglu_cases, geglu_reference, exact_types=True,
+    description="down(gelu_tanh(gate(x)) · up(x)) with nn.Linear-shaped weights (out, in), in x's dtype.",
     hint="A linear layer's weight is stored (out, in): how do you apply it to x of shape (B, T, C)? And of "
          "the two projections, gate and up, which one goes through the GELU, and which GELU?",
     recipe="1. Project x with each weight by multiplying by the weight's transpose, since a weight is stored "
            "(out, in): gate and up are both (B, T, F). 2. Pass only gate through the tanh form of GELU, "
            "0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))), not the exact erf form (the large-activation case "
            "sees the difference in the tails). 3. Multiply the activated gate by up, element by element. "
-           "4. Project the product back down with w_down, again times its transpose: (B, T, C)."))
+           "4. Project the product back down with w_down, again times its transpose: (B, T, C), in x's dtype "
+           "(bfloat16 x and weights in, bfloat16 out)."))
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,13 +214,22 @@ def _head_cases(seed):
     ]:
         x = _randn(g, B, T, C, scale=x_scale)
         cases.append(Case(label, (x, _randn(g, V, C, scale=e_scale), _randn(g, C, scale=0.5), eps, cap)))
+    # a bfloat16 model: x and the embedding in bfloat16, the norm's weight float32 (as the package keeps it).
+    # bfloat16 keeps 8 significant bits: the normed x rounds (2^-9 relative a value), and each logit (up to
+    # ~18 here) sums C = 16 such products before it rounds again: ~0.04 of absolute error at most over 300
+    # seeds; atol 8e-2, rtol 2e-2. The expected values are computed in float32 from the same inputs.
+    x, embedding = _randn(g, 2, 4, 16, scale=3.0), _randn(g, 40, 16)
+    cases.append(Case("bfloat16 x and embedding, cap 30 (logits in bfloat16)",
+                      (x.to(torch.bfloat16), embedding.to(torch.bfloat16), _randn(g, 16, scale=0.5), 1e-6, 30.0),
+                      atol=8e-2, rtol=2e-2))
     return cases
 
 
 def lm_head_reference(x, embedding, norm_weight, eps, cap):
     """`Gemma.forward` after the last layer: the final RMSNorm, the head whose weight is the embedding
-    (V, C), then the final soft-cap (tests/test_learner_hook.py checks this against a Gemma with no layers)."""
-    return soft_cap(F.linear(rms_norm_reference(x, norm_weight, eps), embedding), cap)
+    (V, C), then the final soft-cap (tests/test_learner_hook.py checks this against a Gemma with no layers).
+    Computed in float32 (from the same, possibly bfloat16, values), the logits in x's dtype."""
+    return soft_cap(F.linear(rms_norm_reference(x.float(), norm_weight, eps), embedding.float()), cap).to(x.dtype)
 
 
 register(Exercise(
@@ -215,13 +245,15 @@ register(Exercise(
            "sub-layer's input (pre-norm) and output (post-norm) are, and each of the four norms is used "
            "exactly once, in its own place."))
 register(Exercise(
-    "03.lm_head", _head_cases, lm_head_reference,
+    "03.lm_head", _head_cases, lm_head_reference, exact_types=True,
     description="logits = soft_cap(final_norm(x) @ embeddingᵀ, cap): the final RMSNorm (1 + w), the tied head "
-                "(the embedding matrix (V, C) is the head's weight), then the final soft-cap (None: no cap).",
+                "(the embedding matrix (V, C) is the head's weight), then the final soft-cap (None: no cap); in "
+                "x's dtype.",
     hint="The head has no weight of its own: it is tied to the embedding matrix. In which order do the final "
          "norm, the head and the cap come, and does the √C scale of the embedding belong here?",
     recipe="1. Apply your RMSNorm to x with (1 + norm_weight) and the eps you are given (tiny activations "
            "with eps = 1e-3 show a wrong eps). 2. The head: multiply the normed x (B, T, C) by the transpose "
            "of the embedding matrix (V, C), giving logits (B, T, V). Do not multiply by √C: that scale belongs "
            "to the embedding's input side only. 3. If cap is None, return the logits as they are; otherwise "
-           "return cap · tanh(logits / cap)."))
+           "return cap · tanh(logits / cap). The logits keep x's dtype (a bfloat16 x and embedding give "
+           "bfloat16 logits; the norm's weight may stay float32)."))

@@ -37,6 +37,9 @@ def _mask_cases(seed):
         ("every=8: layer 5 is local", (6, 5, 2, 8)),
         ("T=1", (1, 0, 3, 2)),
         ("window 1: a query sees only itself", (5, 0, 1, 2)),
+        # the block edge: T = W sees no cut at all, T = W + 1 cuts exactly one key (key 0, for the last query)
+        ("T = W: the window cuts nothing yet", (4, 0, 4, 6)),
+        ("T = W + 1: only the last query loses a key (key 0)", (5, 0, 4, 6)),
         ("window larger than T", (4, 0, 16, 6)),
     ]]
     T, W = int(torch.randint(5, 14, (1,), generator=g)), int(torch.randint(2, 6, (1,), generator=g))
@@ -186,19 +189,30 @@ def _qk_cases(seed):
         x = _randn(g, 2 if H > 2 else 1, T, cfg.hidden_size) * (1e-2 if tiny else 1.0)
         w_qkv = _randn(g, (H + 2 * K) * D, cfg.hidden_size) * cfg.hidden_size ** -0.5
         cases.append(Case(label, (x, w_qkv, 0.5 * _randn(g, D), 0.5 * _randn(g, D), positions, cfg, layer)))
+    # a bfloat16 model: x and w_qkv in bfloat16, the norm weights float32 (the package keeps norms in float32),
+    # whose (1 + w) would promote a bfloat16 q to float32. bfloat16 keeps 8 significant bits (2^-8 = 0.4%
+    # relative a rounding): the projection, the norm and RoPE each round, on values up to ~5; ~0.01 of absolute
+    # error at most over 300 seeds: atol 3e-2, rtol 2e-2. The expected values are computed in float32.
+    cfg = _gemma3_config(6, 6, 4, 2, 8, 8.0)
+    x, w_qkv = _randn(g, 2, 5, cfg.hidden_size), _randn(g, 64, cfg.hidden_size) * cfg.hidden_size ** -0.5
+    cases.append(Case("bfloat16 x and w_qkv, float32 norm weights (q, k, v in bfloat16)",
+                      (x.to(torch.bfloat16), w_qkv.to(torch.bfloat16), 0.5 * _randn(g, 8), 0.5 * _randn(g, 8),
+                       torch.arange(100, 105), cfg, 5), atol=3e-2, rtol=2e-2))
     return cases
 
 
 def qk_norm_rope_reference(x, w_qkv, q_norm_weight, k_norm_weight, positions, config, layer_idx):
     """The attention input of layer `layer_idx` as the model computes it: `DecoderLayer` builds the layer's
-    attention with its RoPE (base and scaling by layer type) and QK-norm, and `project` applies them."""
+    attention with its RoPE (base and scaling by layer type) and QK-norm, and `project` applies them, in
+    float32 (from the same, possibly bfloat16, values); q, k and v are returned in x's dtype."""
     attn = DecoderLayer(config, layer_idx).self_attn
     with torch.no_grad():
         attn.qkv_proj.weight.copy_(w_qkv)
         attn.q_norm.weight.copy_(q_norm_weight)
         attn.k_norm.weight.copy_(k_norm_weight)
         B, T = x.shape[:2]
-        return attn.project(x, Positions(0, torch.arange(T), positions.expand(B, T)))
+        q, k, v = attn.project(x.float(), Positions(0, torch.arange(T), positions.expand(B, T)))
+        return q.to(x.dtype), k.to(x.dtype), v.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,11 +260,12 @@ register(Exercise(
            "from ring_k and from ring_v: these are the keys and values, oldest first, min(n, W) of them. "
            "5. Return ring_k, ring_v, the keys and the values."))
 register(Exercise(
-    "04.qk_norm_rope", _qk_cases, qk_norm_rope_reference,
+    "04.qk_norm_rope", _qk_cases, qk_norm_rope_reference, exact_types=True,
     outputs=("q", "k", "v"),
     description="Gemma 3's attention inputs of one layer: x @ w_qkvᵀ split into q (H heads), k, v (K heads); "
                 "RMSNorm (1 + w) over head_dim on q and on k; RoPE with the layer's base (local: "
-                "rope_local_base_freq, global: rope_theta, its positions / rope_scaling_factor). Returns (q, k, v).",
+                "rope_local_base_freq, global: rope_theta, its positions / rope_scaling_factor). Returns (q, k, v), in "
+                "x's dtype.",
     hint="One fused projection gives q, k and v side by side. Which of them are normed, over which axis, and "
          "which RoPE base and scaling does this layer's type call for?",
     recipe="1. Project x with the fused weight (times its transpose): (B, T, (H + 2K)·D). 2. Cut the last "
@@ -261,7 +276,8 @@ register(Exercise(
            "layer's type is the config's layer_types entry for layer_idx. A global layer uses rope_theta as its "
            "base and divides the positions by rope_scaling_factor; a local layer uses rope_local_base_freq and "
            "no scaling. 6. Apply RoPE at those positions (they may have gaps) to the normed q and k: norm "
-           "first, then RoPE. v gets neither. Return q, k and v."))
+           "first, then RoPE. v gets neither. Return q, k and v, all three in x's dtype: the norm weights may be "
+           "float32 while x is bfloat16, so round q and k back once at the end."))
 register(Exercise(
     "04.predict_kv_cache_mib", _one_question("Gemma 3 270M, one sequence of 32,768 tokens, bfloat16: "
                                              "(MiB as it is, MiB if every layer were global)"),

@@ -209,9 +209,10 @@ def gguf_header_reference(data: bytes):
 
 
 register(Exercise(
-    "05.gguf_header", _gguf_cases, gguf_header_reference, atol=0.0, rtol=0.0,
+    "05.gguf_header", _gguf_cases, gguf_header_reference, atol=0.0, rtol=0.0, exact_types=True,
     description="Parse a GGUF file's header (bytes): (version, [(key, value)] in file order, "
-                "[(name, shape in PyTorch order, ggml type id, absolute offset)]).",
+                "[(name, shape in PyTorch order, ggml type id, absolute offset)]); version, dims, type ids and offsets "
+                "are ints.",
     hint="Everything is little-endian and read in order, so keep a cursor that every read moves on. How is a "
          "string stored, how an array, in which order does a tensor list its dims, and where does the data "
          "that the offsets count from begin?",
@@ -224,8 +225,9 @@ register(Exercise(
            "tensor: its name (a string), a u32 number of dims, that many u64 dims, fastest first (reverse them "
            "for PyTorch's order), a u32 ggml type id and a u64 offset. 5. The data starts where the header "
            "ends, rounded up to a multiple of general.alignment (32 if the key is absent); each tensor's "
-           "absolute offset is that start plus its own offset. 6. Return the version, the (key, value) pairs "
-           "and the (name, shape, type id, absolute offset) tuples."))
+           "absolute offset is that start plus its own offset; round up with whole-number arithmetic, so that "
+           "every offset stays an int. 6. Return the version, the (key, value) pairs and the (name, shape, type "
+           "id, absolute offset) tuples."))
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,6 +293,11 @@ def _q8_0_round_trip_cases(seed):
                         + [0.0] * 15)[None]
     cases.append(Case("the codes divide by the float32 d: the float16 d only stores the scale", (near * d,)))
     cases.append(Case("a row of 40 weights, not a multiple of 32: raise a ValueError", (torch.randn(1, 40, generator=g),)))
+    # the block edge, one either side: 31 weights are less than one block, and 32 rows of 33 weights hold
+    # 1056 = 33 · 32 numbers, whole blocks of the flattened tensor but not of each row
+    cases.append(Case("a row of 31 weights, one less than a block: raise a ValueError", (torch.randn(1, 31, generator=g),)))
+    cases.append(Case("32 rows of 33 weights, one more than a block (N·K = 33 · 32): raise a ValueError",
+                      (torch.randn(32, 33, generator=g),)))
     zero = torch.cat([torch.zeros(1, 32), 0.05 * torch.randn(1, 32, generator=g)], dim=1)
     cases.append(Case("an all-zero block: d = 0 and every code 0 (no division by zero)", (zero,)))
     spike = 0.05 * torch.randn(1, 64, generator=g)

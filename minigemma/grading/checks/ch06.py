@@ -41,6 +41,12 @@ def _top_p_cases(seed):
         Case("-inf entries (already filtered)", (torch.tensor([[NEG_INF, 2.0, 1.0, NEG_INF, 0.0]]), 0.7)),
         Case("batch rows of very different scale", (torch.stack([torch.randn(13, generator=g) * 40,
                                                                torch.randn(13, generator=g) * 0.1]), 0.5)),
+        # the kept logits come back unchanged: bfloat16 in, the same bfloat16 numbers out
+        Case("bf16 logits stay bf16", ((torch.randn(2, 9, generator=g) * 3).bfloat16(), 0.8)),
+        # the probabilities in float32 put 0.9183 before the token of logit -0.8477 (>= p: dropped); rounded to
+        # bfloat16 (8 significant bits) they put 0.9141 (< p: kept). p sits 0.002 from both.
+        Case("bf16 logits: the softmax in float32 (bfloat16 probabilities sum to less than p)",
+             (torch.tensor([0.890625, -0.1904296875, -1.09375, 1.078125, -0.84765625, 0.8671875]).bfloat16(), 0.9162)),
         Case("a large vocabulary", (torch.randn(2, 1000, generator=g) * 3, 0.9)),
     ]
 
@@ -69,7 +75,8 @@ register(Exercise(
            "own probability. 4. Mark a token to drop where that mass is at least p: the most likely token is "
            "always kept, the token that crosses p is kept, and p = 1 keeps everything. 5. Scatter the drop "
            "marks back through the permutation into vocabulary order. 6. Set the dropped logits to −inf and "
-           "return the result in the logits' dtype, same shape."))
+           "return the result in the logits' dtype (bfloat16 in, bfloat16 out: the softmax alone is float32), "
+           "same shape."))
 
 
 # --------------------------------------------------------------------------------------------

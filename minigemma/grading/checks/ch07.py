@@ -56,7 +56,21 @@ def _combine_cases(seed):
             Case("odd shape (2, 7, 3)", (pair(2, 7, 3), pair(2, 7, 3))),
             # any affine map h -> a·h + b: a may be negative or zero, not only a decay in (0, 1)
             Case("negative and zero a (a general affine map)", (signed, (torch.randn(4, 6, generator=g),
-                                                                       torch.randn(4, 6, generator=g))))]
+                                                                       torch.randn(4, 6, generator=g)))),
+            # bfloat16 keeps 8 significant bits (2^-8 = 0.4% relative a rounding): a2·a1, a2·b1 and the sum
+            # round, ~1.2% relative at most, and a sum that cancels keeps ~0.01 absolute (|b| up to ~3): atol
+            # 2e-2, rtol 1.6e-2. The expected values are computed in float32 from the same inputs.
+            Case("bfloat16 pairs (returned in bfloat16)",
+                 tuple((torch.randn(3, 5, generator=g).bfloat16(), torch.randn(3, 5, generator=g).bfloat16())
+                       for _ in range(2)), atol=2e-2, rtol=1.6e-2)]
+
+
+def associative_combine_reference(first, second):
+    """The package's combine computed in float32 (from the same, possibly bfloat16, values), returned in the
+    inputs' dtype."""
+    (a1, b1), (a2, b2) = first, second
+    a, b = associative_combine((a1.float(), b1.float()), (a2.float(), b2.float()))
+    return a.to(a1.dtype), b.to(b1.dtype)
 
 
 def _scan_cases(seed):
@@ -102,12 +116,21 @@ def _conv_cases(seed):
                       torch.randn(D, generator=g))
         x_prev = torch.zeros(B, W - 1, D) if prev == "zeros" else torch.randn(B, W - 1, D, generator=g)
         cases.append(Case(label, (x, w, bias, x_prev)))
+    # a bfloat16 model: x, the kernel, the bias and the cache all bfloat16. bfloat16 keeps 8 significant bits
+    # (2^-8 = 0.4% relative a rounding): the W = 4 products and their running sum round, on outputs up to ~6;
+    # ~0.024 of absolute error at most over 300 seeds at rtol 2e-2: atol 6e-2, rtol 2e-2. The new cache holds
+    # inputs as they are (exact). The expected values are computed in float32 from the same inputs.
+    x, w, bias, x_prev = (torch.randn(*shape, generator=g).bfloat16() for shape in ((2, 5, 6), (4, 6), (6,), (2, 3, 6)))
+    cases.append(Case("bfloat16 x, kernel, bias and cache (y and the new cache in bfloat16)", (x, w, bias, x_prev),
+                      atol=6e-2, rtol=2e-2))
     return cases
 
 
 def conv1d_with_cache(x, w, bias, x_prev):
-    """The exercise's view of `causal_conv1d`: one document, returns (y, new cache)."""
-    return causal_conv1d(x, w, bias, x_prev)
+    """The exercise's view of `causal_conv1d`: one document, returns (y, new cache), computed in float32 (from the
+    same, possibly bfloat16, values) and returned in x's dtype."""
+    y, cache = causal_conv1d(x.float(), w.float(), bias.float(), x_prev.float())
+    return y.to(x.dtype), cache.to(x.dtype)
 
 
 register(Exercise(
@@ -122,14 +145,14 @@ register(Exercise(
            "4. Return a·h_prev + multiplier·(i·x). With r = 0 the decay is 1: the state is kept exactly and "
            "the input's multiplier is 0."))
 register(Exercise(
-    "07.associative_combine", _combine_cases, associative_combine,
-    description="(a1, b1) ∘ (a2, b2) = (a2·a1, a2·b1 + b2): first step 1, then step 2.",
+    "07.associative_combine", _combine_cases, associative_combine_reference, exact_types=True,
+    description="(a1, b1) ∘ (a2, b2) = (a2·a1, a2·b1 + b2): first step 1, then step 2; in the inputs' dtype.",
     hint="Each pair is the affine map h ↦ a·h + b. What single map do you get by applying the first and then "
          "the second?",
     recipe="1. Apply the first map, then the second: a2·(a1·h + b1) + b2. 2. Expand it: a2·a1·h + (a2·b1 + b2). "
            "3. Read off the new a, the factor of h, which is a2·a1, and the new b, the rest, which is "
-           "a2·b1 + b2. 4. Return the pair (new a, new b), element by element, for any shape. Nothing more: a may "
-           "be negative or zero, so no logarithms and no divisions."))
+           "a2·b1 + b2. 4. Return the pair (new a, new b), element by element, for any shape and in the inputs' "
+           "dtype. Nothing more: a may be negative or zero, so no logarithms and no divisions."))
 register(Exercise(
     "07.associative_scan", _scan_cases, scan_associative,
     description="h_t = a_t·h_{t-1} + b_t for all t with log2(T) rounds of the combine; "
@@ -144,9 +167,9 @@ register(Exercise(
            "a is close to 1 (T = 300). 4. The b's are now the states h (B, T, D), and h_T is the last one "
            "(B, D). Return both. No logarithms or divisions: a can be 0 (a reset) or negative."))
 register(Exercise(
-    "07.conv1d_with_cache", _conv_cases, conv1d_with_cache,
+    "07.conv1d_with_cache", _conv_cases, conv1d_with_cache, exact_types=True,
     description="Depthwise causal conv y_t = bias + Σ_s w[W-1-s]·x_{t-s}, continuing from the "
-                "cache of the previous W-1 inputs; returns (y, new cache).",
+                "cache of the previous W-1 inputs; returns (y, new cache), both in x's dtype.",
     hint="The first outputs need inputs from before this call: where are they, and how do you line them up "
          "with x? And what must the next call find in the cache, even when W is 1?",
     recipe="1. Put the cache in front of x along the time axis: a sequence xs of shape (B, W − 1 + T, D). "
@@ -156,7 +179,7 @@ register(Exercise(
            "add the bias. That is y, (B, T, D). 4. The new cache is the last W − 1 rows of xs, that is, "
            "everything after its first T rows (counting W − 1 rows back from the end gives all of xs when "
            "W = 1, where the cache must be empty). When T < W − 1 it mixes old and new inputs. "
-           "5. Return y and the new cache."))
+           "5. Return y and the new cache, both in x's dtype (bfloat16 in, bfloat16 out)."))
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,6 +248,10 @@ def _local_cases(seed):
         ("T=6, W=2: a query sees W + 1 = 3 keys (the official edge)", (1, 2, 1, 6, 4, 2), "inclusive",
          torch.arange(6), 10_000.0, 0.5),
         ("window_edge='exclusive' (HF's): W keys", (1, 2, 1, 6, 4, 2), "exclusive", torch.arange(6), 10_000.0, 0.5),
+        # the window's edge: with W + 1 keys, T = W + 2 is the first length where a key is cut (key 0, for the
+        # last query only)
+        ("T = W + 2 = 5, W=3: only the last query loses a key (key 0)", (1, 2, 1, 5, 4, 3), "inclusive",
+         torch.arange(5), 10_000.0, 0.5),
         ("head_dim 8: only its first 4 dims rotate", (1, 2, 1, 5, 8, 3), "inclusive", torch.arange(5), 10_000.0, 0.5),
         ("MQA, 4 heads, positions with gaps", (2, 4, 1, 7, 8, 3), "inclusive", gaps, 10_000.0, 0.5),
         ("2 kv heads, T=9, W=3", (2, 4, 2, 9, 4, 3), "inclusive", torch.arange(9), 10_000.0, 0.5),
@@ -236,6 +263,13 @@ def _local_cases(seed):
     ]:
         q, k, v = (torch.randn(B, n, T, D, generator=g) for n in (H, K, K))
         cases.append(Case(label, (q, k, v, positions, _griffin_config(H, K, D, W, edge, base, rotary))))
+    # bfloat16 q, k, v: RoPE's float32 angles must not promote q and k (the product with v would then mix
+    # dtypes). bfloat16 keeps 8 significant bits (2^-8 = 0.4% relative a rounding): RoPE, the scores, the
+    # weights and the product with v each round; ~0.017 of absolute error at most over 300 seeds: atol 5e-2,
+    # rtol 2e-2. The expected values are computed in float32 from the same inputs.
+    q, k, v = (torch.randn(2, n, 8, 8, generator=g).bfloat16() for n in (4, 1, 1))
+    cases.append(Case("bfloat16 q, k, v at positions 40..47, T=8, W=3 (returned in bfloat16)",
+                      (q, k, v, torch.arange(40, 48), _griffin_config(4, 1, 8, 3)), atol=5e-2, rtol=2e-2))
     return cases
 
 
@@ -245,12 +279,14 @@ def local_attention_reference(q, k, v, positions, config):
     rotary_dim = head_dim · partial_rotary_factor dims, a window of W + 1 keys (the official edge) or
     W (HF's), then the readable GQA reference with its default scale head_dim^-1/2. Only what the
     exercise asks for runs: the model's layer (projections, norms) is not built here; tests/test_griffin.py
-    checks that layer against the official and HF code."""
+    checks that layer against the official and HF code. Computed in float32 (from the same, possibly bfloat16,
+    values) and returned in q's dtype."""
+    dtype, q, k, v = q.dtype, q.float(), k.float(), v.float()
     rotary_dim = int(q.shape[-1] * config.partial_rotary_factor)
     cos, sin = rope_cos_sin(positions, rope_frequencies(rotary_dim, config.rope_base))  # (T, rotary_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # the other dims pass through
     keys = config.attention_window_size + (1 if config.window_edge == "inclusive" else 0)
-    return grouped_query_attention(q, k, v, sliding_window_mask(q.shape[2], keys))
+    return grouped_query_attention(q, k, v, sliding_window_mask(q.shape[2], keys)).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,10 +321,10 @@ register(Exercise(
            "the recurrence carries them on. 3. Multiply the two branches element by element. 4. Project back "
            "to the model's width with linear_out and return that."))
 register(Exercise(
-    "07.local_attention", _local_cases, local_attention_reference,
+    "07.local_attention", _local_cases, local_attention_reference, exact_types=True,
     description="Griffin's local attention on q (B, H, T, D), k, v (B, K, T, D): RoPE (base config.rope_base) on the "
                 "first rotary_dim = head_dim · partial_rotary_factor dims only, causal, a window of W + 1 keys "
-                "(window_edge 'inclusive', the official code) or W ('exclusive', HF), scale D^-1/2.",
+                "(window_edge 'inclusive', the official code) or W ('exclusive', HF), scale D^-1/2; in q's dtype.",
     hint="Only part of head_dim rotates, and the window has two conventions for its edge. How many dims does "
          "the config say to rotate, with which base, and how many keys does a query see?",
     recipe="1. d is head_dim times the config's partial_rotary_factor, as a whole number (not always half). "
@@ -298,7 +334,8 @@ register(Exercise(
            "3. W is the config's attention_window_size. With the inclusive edge (the official code) query i "
            "sees keys j with j ≤ i and i − j ≤ W, that is W + 1 keys; with the exclusive edge (HF) i − j < W, "
            "W keys. 4. Run your grouped-query attention with that (T, T) mask, K kv heads (often 1) and scale "
-           "1/sqrt(D). v is not rotated."))
+           "1/sqrt(D). v is not rotated. The result is in q's dtype: round the rotated dims back to it, as "
+           "01.rope does, so that bfloat16 q and k stay bfloat16."))
 register(Exercise(
     "07.predict_rglru_halflife", lambda seed: [Case("σ(Λ) = 0.999, c = 8: (steps to half with r = 1, with r = 1/8)")],
     rglru_halflife_reference, atol=0.0, rtol=0.02,

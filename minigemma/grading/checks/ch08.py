@@ -32,6 +32,10 @@ def _loss_cases(seed):
         Case("T=2: a single scored position", draw(1, 2, 5, [[1, 1]])),
         Case("one row with only one real token (nothing to score there)", draw(2, 4, 6, [[0, 0, 0, 1], [1, 1, 1, 1]])),
     ]
+    # the logits of a bfloat16 model: the loss is still computed, and returned, in float32 (from the same
+    # bfloat16 values, so there is no bfloat16 rounding to allow for: the exercise's tolerance holds)
+    logits, ids, mask = draw(2, 6, 9, [[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+    cases.append(Case("bfloat16 logits: the loss computed and returned in float32", (logits.bfloat16(), ids, mask)))
     B, T, V = (int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(3, 9, (1,), generator=g)),
                int(torch.randint(5, 40, (1,), generator=g)))
     mask = torch.rand(B, T, generator=g) > 0.3
@@ -84,9 +88,9 @@ def _accum_cases(seed):
 
 
 register(Exercise(
-    "08.next_token_loss", _loss_cases, next_token_loss, atol=1e-5, rtol=1e-5,
+    "08.next_token_loss", _loss_cases, next_token_loss, atol=1e-5, rtol=1e-5, exact_types=True,
     description="mean over scored positions of -log softmax(logits[b, t])[ids[b, t+1]]; scored iff mask[b, t] "
-                "and mask[b, t+1].",
+                "and mask[b, t+1]; a 0-d float32 tensor, computed in float32 whatever the logits' dtype.",
     hint="Position t predicts the token at t + 1, so logits and targets are shifted against each other. "
          "When does a pair count, with padding on the left or the right, and what do you divide by?",
     recipe="1. Pair the logits of positions 0 … T − 2 with the ids of positions 1 … T − 1: (B, T − 1, V) "
@@ -95,10 +99,12 @@ register(Exercise(
            "a pad). 3. Take log_softmax of the logits over the vocabulary (the last dimension) and pick out, "
            "at each position, the entry of its target id; negate it. 4. Average over the pairs that count: "
            "sum their losses and divide by their number, not by B·(T − 1). A row with a single real token "
-           "contributes nothing."))
+           "contributes nothing. 5. Work in float32 whatever the logits' dtype (convert bfloat16 logits before "
+           "the log_softmax), so the loss is a 0-d float32 tensor."))
 register(Exercise(
-    "08.lr_schedule", _lr_cases, lr_at, atol=1e-12, rtol=1e-7,
-    description="lr of step `step` (0-based): linear warmup to peak, then cosine to peak·min_ratio, then flat.",
+    "08.lr_schedule", _lr_cases, lr_at, atol=1e-12, rtol=1e-7, exact_types=True,
+    description="lr of step `step` (0-based): linear warmup to peak, then cosine to peak·min_ratio, then flat; "
+                "a Python float.",
     hint="Three regimes: warmup, cosine, flat. Does step 0 already get a learning rate, and which regime owns "
          "the step equal to total (even when warmup equals total)?",
     recipe="1. Let min be peak · min_ratio. 2. If step < warmup: return peak · (step + 1) / warmup, so step 0 "

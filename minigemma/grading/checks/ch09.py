@@ -26,6 +26,11 @@ def _kd_cases(seed):
         cases.append(Case(label, (s, t, mask)))
     s = torch.randn(2, 3, 8, generator=g)
     cases.append(Case("student = teacher: the loss is the teacher's entropy", (s, s.clone(), torch.ones(2, 3, dtype=torch.bool))))
+    # the logits of bfloat16 models: the loss is still computed, and returned, in float32 (from the same
+    # bfloat16 values, so there is no bfloat16 rounding to allow for: the exercise's tolerance holds)
+    s, t = (3 * torch.randn(2, 4, 7, generator=g)).bfloat16(), (3 * torch.randn(2, 4, 7, generator=g)).bfloat16()
+    cases.append(Case("bfloat16 logits: the loss computed and returned in float32",
+                      (s, t, torch.tensor([[True, True, False, True], [True, False, True, True]]))))
     return cases
 
 
@@ -39,12 +44,18 @@ def _target_cases(seed):
         t = scale * torch.randn(N, V, generator=g)
         ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(N)])
         cases.append(Case(label, (t, ids)))
+    # a bfloat16 teacher's logits: the target is float32 all the same (computed in float32 from the same
+    # bfloat16 values: the exercise's tolerance holds)
+    t = (3 * torch.randn(3, 10, generator=g)).bfloat16()
+    ids = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(3)])
+    cases.append(Case("bfloat16 teacher logits: the target in float32", (t, ids)))
     return cases
 
 
 register(Exercise(
-    "09.kd_loss", _kd_cases, kd_loss, atol=1e-5, rtol=1e-5,
-    description="mean over scored positions of -Σ_v p_T(v) log p_S(v), p = softmax of the logits.",
+    "09.kd_loss", _kd_cases, kd_loss, atol=1e-5, rtol=1e-5, exact_types=True,
+    description="mean over scored positions of -Σ_v p_T(v) log p_S(v), p = softmax of the logits; a 0-d float32 "
+                "tensor, computed in float32 whatever the logits' dtype.",
     hint="This is a cross-entropy whose target is a whole distribution, the teacher's, instead of one id. "
          "Which of the two goes through a log, how do you take that log accurately, and over which positions "
          "do you average?",
@@ -53,10 +64,12 @@ register(Exercise(
            "dimension, which is more accurate than the log of a softmax (a peaked teacher has large logits). "
            "3. Multiply them element by element, sum over the vocabulary and negate: one number per position, "
            "for any leading shape. 4. Average over the positions where the mask is True: their sum divided by "
-           "their count. When student equals teacher the result is the teacher's entropy, not 0."))
+           "their count. When student equals teacher the result is the teacher's entropy, not 0. Work in float32 "
+           "whatever the logits' dtype (convert bfloat16 logits first): the loss is a 0-d float32 tensor."))
 register(Exercise(
-    "09.sampled_target", _target_cases, sampled_target, atol=1e-6, rtol=1e-5,
-    description="(N, V) target: the teacher's probabilities on the sampled ids, renormalised to sum to 1; 0 elsewhere.",
+    "09.sampled_target", _target_cases, sampled_target, atol=1e-6, rtol=1e-5, exact_types=True,
+    description="(N, V) float32 target: the teacher's probabilities on the sampled ids, renormalised to sum to 1; 0 "
+                "elsewhere.",
     hint="Only the sampled ids keep any mass, and each row must still sum to 1. Does the teacher's full "
          "normaliser matter once you renormalise over the sampled ids?",
     recipe="1. Take the teacher's probabilities, softmax of its logits over the vocabulary. 2. Pick out, in each "
@@ -65,7 +78,8 @@ register(Exercise(
            "picked logits alone: the full normaliser cancels.) 4. Start from an (N, V) tensor of zeros and "
            "write each renormalised probability back at its id (a scatter along the vocabulary); every other "
            "entry stays 0. With k = 1 the sampled id gets 1; with k = V this is the teacher's own "
-           "distribution."))
+           "distribution. The target is float32 whatever the teacher's dtype: compute in float32, and make the "
+           "zeros float32 too (zeros like bfloat16 logits would be bfloat16)."))
 
 
 def chunked_loss_grad_reference(z, q, mask):

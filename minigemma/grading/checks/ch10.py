@@ -31,6 +31,9 @@ def _pool_cases(seed):
         Case("a boolean mask", (h(2, 7, 3), _mask(2, 7, [(0, 4), (1, 7)], torch.bool))),
         Case("a row with no real token gives zeros", (h(2, 4, 3), _mask(2, 4, [(0, 4), (0, 0)]))),
         Case("one token", (h(1, 1, 5), _mask(1, 1, [(0, 1)]))),
+        # a bfloat16 model's states: the mean is float32 all the same (computed in float32 from the same
+        # bfloat16 values: the exercise's tolerance holds)
+        Case("bfloat16 hidden states: the mean in float32", (h(2, 5, 4).bfloat16(), _mask(2, 5, [(0, 5), (1, 4)]))),
     ]
     B, T, C = (int(torch.randint(2, 6, (1,), generator=g)), int(torch.randint(3, 12, (1,), generator=g)),
                int(torch.randint(2, 9, (1,), generator=g)))
@@ -75,6 +78,9 @@ def _band_cases(seed):
         Case("odd W=7, padded", (_mask(2, 11, [(0, 11), (0, 8)]), 7)),
         Case("W=1: each token sees only itself", (_mask(1, 5, [(0, 5)]), 1)),
         Case("W=2: one neighbour on each side", (_mask(1, 6, [(0, 6)]), 2)),
+        # the band's edge: |i - j| <= W // 2 reaches W // 2 keys each way, so a text of T = W tokens is already cut
+        # (its first and last tokens are W - 1 apart); the band is not W keys wide on each side, nor in all
+        Case("T = W = 6: the band already cuts (|i - j| <= 3)", (_mask(1, 6, [(0, 6)]), 6)),
         Case("a boolean mask, every pad alone", (_mask(2, 7, [(0, 7), (2, 5)], torch.bool), 8)),
         Case("W larger than the text", (_mask(1, 5, [(0, 5)]), 512)),
     ]
@@ -90,7 +96,7 @@ def _band_cases(seed):
 
 
 register(Exercise(
-    "10.mean_pool", _pool_cases, mean_pool,
+    "10.mean_pool", _pool_cases, mean_pool, exact_types=True,
     description="(B, C) float32 mean of hidden (B, T, C) over the real tokens (attention_mask 1); 0 for a row without one.",
     hint="Only the real tokens may count, in the sum and in the count, wherever the padding is. What shape "
          "must the mask take to multiply hidden, and what does a row with no real token divide by?",

@@ -31,6 +31,13 @@ def _nce_cases(seed):
     q = _unit(g, 4, 8)
     n = F.normalize(q + 0.3 * torch.randn(4, 8, generator=g), dim=-1)
     cases.append(Case("hard negatives near their queries", (q, _unit(g, 4, 8), n, torch.tensor([0, 1, 2, 1]), 0.1, 5.0)))
+    # bfloat16 embeddings: the loss is computed, and returned, in float32 from the same bfloat16 values. The
+    # gradients with respect to the bfloat16 q, p, n come back in bfloat16, each rounded once from float32 (8
+    # significant bits): two equally right orders of the float32 sums may round to neighbouring bfloat16
+    # values, one step (2^-8 relative) apart: rtol 8e-3, atol 1e-3 for gradients near 0.
+    q, p, n = (_unit(g, 4, 8).bfloat16() for _ in range(3))
+    cases.append(Case("bfloat16 embeddings: the loss computed and returned in float32",
+                      (q, p, n, torch.tensor([0, 1, 0, 3]), 0.1, 5.0), atol=1e-3, rtol=8e-3))
     return cases
 
 
@@ -40,6 +47,8 @@ def _spread_cases(seed):
     cases.append(Case("orthonormal rows: 0", (torch.eye(4)[:3],)))
     base = _unit(g, 1, 6)
     cases.append(Case("near-identical rows: close to 1", (F.normalize(base + 0.05 * torch.randn(5, 6, generator=g), dim=-1),)))
+    # computed, and returned, in float32 from the same bfloat16 values: the exercise's tolerance holds
+    cases.append(Case("bfloat16 rows: the result computed and returned in float32", (_unit(g, 5, 8).bfloat16(),)))
     return cases
 
 
@@ -58,11 +67,12 @@ def _loss_and_grads(fn, args, kwargs):
 
 
 register(Exercise(
-    "11.nce_loss", _nce_cases, nce_loss, atol=1e-5, rtol=1e-5, call=_loss_and_grads,
+    "11.nce_loss", _nce_cases, nce_loss, atol=1e-5, rtol=1e-5, call=_loss_and_grads, exact_types=True,
     outputs=("the loss", "the gradient w.r.t. q", "the gradient w.r.t. p", "the gradient w.r.t. n"),
     description="EmbeddingGemma's NCE: in-batch negatives, one hard negative weighted by exp(α·stopgrad(cos(q, n))), "
-                "false negatives (equal doc_ids) masked; the mean over the batch. Graded on the loss and on its "
-                "gradients with respect to q, p and n (the stop-gradient shows only there).",
+                "false negatives (equal doc_ids) masked; the mean over the batch, a 0-d float32 tensor (computed in "
+                "float32 whatever the embeddings' dtype). Graded on the loss and on its gradients with respect to q, "
+                "p and n (the stop-gradient shows only there).",
     hint="A weight w on a term e^{z} of the denominator is the same as adding log w to that logit. So the "
          "whole loss is one cross-entropy over one row of logits per query: which columns does that row have, "
          "which are hidden, and which part carries no gradient?",
@@ -77,8 +87,9 @@ register(Exercise(
            "each row with target i (its positive), averaged over the batch: a 0-d float32 tensor that still "
            "has gradients with respect to q, p and n."))
 register(Exercise(
-    "11.spread_out", _spread_cases, spread_out, atol=1e-6, rtol=1e-5,
-    description="The global orthogonal regulariser: mean over ordered pairs i ≠ j of (e_i · e_j)².",
+    "11.spread_out", _spread_cases, spread_out, atol=1e-6, rtol=1e-5, exact_types=True,
+    description="The global orthogonal regulariser: mean over ordered pairs i ≠ j of (e_i · e_j)², a 0-d float32 "
+                "tensor (computed in float32 whatever e's dtype).",
     hint="One matrix product holds every dot product e_i · e_j. Which of its entries are not pairs i ≠ j, "
          "and how many pairs are there?",
     recipe="1. Form the Gram matrix G = e eᵀ, (N, N), in float32: entry (i, j) is e_i · e_j. 2. Square every "
