@@ -29,7 +29,8 @@ def test_mutation_run_on_one_exercise(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
     (row,) = res["rows"]
-    assert row["exercise"] == "03.soft_cap" and row["functions"] == ["minigemma.layers.soft_cap"]
+    assert row["exercise"] == "03.soft_cap" and row["functions"] == ["minigemma.grading.checks.ch03.soft_cap_reference",
+                                                                "minigemma.layers.soft_cap"]
     assert row["mutants"] >= 3 and row["every_seed"] == row["mutants"] and row["rate"] == 1.0
     assert res["unexplained"] == []
     assert "| 03.soft_cap |" in r.stdout and "100.0%" in r.stdout
