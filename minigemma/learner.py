@@ -36,6 +36,7 @@ Your functions see one document per row, as the exercises do: rows of equal leng
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Callable, Sequence
@@ -179,6 +180,19 @@ def structural_copy(module: nn.Module) -> nn.Module:
     return new
 
 
+def windowed(model: nn.Module, window: int) -> nn.Module:
+    """A copy of a Gemma (sharing every parameter) whose local layers see `window` keys instead of the
+    config's: a short prompt then has keys the window cuts. Global layers stay global."""
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    copy = structural_copy(model)
+    copy.config = dataclasses.replace(model.config, sliding_window=window)
+    for module in copy.modules():
+        if isinstance(module, attention.GroupedQueryAttention) and module.window is not None:
+            module.window = window
+    return copy
+
+
 def with_functions(model: nn.Module, **functions: Callable) -> nn.Module:
     """A copy of a Gemma (2 or 3, decoder) whose modules call your functions (see the module docstring);
     it shares every parameter with `model`, which is left as it is. Unknown names are an error."""
@@ -253,12 +267,13 @@ def greedy_texts(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_to
     return out
 
 
-_TEXTS: dict = {}  # (functions, prompts, max_new_tokens) -> texts: see YourGemma
+_TEXTS: dict = {}  # (functions, prompts, max_new_tokens, window) -> texts: see YourGemma
 
 
 class YourGemma:
     """Gemma 3 270M (float32) with your functions swapped in: `yours(prompts, max_new_tokens)` returns
-    the greedy texts. Any subset of the six functions of `FUNCTIONS` may be given.
+    the greedy texts. Any subset of the six functions of `FUNCTIONS` may be given. `window=3` cuts
+    the local layers' window from 512 to 3 keys, so that a short prompt reaches its edge too.
 
     Texts are remembered per function objects, prompts and length, so a check that runs on several
     seeds, and the diagnosis that swaps each function in alone, generate each text once. Redefining
@@ -279,10 +294,11 @@ class YourGemma:
         """The same, with only your `name` swapped in (the package's code everywhere else)."""
         return YourGemma(**{name: self.functions[name]})
 
-    def __call__(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-        key = (tuple(self.functions.items()), tuple(prompts), max_new_tokens)
+    def __call__(self, prompts: Sequence[str], max_new_tokens: int, window: int | None = None) -> list[str]:
+        key = (tuple(self.functions.items()), tuple(prompts), max_new_tokens, window)
         if key not in _TEXTS:
             model, tokenizer = reference_model()
+            model = model if window is None else windowed(model, window)  # your layer_mask is asked this window
             _TEXTS[key] = greedy_texts(with_functions(model, **self.functions), tokenizer, prompts, max_new_tokens)
         return list(_TEXTS[key])
 

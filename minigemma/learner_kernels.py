@@ -45,7 +45,6 @@ A kernel you do not give keeps the package's. Your kernels see float32, as the e
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections import OrderedDict
@@ -60,7 +59,7 @@ from .kernels import attention as attention_kernels
 from .kernels import rms_norm as rms_norm_kernels
 from .kernels import swap as kernel_swap
 from .kernels.interpret import INTERPRET
-from .learner import structural_copy
+from .learner import structural_copy, windowed
 from .swap import retype, swap_modules
 
 # name -> (the exercise that checks it on its own, its signature, where it runs in the model)
@@ -221,17 +220,6 @@ def with_kernels(model: gemma.Gemma, **kernels) -> gemma.Gemma:
 
     swap_modules(yours, {base: swap_in(cls, name) for base, (cls, name) in YOUR_CLASSES.items()})
     return yours
-
-
-def windowed(model: gemma.Gemma, window: int) -> gemma.Gemma:
-    """A copy of `model` (sharing every parameter) whose local layers see `window` keys instead of the
-    config's: a short prompt then has keys its window cuts. Global layers stay global."""
-    copy = structural_copy(model)
-    copy.config = dataclasses.replace(model.config, sliding_window=window)
-    for module in copy.modules():
-        if isinstance(module, attention.GroupedQueryAttention) and module.window is not None:
-            module.window = window
-    return copy
 
 
 def prompt_outputs(model: nn.Module, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -110,6 +110,10 @@ def test_the_saved_report_of_before_repeats_still_formats():
     text = G.format_table(report)
     first = report["results"][0]
     assert f"| {first['system']} | " in text and "Targets (" in text
+    # the chapter's view: the same figures, no goals and no verdicts
+    text = G.format_table(report, goals=False)
+    assert f"| {first['system']} | " in text and "Ratios (" in text
+    assert not any(word in text for word in ("target", "Target", "MISSED", " met")), text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,6 +222,8 @@ def test_the_quality_table_and_its_targets():
     assert "- KL from float32 vs llama.cpp's, minigemma-int8: 0.00200 vs 0.03000 nats/token (target <=) met" in text
     assert "- KL from float32 vs llama.cpp's, minigemma-int4: 0.05000 vs 0.03000 nats/token (target <=) MISSED" in text
     assert "- int4 perplexity within 2% of float32's: 10.300 vs 10.000, +3.00% (target <= +2%) MISSED" in text
+    plain = G.format_quality(quality, goals=False)  # a chapter's view: the table alone
+    assert "| minigemma-int8 | 10.010 | 0.00200 | 99.0% |" in plain and "target" not in plain and "MISSED" not in plain
 
 
 # ----------------------------------------------------------------------------------------------

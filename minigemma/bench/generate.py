@@ -412,10 +412,11 @@ def format_spread(value, rng, spec: str, unit: str = "") -> str:
     return cell + unit
 
 
-def format_table(report: dict) -> str:
-    """The speed table (median run and range per cell), the targets of issue 8 as ratios of the medians,
-    the decode-step profiles, and the quality table with its targets. Reads older reports too (one run
-    per system, no quality)."""
+def format_table(report: dict, goals: bool = True) -> str:
+    """The speed table (median run and range per cell), the ratios to the anchors (of the medians), the
+    decode-step profiles, and the quality table. goals: each ratio and quality figure also says whether it
+    meets the project's goal (the command line); off, only the measured figures (a chapter). Reads older
+    reports too (one run per system, no quality)."""
     Ls = report["contexts"]
     repeats = report.get("repeats", 1)
     systems = list(dict.fromkeys(r["system"] for r in report["results"]))
@@ -448,21 +449,24 @@ def format_table(report: dict) -> str:
              "", *rows]
     for fast in PROFILED:
         if any(r["system"] == fast for r in report["results"]):
-            lines += ["", targets(report, fast)]
+            lines += ["", targets(report, fast, goals=goals)]
     if report.get("ops_per_step"):
         lines += ["", "Operator calls per decode step (torch.profiler, every aten call, nested ones included): "
                   + ", ".join(f"{s} {n:.0f}" for s, n in report["ops_per_step"].items()) + "."]
     for prof in report.get("profiles", []):
         lines += ["", format_profile(prof)]
     if report.get("quality") and report["quality"]["systems"]:   # none when the float32 reference failed
-        lines += ["", format_quality(report["quality"])]
+        lines += ["", format_quality(report["quality"], goals=goals)]
     return "\n".join(lines)
 
 
-def targets(report: dict, fast: str = "minigemma-file-codes", anchor: str = "llama.cpp-Q4_K_M") -> str:
-    """Issue 8's targets, as ratios of the medians measured in this run."""
+def targets(report: dict, fast: str = "minigemma-file-codes", anchor: str = "llama.cpp-Q4_K_M",
+            goals: bool = True) -> str:
+    """The ratios to the anchor that the project's speed goals are set on, of the medians measured in this
+    run; goals: with each goal and whether it is met."""
     Ls = report["contexts"]
-    out = [f"Targets ({fast} against {anchor}, same run" + (", medians" if report.get("repeats", 1) > 1 else "") + "):"]
+    out = [f"{'Targets' if goals else 'Ratios'} ({fast} against {anchor}, same run"
+           + (", medians" if report.get("repeats", 1) > 1 else "") + "):"]
 
     def ratio(key, L, other=anchor):
         a, b = _get(report, fast, L, key), _get(report, other, L, key)
@@ -471,6 +475,8 @@ def targets(report: dict, fast: str = "minigemma-file-codes", anchor: str = "lla
     def line(label, value, goal, higher=True):
         if value is None:
             out.append(f"- {label}: not measured")
+        elif not goals:
+            out.append(f"- {label}: {value:.2f}x")
         else:
             ok = value >= goal if higher else value <= goal
             out.append(f"- {label}: {value:.2f}x (target {'>=' if higher else '<='} {goal}x) {'met' if ok else 'MISSED'}")
@@ -494,9 +500,9 @@ def targets(report: dict, fast: str = "minigemma-file-codes", anchor: str = "lla
     return "\n".join(out)
 
 
-def format_quality(quality: dict, anchor: str = "llama.cpp-Q4_K_M") -> str:
-    """The quality table (one row per system) and its targets: KL no larger than llama.cpp's for every
-    minigemma level, int4's perplexity within 2% of float32's."""
+def format_quality(quality: dict, anchor: str = "llama.cpp-Q4_K_M", goals: bool = True) -> str:
+    """The quality table (one row per system) and, with goals, the project's quality goals: KL no larger
+    than llama.cpp's for every minigemma level, int4's perplexity within 2% of float32's."""
     text, rows = quality["text"], {r["system"]: r for r in quality["systems"]}
     n = text["tokens"]
     lines = [f"Fidelity to the weights on the first {n} tokens (BOS first; {n - 1} scored positions) of "
@@ -510,6 +516,8 @@ def format_quality(quality: dict, anchor: str = "llama.cpp-Q4_K_M") -> str:
         ref = " (reference)" if s == quality["reference"] else ""
         lines.append(f"| {s}{ref} | {r['perplexity']:.3f} | {r['kl_from_float32']:.5f} | {100 * r['top1_agreement']:.1f}% "
                      f"| {r['peak_rss_mb']:.0f} MB | {r['seconds']:.1f} s |")
+    if not goals:
+        return "\n".join(lines)
     lines += ["", f"Quality targets (against {anchor}, same text):"]
     base = rows.get(anchor)
     for s, r in rows.items():

@@ -63,9 +63,11 @@ def get(name: str) -> Exercise:
 # --------------------------------------------------------------------------------------------
 # Comparing outputs
 # --------------------------------------------------------------------------------------------
-def compare(expected: Any, got: Any, atol: float, rtol: float, exact_types: bool = False,
+def compare(expected: Any, got: Any, atol: float | tuple, rtol: float | tuple, exact_types: bool = False,
             names: tuple[str, ...] = ()) -> str | None:
     """None if `got` matches `expected`, else a short reason. Tensors compare with a tolerance.
+
+    atol/rtol: one tolerance for every value, or, for a tuple output, a tuple of one per item.
 
     exact_types: a floating tensor must also have the expected dtype, an int must be an int, and a float a
     number (not a tensor).
@@ -112,7 +114,8 @@ def compare(expected: Any, got: Any, atol: float, rtol: float, exact_types: bool
         if not isinstance(got, (tuple, list)) or len(got) != len(expected):
             return f"expected a sequence of {len(expected)}, got {_kind(got)}"
         for i, (e, g) in enumerate(zip(expected, got)):
-            why = compare(e, g, atol, rtol, exact_types)
+            a, r = (t[i] if isinstance(t, tuple) else t for t in (atol, rtol))
+            why = compare(e, g, a, r, exact_types)
             if why:
                 return f"{names[i] if i < len(names) else f'item {i}'}: {why}"
         return None

@@ -18,14 +18,14 @@ class Case:
     """One call of the learner's function: positional args, keyword args, and a label.
 
     atol/rtol: this case's own tolerance, where reduced precision is the point of the case (a
-    bfloat16 input, say); None keeps the exercise's.
+    bfloat16 input, say); None keeps the exercise's. A tuple gives one per item of a tuple output.
     """
 
     label: str
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
-    atol: float | None = None
-    rtol: float | None = None
+    atol: float | tuple | None = None
+    rtol: float | tuple | None = None
 
 
 @dataclass

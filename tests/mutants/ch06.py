@@ -154,6 +154,10 @@ CAPSTONE_BROKEN = {  # the function each capstone mutant breaks, for tests/test_
     "interleaved RoPE (pairs 2i, 2i+1)": ("rope", lambda x, p, b: _rope(x, p, b, interleaved=True)),
     "a KV cache that writes at slot 0 (length ignored)":
         ("kv_cache_update", lambda ck, cv, n, k, v: _kv_cache_update(ck, cv, n, k, v, at=0)),
+    "a local band of window + 1 keys (j >= i - window)":
+        ("layer_mask", lambda T, l, W, e: _layer_mask(T, l, W + 1, e)),
+    "RoPE's positions rounded to bfloat16 (exact only up to 256)":
+        ("rope", lambda x, p, b: _rope(x, p.bfloat16().float(), b)),
 }
 
 MUTANTS["06.capstone"] = [(label, YourGemma(**{**YOUR_ANSWERS, name: fn}))

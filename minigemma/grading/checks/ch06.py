@@ -126,25 +126,51 @@ register(Exercise(
 # --------------------------------------------------------------------------------------------
 CAPSTONE_PROMPTS = ("The sun rises in the", "The opposite of hot is")  # 6 tokens each: one batch, no padding
 CAPSTONE_TOKENS = 4
+CAPSTONE_WINDOW = 3  # the local layers' window in the second case: cut from the 4th token on, prompt and steps
+LONG_TOKENS = 540  # the long prompt: past the real window of 512, positions where a rounded RoPE shows
 
 
-@functools.lru_cache(maxsize=4)
-def _reference_texts(prompts: tuple, max_new_tokens: int) -> list[str]:
+@functools.lru_cache(maxsize=1)
+def long_prompt() -> str:
+    """540 tokens of CPython's language reference (`help("assignment")`, in the standard library, so
+    every machine has it), BOS not counted."""
+    from pydoc_data.topics import topics
+
+    _, tokenizer = learner.reference_model()
+    ids = tokenizer.encode(topics["assignment"])[1:1 + LONG_TOKENS]  # [0] is BOS
+    if len(ids) < LONG_TOKENS:
+        raise RuntimeError(f"help('assignment') has only {len(ids)} tokens here, the capstone needs {LONG_TOKENS}")
+    return tokenizer.decode(ids)
+
+
+@functools.lru_cache(maxsize=8)
+def _reference_texts(prompts: tuple, max_new_tokens: int, window: int | None) -> list[str]:
     model, tokenizer = learner.reference_model()
+    model = model if window is None else learner.windowed(model, window)
     return learner.greedy_texts(model, tokenizer, prompts, max_new_tokens)
 
 
-def capstone_reference(prompts, max_new_tokens):
-    """The greedy texts of Gemma 3 270M (float32) itself, the package's code everywhere (computed once
-    per process: they do not depend on the seed)."""
-    return list(_reference_texts(tuple(prompts), max_new_tokens))
+def capstone_reference(prompts, max_new_tokens, window=None):
+    """The greedy texts of Gemma 3 270M (float32) itself, the package's code everywhere, its local layers'
+    window `window` if given (computed once per process: they do not depend on the seed)."""
+    return list(_reference_texts(tuple(prompts), max_new_tokens, window))
+
+
+def _capstone_cases(seed):
+    return [
+        Case(f"{len(CAPSTONE_PROMPTS)} prompts, {CAPSTONE_TOKENS} new tokens each, greedy",
+             (list(CAPSTONE_PROMPTS), CAPSTONE_TOKENS)),
+        Case(f"the same, the local layers' window cut to {CAPSTONE_WINDOW} keys (window={CAPSTONE_WINDOW}): the "
+             "edge of layer_mask's band in the prompt and in every step", (list(CAPSTONE_PROMPTS), CAPSTONE_TOKENS),
+             dict(window=CAPSTONE_WINDOW)),
+        Case(f"a prompt of {LONG_TOKENS} tokens (help('assignment')), 2 new tokens: past the real window of 512, "
+             "RoPE at positions over 512", ([long_prompt()], 2)),
+    ]
 
 
 register(Exercise(
     "06.capstone",
-    lambda seed: [Case(f"{len(CAPSTONE_PROMPTS)} prompts, {CAPSTONE_TOKENS} new tokens each, greedy",
-                       (list(CAPSTONE_PROMPTS), CAPSTONE_TOKENS))],
-    capstone_reference, timeout_s=900.0, diagnose=learner.diagnose,
+    _capstone_cases, capstone_reference, timeout_s=900.0, diagnose=learner.diagnose,
     description="Your code, real weights: YourGemma(rms_norm=..., rope=..., gqa_attention=..., geglu=..., "
                 "layer_mask=..., kv_cache_update=...) generates the same greedy text as Gemma 3 270M.",
     hint="Each function must first pass its own exercise (01.rope, 02.gqa_attention, 02.kv_cache_update, "
@@ -155,5 +181,7 @@ register(Exercise(
            "given under its own name, and check it. 3. If the text differs, read which function the report "
            "names: swapped in alone, that one breaks the text. 4. Test that one on the model's shapes and "
            "compare it with the package's version: head_dim 256, one kv head shared by four query heads, "
-           "positions that continue from the cache during decoding (not restarting at 0), and a cache that "
-           "must keep what earlier steps wrote into it."))
+           "positions that continue from the cache during decoding (not restarting at 0), a cache that "
+           "must keep what earlier steps wrote into it, a local layer's band of exactly window keys (the second "
+           "case cuts the window to 3, so a 6-token prompt reaches its edge), and RoPE angles that stay exact at "
+           "positions past 512 (the long prompt): compute them in float32."))
