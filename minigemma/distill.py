@@ -15,7 +15,7 @@ its head product runs in bf16 too (3x faster than float32 on a CPU with bf16 ins
 logits of the k sampled ids are recomputed exactly in float32, so the sampled targets are exact and
 only the normaliser and the full-distribution targets carry bf16 rounding (the chapter measures the
 KL to the float32 teacher). The int8/int4 levels use an int4 head whose logits are exact only for
-the top 64: faithful for greedy decoding, but a full distribution or 256 sampled ids reach into the
+the top 1024 (`quant.RESCORE`): faithful for greedy decoding, but a full distribution or 256 sampled ids reach into the
 approximated tail.
 
 `on_policy_step` is the on-policy variant: the student writes, the teacher grades what it wrote.

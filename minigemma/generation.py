@@ -36,6 +36,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .quant import RESCORE
+
 
 class ContextLengthError(ValueError):
     """The prompt (plus the tokens asked for) does not fit in the model's context."""
@@ -259,10 +261,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANT_NAMES = {
     None: "float32 (the reference)",
     "bf16": "bfloat16 weights",
-    "int8": "int8 layers, an int4 head whose top 64 logits are exact, bf16 activations",
-    "int4": "int4 layers, an int4 head whose top 64 logits are exact, bf16 activations",
+    "int8": f"int8 layers, an int4 head whose top {RESCORE} logits are exact, bf16 activations",
+    "int4": f"int4 layers, an int4 head whose top {RESCORE} logits are exact, bf16 activations",
 }
-FILE_CODES_NAME = ("the GGUF file's own codes on the int4 kernel, an int4 head whose top 64 logits are exact, "
+FILE_CODES_NAME = (f"the GGUF file's own codes on the int4 kernel, an int4 head whose top {RESCORE} logits are exact, "
                    "bf16 activations")
 
 

@@ -306,29 +306,44 @@ class YourGemma:
         return f"YourGemma({', '.join(self.functions) or 'nothing swapped'})"
 
 
+def swapped_alone(pieces: dict[str, str], outputs_alone: Callable[[str], object],
+                  wrong: Callable[[object], str | None], what: str, kind: str = "function",
+                  shapes: str = "the model's shapes") -> str:
+    """Every capstone's diagnosis: which of the learner's pieces breaks `what` ("the text", "the logits").
+
+    pieces: name -> the exercise that checks it on its own. outputs_alone(name): the capstone's output
+    with only that piece swapped in (the package's code everywhere else). wrong(output): None if it
+    matches the reference, else a detail for the report ("" for none). A piece that raises
+    NotImplementedError is not written yet; any other error names the piece too."""
+    todo, broken = [], []
+    for name, exercise in pieces.items():
+        try:
+            alone = outputs_alone(name)
+        except NotImplementedError:
+            todo.append(name)
+            continue
+        except Exception as e:  # noqa: BLE001 - a learner's error names the piece too
+            why = f": {str(e).splitlines()[0][:80]}" if str(e).strip() else ""
+            broken.append(f"your {name} (it raises {type(e).__name__}{why}; exercise {exercise})")
+            continue
+        detail = wrong(alone)
+        if detail is not None:
+            broken.append(f"your {name} (exercise {exercise}{detail})")
+    parts = []
+    if broken:
+        parts.append(f"broken by {', '.join(broken)}: swapped in alone, it changes {what}")
+    if todo:
+        parts.append(f"not written yet: {', '.join(todo)}")
+    if not parts:
+        return (f"each of your {kind}s alone keeps {what}, all of them together do not: small differences "
+                f"add up; compare your {kind}s' outputs with the package's on {shapes}")
+    return "; ".join(parts)
+
+
 def diagnose(fn, case, expected) -> str | None:
     """Which of your functions breaks the text: each is swapped in alone, and its text compared."""
     if not isinstance(fn, YourGemma) or not fn.functions:
         return None
-    todo, broken = [], []
-    for name in fn.functions:
-        try:
-            alone = fn.only(name)(*case.args, **case.kwargs)
-        except NotImplementedError:
-            todo.append(name)
-            continue
-        except Exception as e:  # noqa: BLE001 - a learner's error names the function too
-            why = f": {str(e).splitlines()[0][:60]}" if str(e).strip() else ""
-            broken.append(f"your {name} (it raises {type(e).__name__}{why}; exercise {FUNCTIONS[name][1]})")
-            continue
-        if alone != expected:
-            broken.append(f"your {name} (exercise {FUNCTIONS[name][1]})")
-    parts = []
-    if broken:
-        parts.append(f"broken by {', '.join(broken)}: swapped in alone, it changes the text")
-    if todo:
-        parts.append(f"not written yet: {', '.join(todo)}")
-    if not parts:
-        return ("each of your functions alone keeps the text, all of them together do not: small differences "
-                "add up; compare your functions' outputs with the package's on the model's shapes")
-    return "; ".join(parts)
+    return swapped_alone({name: FUNCTIONS[name][1] for name in fn.functions},
+                         lambda name: fn.only(name)(*case.args, **case.kwargs),
+                         lambda alone: None if alone == expected else "", "the text")

@@ -42,7 +42,7 @@ from torch import nn
 
 from . import attention, encoder
 from .attention import grouped_query_attention
-from .learner import structural_copy
+from .learner import structural_copy, swapped_alone
 from .swap import retype, swap_modules
 
 # name -> (signature, the exercise that checks it on its own)
@@ -267,25 +267,7 @@ def diagnose(fn, case, expected) -> str | None:
     """Which of your functions breaks the results: each is swapped in alone, and its results compared."""
     if not isinstance(fn, YourEmbeddingGemma) or not fn.functions:
         return None
-    todo, broken = [], []
-    for name in fn.functions:
-        try:
-            alone = fn.only(name)(*case.args, **case.kwargs)
-        except NotImplementedError:
-            todo.append(name)
-            continue
-        except Exception as e:  # noqa: BLE001 - a learner's error names the function too
-            why = f": {str(e).splitlines()[0][:60]}" if str(e).strip() else ""
-            broken.append(f"your {name} (it raises {type(e).__name__}{why}; exercise {FUNCTIONS[name][1]})")
-            continue
-        if not same_results(expected, alone, case.atol, case.rtol):
-            broken.append(f"your {name} (exercise {FUNCTIONS[name][1]})")
-    parts = []
-    if broken:
-        parts.append(f"broken by {', '.join(broken)}: swapped in alone, it changes the results")
-    if todo:
-        parts.append(f"not written yet: {', '.join(todo)}")
-    if not parts:
-        return ("each of your functions alone keeps the results, all of them together do not: small differences "
-                "add up; compare your functions' outputs with the package's on the model's shapes")
-    return "; ".join(parts)
+    return swapped_alone({name: FUNCTIONS[name][1] for name in fn.functions},
+                         lambda name: fn.only(name)(*case.args, **case.kwargs),
+                         lambda alone: None if same_results(expected, alone, case.atol, case.rtol) else "",
+                         "the results")

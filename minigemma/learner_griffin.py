@@ -55,7 +55,7 @@ from torch import nn
 
 from .attention import GroupedQueryAttention, Positions, merge_heads, positions_after, split_heads
 from .griffin import RGLRU, Conv1D, Griffin, GriffinConfig, RecurrentBlock, RecurrentState
-from .learner import structural_copy
+from .learner import structural_copy, swapped_alone
 from .swap import Swap, retype, swap_modules
 
 # name -> (signature, the exercise that checks it on its own)
@@ -338,25 +338,7 @@ def diagnose(fn, case, expected) -> str | None:
     """Which of your functions breaks the logits: each is swapped in alone, and its logits compared."""
     if not isinstance(fn, YourGriffin) or not fn.functions:
         return None
-    todo, broken = [], []
-    for name in fn.functions:
-        try:
-            alone = fn.only(name)(*case.args, **case.kwargs)
-        except NotImplementedError:
-            todo.append(name)
-            continue
-        except Exception as e:  # noqa: BLE001 - a learner's error names the function too
-            why = f": {str(e).splitlines()[0][:80]}" if str(e).strip() else ""
-            broken.append(f"your {name} (it raises {type(e).__name__}{why}; exercise {FUNCTIONS[name][1]})")
-            continue
-        if alone.shape != expected.shape or not torch.allclose(alone, expected, atol=ATOL, rtol=RTOL):
-            broken.append(f"your {name} (exercise {FUNCTIONS[name][1]})")
-    parts = []
-    if broken:
-        parts.append(f"broken by {', '.join(broken)}: swapped in alone, it changes the logits")
-    if todo:
-        parts.append(f"not written yet: {', '.join(todo)}")
-    if not parts:
-        return ("each of your functions alone keeps the logits, all of them together do not: small differences "
-                "add up; compare your functions' outputs with the package's on the model's shapes")
-    return "; ".join(parts)
+    return swapped_alone({name: FUNCTIONS[name][1] for name in fn.functions},
+                         lambda name: fn.only(name)(*case.args, **case.kwargs),
+                         lambda alone: None if alone.shape == expected.shape
+                         and torch.allclose(alone, expected, atol=ATOL, rtol=RTOL) else "", "the logits")

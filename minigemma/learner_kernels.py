@@ -59,7 +59,7 @@ from .kernels import attention as attention_kernels
 from .kernels import rms_norm as rms_norm_kernels
 from .kernels import swap as kernel_swap
 from .kernels.interpret import INTERPRET
-from .learner import structural_copy, windowed
+from .learner import structural_copy, swapped_alone, windowed
 from .swap import retype, swap_modules
 
 # name -> (the exercise that checks it on its own, its signature, where it runs in the model)
@@ -311,26 +311,7 @@ def diagnose(fn, case, expected) -> str | None:
     """Which of your kernels breaks the logits: each is swapped in alone, and its outputs compared."""
     if not isinstance(fn, YourKernels) or not fn.kernels:
         return None
-    todo, broken = [], []
-    for name in fn.kernels:
-        exercise = KERNELS[name][0]
-        try:
-            alone = fn.only(name)(*case.args, **case.kwargs)
-        except NotImplementedError:
-            todo.append(name)
-            continue
-        except Exception as e:  # noqa: BLE001 - a learner's error names the kernel too
-            why = f": {str(e).splitlines()[0][:100]}" if str(e).strip() else ""
-            broken.append(f"your {name} (it raises {type(e).__name__}{why}; exercise {exercise})")
-            continue
-        if not same_outputs(expected, alone, case.atol, case.rtol):
-            broken.append(f"your {name} (exercise {exercise})")
-    parts = []
-    if broken:
-        parts.append(f"broken by {', '.join(broken)}: swapped in alone, it changes the logits")
-    if todo:
-        parts.append(f"not written yet: {', '.join(todo)}")
-    if not parts:
-        return ("each of your kernels alone keeps the logits, all of them together do not: small differences "
-                "add up; compare your kernels' outputs with the package's on the model's shapes")
-    return "; ".join(parts)
+    return swapped_alone({name: KERNELS[name][0] for name in fn.kernels},
+                         lambda name: fn.only(name)(*case.args, **case.kwargs),
+                         lambda alone: None if same_outputs(expected, alone, case.atol, case.rtol) else "",
+                         "the logits", kind="kernel")

@@ -33,6 +33,7 @@ import torch
 
 from . import losses, train
 from .gemma import Gemma, GemmaConfig, layer_pattern
+from .learner import swapped_alone
 
 # name -> (signature, the exercise that checks it on its own)
 FUNCTIONS: dict[str, tuple[str, str]] = {
@@ -156,26 +157,8 @@ def diagnose(fn, case, expected) -> str | None:
     """Which of your functions breaks the curve: each is swapped in alone, and its curve compared."""
     if not isinstance(fn, YourTraining) or not fn.functions:
         return None
-    todo, broken = [], []
-    for name in fn.functions:
-        try:
-            alone = fn.only(name)(*case.args, **case.kwargs)
-        except NotImplementedError:
-            todo.append(name)
-            continue
-        except Exception as e:  # noqa: BLE001 - a learner's error names the function too
-            why = f": {str(e).splitlines()[0][:60]}" if str(e).strip() else ""
-            broken.append(f"your {name} (it raises {type(e).__name__}{why}; exercise {FUNCTIONS[name][1]})")
-            continue
-        if not same_curve(alone, expected):
-            broken.append(f"your {name} (exercise {FUNCTIONS[name][1]}; the loss is off from step "
-                          f"{first_step_off(alone, expected)})")
-    parts = []
-    if broken:
-        parts.append(f"broken by {', '.join(broken)}: swapped in alone, it changes the loss curve")
-    if todo:
-        parts.append(f"not written yet: {', '.join(todo)}")
-    if not parts:
-        return ("each of your functions alone keeps the curve, all of them together do not: small differences "
-                "add up; compare your functions' outputs with the package's on the run's shapes")
-    return "; ".join(parts)
+    return swapped_alone({name: FUNCTIONS[name][1] for name in fn.functions},
+                         lambda name: fn.only(name)(*case.args, **case.kwargs),
+                         lambda alone: None if same_curve(alone, expected)
+                         else f"; the loss is off from step {first_step_off(alone, expected)}",
+                         "the loss curve", shapes="the run's shapes")

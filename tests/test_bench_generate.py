@@ -264,7 +264,7 @@ def test_the_quality_text_is_in_no_file_of_the_repository(tmp_path):
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, message", [
     (["--repeats", "0"], "--repeats: must be at least 1, got 0"),
-    (["--repeats", "two"], "--repeats: 'two' is not an integer"),
+    (["--repeats", "two"], "--repeats: 'two' is not a whole number"),
     (["--decode-tokens", "0"], "--decode-tokens: must be at least 1"),
     (["--systems", "minigemma-float64"], "unknown systems ['minigemma-float64']"),
     (["--contexts", "128,abc"], "--contexts must be comma-separated integers"),

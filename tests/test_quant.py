@@ -213,8 +213,8 @@ def tiny(family="gemma3"):
 def test_cached_decoding_equals_the_full_forward_at_every_level(level, family):
     """Prefill, then single steps until the local rings (W = 4) have wrapped three times, against
     one forward over the whole sequence, for the model quantised at each level. The head re-scores every
-    logit here (rescore = V): with the default top 64 a logit's value depends on whether it ranks in the
-    top 64, which differs between two runs whose bf16 rounding differs."""
+    logit here (rescore = V): with a top k under V a logit's value depends on whether it ranks in the
+    top k, which differs between two runs whose bf16 rounding differs."""
     model = quantize(tiny(family), level, rescore=320)
     ids = torch.randint(0, 320, (2, 17), generator=gen(6))
     full = model(ids).float()
@@ -470,8 +470,8 @@ def test_the_file_codes_are_kept_exactly():
 
 @torch.no_grad()
 def test_the_int4_head_ranks_the_exact_winner_in_its_top_64():
-    """RescoredHead recomputes the top 64 exactly: greedy choices are exact as long as the exact arg-max is
-    among them. Measured on 256 positions of a real text (it ranked at most 12th of 2,048 when written)."""
+    """RescoredHead recomputes the top RESCORE (1,024) exactly: greedy choices are exact as long as the exact
+    arg-max is among them; held here to the top 64, with room to spare. Measured on 256 positions of a real text (it ranked at most 12th of 2,048 when written)."""
     import minigemma
     from minigemma.bench.generate import prompt_ids
     from minigemma.quant import embedding_rows

@@ -17,6 +17,19 @@ import sys
 from pathlib import Path
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, or a clear error naming the value (every bench command's counts)."""
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def machine() -> str:
     """"<CPU model>, <N> cores (<bf16/int8 instruction sets>)": what a table's numbers were measured on."""
     model = platform.processor() or platform.machine()

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..atomic import write_atomic
-from .common import benchmark_texts, child_result, machine, peak_rss_mb, versions
+from .common import benchmark_texts, child_result, machine, peak_rss_mb, positive_int, versions
 
 SYSTEMS = ["st-float32", "minigemma-float32", "minigemma-bf16", "minigemma-int8", "minigemma-int4",
            "minigemma-bf16-compile", "minigemma-int8-compile"]
@@ -452,23 +452,12 @@ def targets(report: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------
-def _at_least_one(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
 def _int_list(text: str) -> list[int]:
     """argparse type: comma-separated integers >= 1, e.g. "60,250,1000"."""
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items:
         raise argparse.ArgumentTypeError("needs at least one number")
-    return [_at_least_one(x) for x in items]
+    return [positive_int(x) for x in items]
 
 
 def main(argv=None) -> int:
@@ -482,8 +471,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m minigemma bench embed", description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", type=_int_list, default="60,250,1000", help="target tokens per document, comma-separated")
     ap.add_argument("--docs", type=_int_list, default="128,64,32", help="documents per length, comma-separated")
-    ap.add_argument("--batch-size", type=_at_least_one, default=32)
-    ap.add_argument("--repeats", type=_at_least_one, default=3,
+    ap.add_argument("--batch-size", type=positive_int, default=32)
+    ap.add_argument("--repeats", type=positive_int, default=3,
                     help="runs of every system, in turn (each cell: the median run and the range); default 3")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ", ".join(SYSTEMS)
                     + f" ({ANCHOR} runs first in each round: the others are compared with it)")

@@ -57,7 +57,7 @@ import time
 from pathlib import Path
 
 from ..atomic import write_atomic
-from .common import child_result, load_kwargs, machine, peak_rss_mb, versions
+from .common import child_result, load_kwargs, machine, peak_rss_mb, positive_int, versions
 from .quality import QUALITY_TOKENS, REFERENCE, run_quality
 
 SYSTEMS = ["minigemma-float32", "minigemma-bf16", "minigemma-int8", "minigemma-int4", "minigemma-file-codes",
@@ -542,26 +542,15 @@ def format_quality(quality: dict, anchor: str = "llama.cpp-Q4_K_M", goals: bool 
 # ----------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1, or a clear error naming the value."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The options, every one checked before any work starts (argparse exits with status 2 on bad input)."""
     ap = argparse.ArgumentParser(prog="python -m minigemma bench generate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="128,512,8192", help="prompt lengths, comma-separated")
-    ap.add_argument("--decode-tokens", type=_positive_int, default=32, help="timed decode steps per run")
-    ap.add_argument("--repeats", type=_positive_int, default=3,
+    ap.add_argument("--decode-tokens", type=positive_int, default=32, help="timed decode steps per run")
+    ap.add_argument("--repeats", type=positive_int, default=3,
                     help="runs of every system, in turn (each cell: the median run and the range); default 3")
     ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help="comma-separated subset of " + ", ".join(SYSTEMS))
-    ap.add_argument("--quality-tokens", type=_positive_int, default=QUALITY_TOKENS,
+    ap.add_argument("--quality-tokens", type=positive_int, default=QUALITY_TOKENS,
                     help=f"tokens of the quality text each system scores (default {QUALITY_TOKENS}; at least 2)")
     ap.add_argument("--no-quality", action="store_true", help="skip the quality table (speed only)")
     ap.add_argument("--out", default="docs/benchmarks", help="folder for generate-cpu.json/.md ('' = do not save)")
