@@ -508,7 +508,7 @@ class RescoredHead(nn.Module):
     Those still carry probability: the KL from the exact distribution falls as k grows (Gemma 3 270M
     on the file's own codes, 512 tokens of the speed prompt: 0.0106 nats/token at k = 64, 0.0056 at
     256, 0.0043 at 512, 0.0035 at 1,024; llama.cpp on the same file 0.0059), while a decode step's
-    head costs 5.3, 5.5, 5.7 and 6.4 ms on a 2-core AVX2 machine. k = 512 met llama.cpp's KL on that
+    head costs 5.3, 5.5, 5.7 and 6.4 ms on a 2-core AVX-512 EPYC. k = 512 met llama.cpp's KL on that
     prompt but not on `bench generate`'s quality text (0.0058 against 0.0054), so the default is 1,024.
 
     x (..., C) -> logits (..., V) float32.
