@@ -514,9 +514,9 @@ class RescoredHead(nn.Module):
     x (..., C) -> logits (..., V) float32.
     """
 
-    def __init__(self, approx: nn.Module, embedding: nn.Module, k: int | None = None):
+    def __init__(self, approx: nn.Module, embedding: nn.Module, k: int = RESCORE):
         super().__init__()
-        self.approx, self.k = approx, RESCORE if k is None else k
+        self.approx, self.k = approx, k
         self._embedding = [embedding]  # the model's own embedding (not registered twice)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -554,7 +554,7 @@ def head_group_size(dim: int, group_size: int = HEAD_GROUP_SIZE) -> int:
     return next((g for g in (group_size, 64, 32) if dim % g == 0), group_size)
 
 
-def quantized_head(embedding: nn.Module, rescore: int | None = None, group_size: int = HEAD_GROUP_SIZE) -> RescoredHead:
+def quantized_head(embedding: nn.Module, rescore: int = RESCORE, group_size: int = HEAD_GROUP_SIZE) -> RescoredHead:
     """The LM head tied to `embedding` (V, C) as an int4 head whose top `rescore` logits are exact.
     Built ROWS_PER_PACK exact rows at a time.
 
@@ -595,7 +595,7 @@ Codes = Callable[[str], list]  # a linear's weight name -> [(v, a, b), ...], one
 
 @torch.no_grad()
 def quantize(model: nn.Module, level: str | None = "int8", weights: Weights | None = None, *,
-             codes: Codes | None = None, group_size: int = 32, rescore: int | None = None) -> nn.Module:
+             codes: Codes | None = None, group_size: int = 32, rescore: int = RESCORE) -> nn.Module:
     """The model at `level`, in place, by swapping modules; returns it. The one place that decides
     what each module becomes:
 
@@ -603,7 +603,7 @@ def quantize(model: nn.Module, level: str | None = "int8", weights: Weights | No
         "bf16"   nothing swapped; every weight bf16 but the norms'
         "int8"   every nn.Linear but the head -> Int8Linear (biases kept); the embedding ->
                  Q8_0Embedding; a head tied to it -> RescoredHead (int4, its top `rescore` logits
-                 exact, RESCORE by default); what is left runs in bf16 (the norms' weights float32)
+                 exact); what is left runs in bf16 (the norms' weights float32)
         "int4"   the same with Int4Linear (a scale and a zero per `group_size` weights)
 
     Where the float weights come from:
