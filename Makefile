@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.minigemma-installed
 PORT    ?= 8888
 PYTEST_ARGS ?=
 
-.PHONY: lab test setup weights exercises bench bench-kernels bench-gpu mutation seed-sweep clean-venv help
+.PHONY: lab test setup weights exercises bench bench-kernels bench-gpu mutation seed-sweep long-runs clean-venv help
 
 help:
 	@echo "make lab        set up if needed, then start JupyterLab on chapters/"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench      CPU generation benchmark on the real Gemma 3 270M"
 	@echo "make mutation   mutation-test the exercise checks (mutmut); writes docs/mutation.md"
 	@echo "make seed-sweep every check on its own solution over many seeds (a tolerance wrong on a few seeds)"
+	@echo "make long-runs  chapters 08, 09 and 11's LONG runs on seeds 0-2, into docs/runs/ (about 2 hours on 2 cores)"
 	@echo "make bench-kernels  Triton kernels vs torch eager/compile/Liger (a GPU; without one it says so)"
 	@echo "make bench-gpu  on a lent GPU: kernel tests in bf16, the AOT check on this device, the kernel benchmarks"
 
@@ -69,6 +70,12 @@ mutation: $(STAMP)
 seed-sweep: $(STAMP)
 	$(PY) tools/seed_sweep.py 40 $(filter-out solutions/12_% solutions/13_%,$(wildcard solutions/[0-9][0-9]_*.ipynb))
 	$(PY) tools/seed_sweep.py 6 $(wildcard solutions/12_*.ipynb solutions/13_*.ipynb)
+
+# The chapters' LONG runs on seeds 0, 1 and 2, the JSON their plots and tables read (tools/long_runs.py).
+long-runs: weights
+	$(PY) tools/long_runs.py ch08 --seeds 0 1 2
+	$(PY) tools/long_runs.py ch09 --seeds 0 1 2
+	$(PY) tools/long_runs.py ch11 --seeds 0 1 2
 
 clean-venv:
 	rm -rf $(VENV)

@@ -215,7 +215,8 @@ def train_encoder(model: nn.Module, encode_rows: Callable[[str, torch.Tensor], t
         steps = tqdm(steps, desc="train", unit="step")
     model.train()
     for step in steps:
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0  # warmup 0: none
+        lr = cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for group in opt.param_groups:
             group["lr"] = lr
         rows = batch_rows(n_pairs, cfg.batch_size, cfg.seed, step)

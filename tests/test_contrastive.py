@@ -187,3 +187,23 @@ def test_pretrained_decoder_starts_the_student():
     assert not torch.equal(started.embed_tokens.weight, fresh.embed_tokens.weight)
     with pytest.raises(ValueError, match="not this student's decoder"):
         new_student(64, layers=2, hidden=32, init={k: v for k, v in init.items() if not k.startswith("norm")})
+
+
+@pytest.mark.parametrize("warmup", [0, 1])
+def test_no_warmup_starts_at_the_full_learning_rate(warmup):
+    """warmup 0 (what `min(10, steps // 5)` gives a run of under 5 steps) means none, as 1 does: the first step
+    runs at the peak rate, not a division by zero."""
+    from minigemma.contrastive import tiny_encoder_config
+    from minigemma.encoder import EmbeddingGemma, pad_right
+
+    torch.manual_seed(0)
+    model = EmbeddingGemma(tiny_encoder_config(vocab_size=64, layers=1, hidden=32), dense_dims=(16,))
+    seqs = [[5 + i, 6 + i, 7] for i in range(8)]
+
+    def encode_rows(kind, rows):
+        return model(*pad_right([seqs[i] for i in rows.tolist()]))
+
+    cfg = EmbedTrainConfig(steps=3, batch_size=4, lr=1e-3, warmup=warmup,
+                           weights=LossWeights(mrl_dims=(16,), distill=0.0))
+    hist = train_encoder(model, encode_rows, 8, (torch.arange(8) + 1) % 8, torch.arange(8), cfg)
+    assert hist[0]["lr"] == pytest.approx(1e-3) and len(hist) == 3
