@@ -215,8 +215,7 @@ def ch11(seeds: list[int], out: Path, resume: bool) -> None:
             if have:
                 continue
             runs.append(dict(run=name, seed=seed, seconds=round(time.perf_counter() - t, 1),
-                             loss=_round(h["loss"] for h in hist),
-                             nce=_round(h["nce"] for h in hist), table=table(model)))
+                             loss=_round(h["loss"] for h in hist), table=table(model)))
             _save(out, report(runs))
             print(f"{name} seed {seed}: nDCG@10 {runs[-1]['table']['768']['nDCG@10']:.3f} "
                   f"({time.perf_counter() - t:.0f} s)", flush=True)
