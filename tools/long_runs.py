@@ -162,8 +162,8 @@ def ch11(seeds: list[int], out: Path, resume: bool) -> None:
     splits = {"code_train": D.code_train, "text_train": D.text_train, "code_eval": D.code_eval}
     T = {name: {kind: R.teacher_embeddings(texts(pairs, kind), kind, progress=True) for kind in ("query", "document")}
          for name, pairs in splits.items()}
-    pairs = D.code_train + D.text_train
-    tok = data.train_tokenizer([p.query + "\n" + p.document for p in pairs], vocab_size=c["vocab"])
+    training = [p.query + "\n" + p.document for p in D.code_train + D.text_train]
+    tok = data.train_tokenizer(training, vocab_size=c["vocab"])
 
     def make_task(pairs, name):
         ids = R.text_ids(texts(pairs, "document"))
@@ -173,7 +173,7 @@ def ch11(seeds: list[int], out: Path, resume: bool) -> None:
 
     code_task, text_task = make_task(D.code_train, "code_train"), make_task(D.text_train, "text_train")
     mixed_task = C.Task.concat([code_task, text_task])
-    rows = R.tokenize(tok, [p.query + "\n" + p.document for p in D.code_train + D.text_train], 10_000)
+    rows = R.tokenize(tok, training, 10_000)
     stream = torch.tensor([i for r in rows for i in r])
     pre_cfg = train.TrainConfig(steps=c["pre_steps"], batch_size=16, seq_len=128, lr=3e-3, warmup=c["pre_steps"] // 10,
                                 eval_every=10**9, ckpt_every=0, bos_id=tok.bos_id)
@@ -205,9 +205,10 @@ def ch11(seeds: list[int], out: Path, resume: bool) -> None:
         plan = [(name, mixed_task, replace(cfg, weights=w), init) for name, w in C.ablations(cfg.weights).items()]
         plan += [("code-only run", code_task, cfg, init), ("random start", mixed_task, cfg, None)]
         models = {}
+        need_soup = not any(r["seed"] == seed and r["run"] == "soup" for r in runs)
         for name, task, run_cfg, start in plan:
             have = [r for r in runs if r["seed"] == seed and r["run"] == name]
-            if have and name not in ("full recipe", "code-only run"):  # the soup needs these two's weights
+            if have and not (need_soup and name in ("full recipe", "code-only run")):  # the soup needs their weights
                 continue
             t = time.perf_counter()
             model, hist = C.train_tiny_encoder(task, len(tok), run_cfg, init=start)
@@ -219,7 +220,7 @@ def ch11(seeds: list[int], out: Path, resume: bool) -> None:
             _save(out, report(runs))
             print(f"{name} seed {seed}: nDCG@10 {runs[-1]['table']['768']['nDCG@10']:.3f} "
                   f"({time.perf_counter() - t:.0f} s)", flush=True)
-        if not any(r["seed"] == seed and r["run"] == "soup" for r in runs):
+        if need_soup:
             souped = C.new_student(len(tok))
             souped.load_state_dict(C.soup([models["code-only run"].state_dict(), models["full recipe"].state_dict()]))
             runs.append(dict(run="soup", seed=seed, table=table(souped)))
