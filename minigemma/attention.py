@@ -202,6 +202,10 @@ class Positions:
     packed:    True when some row holds more than one document (left padding or packing), so
                masks must keep documents apart; False: every mask is the plain causal or window one
     documents: (B, T) document ids, for an encoder's padding (no cache, not causal); else None
+    captured:  a step compiled once for every token (`generation.CompiledStep`): `start` is not read,
+               every number that changes from token to token is in `index` and `positions` (tensors),
+               and each cache writes its token at `index` and attends its whole static buffer under
+               a mask built from it (`write_at`), so the shapes never change and nothing recompiles
 
     A model builds one `Positions` per call (`make_positions`) and hands it to every temporal
     block with the block's cache: `block(x, pos, cache)`. Blocks of the same kind ask it for the
@@ -214,6 +218,7 @@ class Positions:
     positions: torch.Tensor
     packed: bool = False
     documents: torch.Tensor | None = None
+    captured: bool = False
     _memo: dict = field(default_factory=dict, repr=False)
 
     def once(self, key: tuple, make: Callable[[], object]):
@@ -296,6 +301,8 @@ def attention_blocks(pos: Positions, keys: Keys, window: int | None, causal: boo
                        k_doc=None if docs is None else docs[:, k0:k1])
         return m if m.dim() == 4 else m[None, None]
 
+    if pos.captured:  # a compiled step: the whole static buffer, masked by indices that live in tensors
+        return [Block(0, T, 0, keys.count, mask_for(0, T, 0, keys.count))]
     if not keys.in_order:  # a ring buffer's slots: one block, masked only if something is hidden
         k_last = keys.first + keys.count - 1
         everything_visible = (T == 1 and not separate and pos.start >= k_last
@@ -403,6 +410,17 @@ class KVCache:
         self.length = end = slot + 1
         return slot, self.k[:, :, :end], self.v[:, :, :end], Keys(0, end, layout=("kv", end))
 
+    def write_at(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor):
+        """A compiled step's write (`Positions.captured`, gpt-fast's static cache): the one new token's
+        k, v (B, K, 1, D) go to slot `index` ((1,) tensor), and the step attends the whole buffer
+        (B, K, max_len, D), slot s holding index s; the causal mask hides the slots after `index`. The
+        shapes and the code are the same at every token; the host counts `length` (and checks the
+        token fits) outside the compiled graph."""
+        self.k.index_copy_(2, index, k.to(self.k.dtype))
+        self.v.index_copy_(2, index, v.to(self.v.dtype))
+        S = self.k.shape[2]
+        return self.k, self.v, Keys(0, S, layout=("static", S))
+
     def update(self, k: torch.Tensor, v: torch.Tensor):
         check_new_kv(self, k, v)
         start, end = self.length, self.length + k.shape[2]
@@ -453,6 +471,18 @@ class RingKVCache:
         keys = Keys(n - live, live, in_order=n <= self.size, index=self.slot_index,
                     layout=("ring", n <= self.size, live))
         return start % self.size, self.k[:, :, :live], self.v[:, :, :live], keys
+
+    def write_at(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor):
+        """A compiled step's write (see `KVCache.write_at`): slot `index` % size, then the whole ring,
+        each slot's index computed from `index` (a tensor) as `slot_index` computes it from `length`
+        (-1, masked, for a slot not written yet)."""
+        slot = index % self.size
+        self.k.index_copy_(2, slot, k.to(self.k.dtype))
+        self.v.index_copy_(2, slot, v.to(self.v.dtype))
+        s = torch.arange(self.size, device=index.device)
+        latest = s + (index - s).div(self.size, rounding_mode="floor") * self.size  # < 0 where not written yet
+        return self.k, self.v, Keys(0, self.size, in_order=False, index=lambda: latest.clamp(min=-1),
+                                    layout=("static ring", self.size))
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
         check_new_kv(self, k, v)
@@ -567,12 +597,14 @@ class GroupedQueryAttention(nn.Module):
         """x (B, T, C); pos: where the T tokens sit (`Positions`; default: right after what the cache
         holds, one document); cache: this layer's, updated in place."""
         pos = pos or positions_after(cache, x.shape[0], x.shape[1], x.device)
-        if cache is not None and cache.length != pos.start:
+        if cache is not None and not pos.captured and cache.length != pos.start:
             raise ValueError(f"this layer's cache holds {cache.length} tokens but the new ones start at index "
                              f"{pos.start}: the model's Cache and its layers' caches disagree")
         q, k, v = self.project(x, pos)
         if cache is None:
             keys = Keys(pos.start, x.shape[1], layout=("self", x.shape[1]))
+        elif pos.captured:
+            k, v, keys = cache.write_at(k, v, pos.index)  # the whole static buffer, masked from the index
         else:
             k, v, keys = cache.update(k, v)  # (B, K, S, D): every key the new queries may need
         out = self.attention(q, k, v, pos, keys)  # (B, H, T, D)

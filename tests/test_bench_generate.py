@@ -76,6 +76,23 @@ def test_repeats_run_the_systems_in_turn_and_every_row_has_all_its_runs():
     assert len(by[("minigemma-int8", 512)]["runs"]) == 1   # two of its three runs failed
 
 
+def test_the_first_decode_step_is_reported_apart_from_the_median(monkeypatch):
+    """A compiled step compiles in its first decode step: run_one reports that step on its own and takes
+    the decode median of the others (here the median of all four would be 0.03 s, of the last three 0.02)."""
+    import time
+
+    fake = dict(first_token_at=time.time(), prompt_tokens=4, prefill_s=0.5, step_s=[30.0, 0.02, 0.01, 0.03])
+    monkeypatch.setattr(G, "child_result", lambda args, label: dict(fake))
+    r = G.run_one("minigemma-file-codes-compiled", 4, 4)
+    assert r["first_step_s"] == 30.0 and r["decode_tok_s"] == pytest.approx(1 / 0.02)
+
+
+def test_a_compiled_system_is_its_level_with_compiled_steps():
+    assert G.level_of("minigemma-file-codes-compiled") == ("file-codes", True)
+    assert G.level_of("minigemma-file-codes") == ("file-codes", False)
+    assert G.level_of("minigemma-int8") == ("int8", False)
+
+
 def test_run_speed_refuses_zero_repeats():
     with pytest.raises(ValueError, match="repeats"):
         G.run_speed(["minigemma-float32"], [128], 3, repeats=0, runner=lambda *a: pytest.fail("ran"))

@@ -13,6 +13,9 @@ not mix, and every system reads the same GGUF file:
     minigemma-int4      `load_pretrained(..., quant="int4")`
     minigemma-file-codes `load_pretrained(..., file_codes=True)`: the file's own codes on the int4 kernel
                         (the default of `python -m minigemma generate`)
+    minigemma-file-codes-compiled  the same model, its decode steps through `generation.CompiledStep`
+                        (`generate --compile`: one graph compiled for every step; the prompt runs eagerly);
+                        its first decode step, which compiles, is reported on its own ("first step")
     hf-float32          transformers' Gemma3ForCausalLM from the same GGUF (sdpa attention), float32
     llama.cpp-Q4_K_M    llama-cpp-python on the file as stored, flash_attn=True, n_batch=512
                         (only if `llama_cpp` is importable: `pip install -e '.[bench]'`)
@@ -22,7 +25,8 @@ Debian's licence texts, or Python's own documentation strings where those are mi
 
     prefill tok/s   L / the time of the one call that reads the prompt and gives the first logits
     decode tok/s    1 / the median time of one decode step with L + i tokens in the cache, each step
-                    timed inside the loop (never two whole runs subtracted)
+                    timed inside the loop (never two whole runs subtracted); the first decode step is
+                    left out of the median and reported on its own (a compiled step compiles there)
     peak RSS        the process's own peak resident memory (VmHWM) after loading, prefill and decode
     cold start      from the parent starting the process to the first new token: interpreter start,
                     imports, loading and the prefill
@@ -61,7 +65,8 @@ from .common import child_result, load_kwargs, machine, peak_rss_mb, positive_in
 from .quality import QUALITY_TOKENS, REFERENCE, run_quality
 
 SYSTEMS = ["minigemma-float32", "minigemma-bf16", "minigemma-int8", "minigemma-int4", "minigemma-file-codes",
-           "hf-float32", "llama.cpp-Q4_K_M"]
+           "minigemma-file-codes-compiled", "hf-float32", "llama.cpp-Q4_K_M"]
+COMPILED = "-compiled"  # a minigemma system whose decode steps run compiled: its level, then this
 DEFAULT_SYSTEMS = SYSTEMS
 LICENCES = ["GPL-3", "GFDL-1.3", "Apache-2.0", "MPL-2.0", "LGPL-3", "Artistic"]
 
@@ -97,20 +102,27 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 # One (system, context), run in its own process: prints one JSON line
 # ----------------------------------------------------------------------------------------------
-def _run_minigemma(level: str, ids: list[int], n_decode: int, clock) -> dict:
+def level_of(system: str) -> tuple[str, bool]:
+    """A minigemma system's (level, compiled): "minigemma-file-codes-compiled" -> ("file-codes", True)."""
+    level = system.split("-", 1)[1]
+    return (level[:-len(COMPILED)], True) if level.endswith(COMPILED) else (level, False)
+
+
+def _run_minigemma(system: str, ids: list[int], n_decode: int, clock) -> dict:
     import torch
 
     import minigemma
     from minigemma.generation import generate_ids
     from minigemma.quant import weight_bytes_per_token
 
+    level, compiled = level_of(system)
     t = time.perf_counter()
     model, _ = minigemma.load_pretrained("gemma3-270m", **load_kwargs(level))
     load_s = time.perf_counter() - t
     steps: list[float] = []
     with torch.inference_mode():
         tokens = generate_ids(model, [ids], n_decode + 1, eos_id=None, step_times=steps,
-                              on_token=clock.first_token)[0]
+                              on_token=clock.first_token, compile=compiled)[0]
     return dict(load_s=load_s, prefill_s=steps[0], step_s=steps[1:], tokens=tokens,
                 weight_bytes=weight_bytes_per_token(model))
 
@@ -199,7 +211,7 @@ def _child(system: str, n_prompt: int, n_decode: int) -> None:
 
     ids = prompt_ids(Tokenizer.from_pretrained("gemma3-270m"), n_prompt)
     if system.startswith("minigemma-"):
-        r = _run_minigemma(system.split("-", 1)[1], ids, n_decode, clock)
+        r = _run_minigemma(system, ids, n_decode, clock)
     elif system == "hf-float32":
         r = _run_hf(ids, n_decode, clock)
     elif system == "llama.cpp-Q4_K_M":
@@ -221,17 +233,24 @@ def _profile_child(system: str, n_prompt: int, n_steps: int = 5) -> None:
     import minigemma
     from minigemma.tokenizer import Tokenizer
 
-    level = system.split("-", 1)[1]
+    from minigemma.generation import CompiledStep
+
+    level, compiled = level_of(system)
     model, _ = minigemma.load_pretrained("gemma3-270m", **load_kwargs(level))
     ids = torch.tensor([prompt_ids(Tokenizer.from_pretrained("gemma3-270m"), n_prompt)])
     cache = model.new_cache(1, n_prompt + 2 * n_steps + 8)
     with torch.inference_mode():
         token = model(ids, cache=cache, last_only=True)[:, -1:].argmax(-1)
-        for _ in range(n_steps):  # warm-up steps, not profiled
-            token = model(token, cache=cache, last_only=True)[:, -1:].argmax(-1)
+        if compiled:
+            step = CompiledStep(model, cache)
+        else:
+            def step(token):
+                return model(token, cache=cache, last_only=True)[:, -1]
+        for _ in range(n_steps):  # warm-up steps (the first compiles), not profiled
+            token = step(token).argmax(-1)[:, None]
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(n_steps):
-                token = model(token, cache=cache, last_only=True)[:, -1:].argmax(-1)
+                token = step(token).argmax(-1)[:, None]
     events = prof.key_averages()
     ms = lambda us: us / n_steps / 1e3  # noqa: E731  (per step)
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)
@@ -304,12 +323,14 @@ def run_one(system: str, n_prompt: int, n_decode: int) -> dict | None:
         return None
     r["cold_start_s"] = r.pop("first_token_at") - started
     r["prefill_tok_s"] = r["prompt_tokens"] / r["prefill_s"]
-    r["decode_tok_s"] = 1.0 / statistics.median(r["step_s"])
+    # the first decode step is reported on its own (a compiled step compiles there), the median is of the rest
+    r["first_step_s"] = r["step_s"][0]
+    r["decode_tok_s"] = 1.0 / statistics.median(r["step_s"][1:] or r["step_s"])
     return r
 
 
 # The measured values that vary from run to run: each table cell is their median run and range.
-SPREAD_KEYS = ("decode_tok_s", "prefill_tok_s", "peak_rss_mb", "cold_start_s", "load_s")
+SPREAD_KEYS = ("decode_tok_s", "prefill_tok_s", "peak_rss_mb", "cold_start_s", "load_s", "first_step_s")
 # What every run of a (system, context) shares: copied from the first run.
 FIXED_KEYS = ("system", "prompt_tokens", "decode_tokens", "weight_bytes", "threads")
 
@@ -326,6 +347,8 @@ def aggregate(runs: list[dict]) -> dict:
     first = runs[0]
     row = {k: first[k] for k in FIXED_KEYS if k in first}
     for key in SPREAD_KEYS:
+        if not all(key in r for r in runs):  # a value older runs did not record (first_step_s)
+            continue
         values = [r[key] for r in runs]
         row[key] = statistics.median_low(values)
         row[key + "_range"] = [min(values), max(values)]
@@ -363,7 +386,7 @@ def run_speed(systems: list[str], contexts: list[int], n_decode: int, repeats: i
     return [aggregate(rs) for rs in runs.values() if rs]
 
 
-PROFILED = ("minigemma-file-codes", "minigemma-int8")
+PROFILED = ("minigemma-file-codes", "minigemma-file-codes-compiled", "minigemma-int8")
 
 
 def run(systems: list[str], contexts: list[int], n_decode: int, repeats: int = 3,
@@ -387,7 +410,8 @@ def run(systems: list[str], contexts: list[int], n_decode: int, repeats: int = 3
                 profiles.append(prof)
     quality = None
     if quality_tokens:
-        quality = run_quality([s for s in systems if _available(s)], quality_tokens)
+        # a compiled system's prompt runs the same eager forward as its level: its quality is that level's
+        quality = run_quality([s for s in systems if _available(s) and not s.endswith(COMPILED)], quality_tokens)
     return dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine(), python=platform.python_version(),
                 memory_bandwidth_gb_s=bw, contexts=contexts, decode_tokens=n_decode, repeats=repeats,
                 results=results, profiles=profiles,
@@ -421,7 +445,8 @@ def format_table(report: dict, goals: bool = True) -> str:
     repeats = report.get("repeats", 1)
     systems = list(dict.fromkeys(r["system"] for r in report["results"]))
     head = (["system"] + [f"decode @{L} (tok/s)" for L in Ls] + [f"prefill @{L} (tok/s)" for L in Ls]
-            + [f"peak RSS @{L}" for L in Ls] + ["cold start @" + str(Ls[0]), "load", "weights/token", "greedy = float32?"])
+            + [f"peak RSS @{L}" for L in Ls] + ["cold start @" + str(Ls[0]), "load", f"first decode step @{Ls[0]}",
+                                                 "weights/token", "greedy = float32?"])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cell(s, L, key, spec, unit=""):
@@ -433,6 +458,7 @@ def format_table(report: dict, goals: bool = True) -> str:
         cells += [cell(s, L, "prefill_tok_s", ".0f") for L in Ls]
         cells += [cell(s, L, "peak_rss_mb", ".0f", " MB") for L in Ls]
         cells += [cell(s, Ls[0], "cold_start_s", ".2f", " s"), cell(s, Ls[0], "load_s", ".2f", " s"),
+                  cell(s, Ls[0], "first_step_s", ".2f", " s"),
                   format_spread((_get(report, s, Ls[0], "weight_bytes") or 0) / 1e6 or None, None, ".0f", " MB")]
         diffs = [_get(report, s, L, "first_difference_vs_float32") for L in Ls]
         known = [(L, d) for L, d in zip(Ls, diffs) if _get(report, s, L, "tokens") is not None
