@@ -224,7 +224,8 @@ class Int4Linear(nn.Module):
     and 8-bit blocks run on the 4-bit kernel unchanged (`from_codes`). x (..., K) in any float dtype
     -> (..., N) in bf16. A one-token step calls `_weight_int4pack_mm_for_cpu` once per plane (it reads
     half a byte per weight), and so does a short prompt; a prompt of more than 128 tokens dequantises
-    the weight to bf16 once and runs one bf16 matrix product (about twice the kernel's speed there).
+    the weight to bf16 once (`dequantized_t`: a few passes over the packed bytes, both planes merged
+    first) and runs one bf16 matrix product (faster than the kernel there).
     """
 
     def __init__(self, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int,
@@ -382,6 +383,38 @@ class Int4Linear(nn.Module):
             out[full:] = (v * scale[..., None] + zero[..., None]).view(N - full, K)
         return out
 
+    def dequantized_t(self) -> torch.Tensor:
+        """The weight transposed, Wᵀ (K, N) bf16 contiguous, the bits of `dequantized(torch.bfloat16).T`,
+        built for a long prompt's product x @ Wᵀ (no transpose to pay there) in few passes over the weight.
+
+        The planes' 4-bit codes are merged per byte first, u = c_0 + 16 c_1 (the two base-16 digits of
+        `from_codes`), the bytes moved from the packed layout [block, k, row in block] to [k, row] once
+        (as int16), v = u - 8 - 8·16 (two planes) or u - 8 (one), and w = zero + v·scale in float32,
+        rounded to bf16 as it is written: `dequantized`'s arithmetic (v·scale is exact, one rounding), so
+        the same bits (tests/test_quant.py)."""
+        N, K, g, B = self.out_features, self.in_features, self.group_size, int4_block_rows()
+        if self.planes > 2 or (self.planes > 1 and not self._digits()):
+            return self.dequantized(torch.bfloat16).T.contiguous()
+        full = N // B * B
+        v = torch.empty(K, N, dtype=torch.int16)
+        if full:
+            b0 = self.packed[0, :full].view(N // B, K, B // 2)  # byte n: rows n (low nibble) and n + B/2 (high)
+            lo, hi = b0 & 15, b0 >> 4
+            if self.planes == 2:  # the second digit in the high nibble: u = c_0 + 16 c_1, one byte
+                b1 = self.packed[1, :full].view(N // B, K, B // 2)
+                lo |= b1 << 4  # uint8: the shift drops b1's high nibble
+                hi |= b1 & 0xF0
+            blocks = v[:, :full].view(K, N // B, B)
+            blocks[:, :, :B // 2] = lo.permute(1, 0, 2)  # to int16 on the way
+            blocks[:, :, B // 2:] = hi.permute(1, 0, 2)
+            v[:, :full] -= 8 if self.planes == 1 else 8 + 8 * 16
+        if full < N:  # rows past the last whole block: their codes, the slow way
+            v[:, full:] = self.codes()[full:].T
+        sz = self.scale_zero[0].float()  # (K/g, N, 2)
+        out = torch.empty(K // g, g, N, dtype=torch.bfloat16)
+        torch.addcmul(sz[:, None, :, 1], v.view(K // g, g, N), sz[:, None, :, 0], out=out)  # zero + v·scale
+        return out.view(K, N)
+
     def _digits(self) -> bool:
         s = self.scale_zero.float()
         return all(torch.equal(s[p, ..., 0], s[0, ..., 0] * 16 ** p) and not s[p, ..., 1].any()
@@ -389,8 +422,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = bf16_rows(x)  # (M, K)
-        if x2.shape[0] > 128:  # a long prompt: dequantise once, then one bf16 product (twice the kernel's speed)
-            y = bf16_matmul(x2, self.dequantized(torch.bfloat16))
+        if x2.shape[0] > 128:  # a long prompt: dequantise once, then one bf16 product (faster than the kernel)
+            y = bf16_matmul(x2, self.dequantized_t().T)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed[0], self.group_size, self.scale_zero[0])
             for p in range(1, self.planes):

@@ -426,6 +426,26 @@ def test_codes_run_exactly_on_the_int4_kernel(lo, hi, planes):
     assert (lin(x).float() - ref).abs().max() < 0.02 * ref.abs().max()  # the kernel's bf16 output
 
 
+@pytest.mark.parametrize("lo,hi,planes", [(0, 15, 1), (-128, 127, 2), (-16, 15, 2)])
+@pytest.mark.parametrize("N,g", [(128, 32), (144, 64), (16, 32)])
+def test_a_long_prompt_dequantises_to_the_same_bits(lo, hi, planes, N, g):
+    """A prompt of more than 128 rows multiplies by `dequantized_t()` (Wᵀ, built in a few passes from the
+    packed bytes), which must hold the very bits of `dequantized(bf16)` (the readable path, itself checked
+    against a·v + b above), for one plane and two, for rows in whole blocks and past them (N = 144 has a
+    tail of 16 rows on an AVX-512 CPU, N = 16 nothing else); and the prompt's product must be x @ Wᵀ."""
+    v = torch.randint(lo, hi + 1, (N, 128), generator=gen(13))
+    a = 0.005 + 0.01 * torch.rand(N, 128 // g, generator=gen(14))
+    b = 0.01 * torch.randn(N, 128 // g, generator=gen(15))
+    lin = Int4Linear.from_codes(v, a, b, group_size=g)
+    assert lin.planes == planes
+    wt = lin.dequantized_t()
+    assert wt.dtype == torch.bfloat16 and wt.is_contiguous() and wt.shape == (128, N)
+    assert torch.equal(wt.view(torch.int16), lin.dequantized(torch.bfloat16).T.contiguous().view(torch.int16))
+    x = torch.randn(200, 128, generator=gen(16)).bfloat16()
+    ref = (x.float() @ lin.dequantized().T).bfloat16().float()
+    assert (lin(x).float() - ref).abs().max() <= 0.01 * ref.abs().max()  # a bf16 product, summed in another order
+
+
 def test_a_source_is_not_a_level():
     """"gguf" names where weights come from, not a precision: the file's codes are `file_codes=True`."""
     import minigemma
