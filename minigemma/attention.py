@@ -280,10 +280,10 @@ MIN_QUERY_CHUNK = 64  # ... and of at least this many: smaller blocks cost more 
 def attention_blocks(pos: Positions, keys: Keys, window: int | None, causal: bool = True) -> list[Block]:
     """Split an attention call into blocks that skip keys no query of the block can see.
 
-    A global causal layer over its own tokens is one causal block (a fused kernel never builds the
-    T × T mask); a decode step whose keys are all visible is one block with no mask at all; a local
-    layer's long prompt is cut into chunks of min(W, QUERY_CHUNK) queries (at least MIN_QUERY_CHUNK;
-    QUERY_CHUNK for an encoder),
+    A causal layer over its own tokens is one causal block (a fused kernel never builds the T × T mask):
+    a global layer's, and a local layer's whose prompt fits in its window. A decode step whose keys are
+    all visible is one block with no mask at all. A local layer's long prompt is cut into chunks of
+    min(W, QUERY_CHUNK) queries (at least MIN_QUERY_CHUNK; QUERY_CHUNK for an encoder),
     each reading only the keys inside its window, so its cost follows W, not T: a chunk of W queries
     reads at most 2W - 1 keys, where one block over all T would compute T × T scores. Everything else gets an explicit mask built by
     `index_mask`. Documents (padding, packing) always need a mask.
@@ -326,8 +326,10 @@ def attention_blocks(pos: Positions, keys: Keys, window: int | None, causal: boo
         k0, k1 = lo - keys.first, hi - keys.first + 1
         if k1 <= k0:
             raise ValueError(f"queries {i0}..{i1} see no key in {keys.first}..{keys.first + keys.count - 1}")
-        if not separate and causal and window is None and lo == i0 and hi == i1:
-            blocks.append(Block(q0, q1, k0, k1, causal=True))  # keys = these queries: the fused causal kernel
+        if not separate and causal and lo == i0 and hi == i1 and (window is None or q1 - q0 <= window):
+            # keys = these queries, and a window (if any) that reaches back past the first: plain causal,
+            # the fused kernel (a local layer's whole prompt when it fits in the window)
+            blocks.append(Block(q0, q1, k0, k1, causal=True))
         elif not separate and causal and q1 - q0 == 1 and (window is None or i0 - lo < window):
             blocks.append(Block(q0, q1, k0, k1))  # one query that sees every key given to it
         elif not separate and not causal and window is None:

@@ -423,6 +423,24 @@ def test_local_layers_read_only_their_window_in_query_chunks(monkeypatch, padded
     assert [b.k0 for b in blocks] == [max(0, b.q0 - 3) for b in blocks]
 
 
+def test_a_local_layers_prompt_inside_its_window_is_one_causal_block():
+    """Where a local layer's whole prompt fits in its window, the window hides nothing that causality does
+    not: one block for the fused causal kernel, no mask built. One token more and the band needs its mask."""
+    from minigemma import attention
+
+    for T, W in ((3, 4), (4, 4), (5, 4)):
+        pos = make_positions(torch.zeros(1, T, dtype=torch.long), None, None, None)
+        (block,) = attention.attention_blocks(pos, attention.Keys(0, T), window=W)
+        fits = T <= W
+        assert block.causal == fits and (block.mask is None) == fits, (T, W)
+    model = _random_gemma(_tiny_config())  # W = 4
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        banded = model(ids)  # 5 tokens: the local layers' explicit band mask
+        fused = model(ids[:, :4])  # 4 tokens: their causal block (the first 4 queries see the same keys)
+    assert (fused - banded[:, :4]).abs().max() <= 1e-5  # float32, the same sums in another kernel
+
+
 def test_decode_steps_need_no_mask_and_prompts_no_square_mask():
     """The plans the fast paths rely on: a global layer's unpadded prompt is one causal block (no T x T
     mask is built), a decode step against every key it may see has no mask at all, in a global cache and
