@@ -662,6 +662,23 @@ class Cache(list):
         """The memory the cache holds, in bytes."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    def step_positions(self, captured: bool = False) -> tuple[torch.Tensor, Positions]:
+        """For a one-token step that is recorded once and run again for every token (a compiled graph, a
+        CUDA graph): the next token's index and each row's position in one tensor, `state` (1 + B,) =
+        [index, position of each row], and the `Positions` whose `index` and `positions` are views of it,
+        so the step reads them where `stepped(state)` moves them on. (`captured`: see `Positions`.)"""
+        B = self.next_position.shape[0]
+        state = torch.empty(1 + B, dtype=torch.long, device=self.next_position.device)
+        state[0] = self.length
+        state[1:] = self.next_position
+        return state, Positions(self.length, state[:1], state[1:, None], packed=self.packed, captured=captured)
+
+    def stepped(self, state: torch.Tensor) -> None:
+        """After such a step: one more token, counted on the host (`length`) and in `state` (one add_)."""
+        self.length += 1
+        state.add_(1)
+        self.next_position = state[1:].clone()  # a copy: a view would move under whoever holds it at the next add_
+
 
 def make_positions(input_ids: torch.Tensor, cache: Cache | None, attention_mask: torch.Tensor | None,
                    positions: torch.Tensor | None) -> Positions:

@@ -158,7 +158,7 @@ class CompiledStep:
     """
 
     def __init__(self, model, cache):
-        from .attention import KVCache, Positions, RingKVCache
+        from .attention import KVCache, RingKVCache
 
         bad = [i for i, c in enumerate(cache) if not (isinstance(c, RingKVCache)
                                                       or (isinstance(c, KVCache) and c.max_len is not None))]
@@ -168,13 +168,8 @@ class CompiledStep:
                              + ("" if isinstance(cache[bad[0]], (KVCache, RingKVCache)) else
                                 " (only a Gemma's steps compile this way)"))
         self.model, self.cache = model, cache
-        B = cache.next_position.shape[0]
-        device = cache.next_position.device
-        self.token = torch.zeros(B, 1, dtype=torch.long, device=device)
-        self.state = torch.empty(1 + B, dtype=torch.long, device=device)  # [index, position of each row]
-        self.state[0] = cache.length
-        self.state[1:] = cache.next_position
-        self.pos = Positions(cache.length, self.state[:1], self.state[1:, None], packed=cache.packed, captured=True)
+        self.token = torch.zeros(cache.next_position.shape[0], 1, dtype=torch.long, device=cache.next_position.device)
+        self.state, self.pos = cache.step_positions(captured=True)  # state: [index, position of each row]
         self.max_len = min((c.max_len for c in cache if c.max_len is not None), default=None)
         # cpp_wrapper: the graph's calls into its kernels are made from generated C++ rather than Python,
         # ~1.3 ms less per step on the course's 2-core machine (16.3 -> 14.7 ms), for a longer first compile
@@ -201,9 +196,7 @@ class CompiledStep:
             logits = self.step(self.model, self.token, self.pos, self.cache)
         for c in self.cache:  # the host's counts, which the graph does not keep
             c.length += 1
-        self.cache.length += 1
-        self.state.add_(1)
-        self.cache.next_position = self.state[1:].clone()
+        self.cache.stepped(self.state)
         self.steps += 1
         return logits
 

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from minigemma.attention import Cache, Positions
+from minigemma.attention import Cache
 from minigemma.layers import activation_dtype
 
 from .decode_layer import DecoderLayer, Gemma
@@ -135,13 +135,8 @@ class DecodeGraph:
             raise ValueError(f"DecodeGraph takes a Gemma under use_triton (minigemma.kernels.use_triton), "
                              f"got {type(model).__name__}")
         self.model, self.cache = model, cache
-        B = cache.next_position.shape[0]
-        device = model.norm.weight.device
-        self.token = torch.zeros(B, 1, dtype=torch.long, device=device)
-        self.state = torch.empty(1 + B, dtype=torch.long, device=device)
-        self.state[0] = cache.length
-        self.state[1:] = cache.next_position
-        self.pos = Positions(cache.length, self.state[:1], self.state[1:, None], packed=cache.packed)
+        self.token = torch.zeros(cache.next_position.shape[0], 1, dtype=torch.long, device=model.norm.weight.device)
+        self.state, self.pos = cache.step_positions()  # state: [index, position of each row], on the device
         dtype = activation_dtype(model)
         with torch.no_grad():  # as the steps will run
             why = [f"layer {i}" for i, (layer, c) in enumerate(zip(model.layers, cache))
@@ -197,9 +192,7 @@ class DecodeGraph:
                 self.replay = replay  # step run twice writes the same values to the same slots)
                 self.last = "captured"
         self.steps += 1
-        self.cache.length += 1
-        self.state.add_(1)  # the next token's index and positions, on the device
-        self.cache.next_position = self.state[1:]
+        self.cache.stepped(self.state)  # the next token's index and positions, on the device
         return self.logits
 
 
