@@ -216,6 +216,14 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([head, tail])
 
 
+# Rows of x past which Int4Linear dequantises its weight for one bf16 product instead of running the kernel:
+# the kernel unpacks the weight again for every few rows, so its time grows with the rows, while the
+# dequantisation costs the same for any number. Gemma 3 270M's four products of a layer, 2-core AVX-512 EPYC
+# (median of 15): 48 rows 5.6-6.7 ms kernel vs 6.8-7.2 dequantised, 64 rows 7.3-10.7 vs 7.3-8.9, 96 rows
+# 11.0-14.6 vs 8.4-10.7, 128 rows 14.8-14.9 vs 9.7-10.2.
+PROMPT_ROWS = 64
+
+
 class Int4Linear(nn.Module):
     """y = x @ Wᵀ + bias with W in 4-bit planes: w = Σ_p (c_p - 8) · scale_p + zero_p, per group of 32.
 
@@ -223,7 +231,7 @@ class Int4Linear(nn.Module):
     up to 8 bits exactly, c = lo + 16 · hi, at twice the bytes: that is how a GGUF file's own 5-, 6-
     and 8-bit blocks run on the 4-bit kernel unchanged (`from_codes`). x (..., K) in any float dtype
     -> (..., N) in bf16. A one-token step calls `_weight_int4pack_mm_for_cpu` once per plane (it reads
-    half a byte per weight), and so does a short prompt; a prompt of more than 128 tokens dequantises
+    half a byte per weight), and so does a short prompt; a prompt of more than PROMPT_ROWS tokens dequantises
     the weight to bf16 once (`dequantized_t`: a few passes over the packed bytes, both planes merged
     first) and runs one bf16 matrix product (faster than the kernel there).
     """
@@ -423,7 +431,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = bf16_rows(x)  # (M, K)
-        if x2.shape[0] > 128:  # a long prompt: dequantise once, then one bf16 product (faster than the kernel)
+        if x2.shape[0] > PROMPT_ROWS:  # a long prompt: dequantise once, then one bf16 product
             y = bf16_matmul(x2, self.dequantized_t().T)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed[0], self.group_size, self.scale_zero[0])

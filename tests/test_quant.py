@@ -429,7 +429,7 @@ def test_codes_run_exactly_on_the_int4_kernel(lo, hi, planes):
 @pytest.mark.parametrize("lo,hi,planes", [(0, 15, 1), (-128, 127, 2), (-16, 15, 2)])
 @pytest.mark.parametrize("N,g", [(128, 32), (144, 64), (16, 32)])
 def test_a_long_prompt_dequantises_to_the_same_bits(lo, hi, planes, N, g):
-    """A prompt of more than 128 rows multiplies by `dequantized_t()` (Wᵀ, built in a few passes from the
+    """A prompt of more than PROMPT_ROWS rows multiplies by `dequantized_t()` (Wᵀ, built in a few passes from the
     packed bytes), which must hold the very bits of `dequantized(bf16)` (the readable path, itself checked
     against a·v + b above), for one plane and two, for rows in whole blocks and past them (N = 144 has a
     tail of 16 rows on an AVX-512 CPU, N = 16 nothing else); and the prompt's product must be x @ Wᵀ."""
@@ -444,6 +444,19 @@ def test_a_long_prompt_dequantises_to_the_same_bits(lo, hi, planes, N, g):
     x = torch.randn(200, 128, generator=gen(16)).bfloat16()
     ref = (x.float() @ lin.dequantized().T).bfloat16().float()
     assert (lin(x).float() - ref).abs().max() <= 0.01 * ref.abs().max()  # a bf16 product, summed in another order
+
+
+def test_a_prompt_dequantises_past_prompt_rows_and_not_before(monkeypatch):
+    """Up to PROMPT_ROWS rows run the kernel; one row more dequantises the weight (once per call)."""
+    lin = Int4Linear.from_codes(torch.randint(-16, 16, (64, 128), generator=gen(17)), torch.full((64, 4), 0.01),
+                                torch.zeros(64, 4), group_size=32)
+    calls = []
+    real = Int4Linear.dequantized_t
+    monkeypatch.setattr(Int4Linear, "dequantized_t", lambda self: calls.append(1) or real(self))
+    for rows, dequantised in ((1, 0), (quant.PROMPT_ROWS, 0), (quant.PROMPT_ROWS + 1, 1)):
+        calls.clear()
+        lin(torch.randn(rows, 128, generator=gen(18)))
+        assert len(calls) == dequantised, rows
 
 
 def test_a_source_is_not_a_level():
