@@ -299,7 +299,7 @@ def load_state_strict(
 # ----------------------------------------------------------------------------------------------
 # GGUF -> Gemma 3, and the quantised models saved beside the file
 # ----------------------------------------------------------------------------------------------
-QUANTIZED_FORMAT = "2"  # bump when the quantised modules' tensors change: older saved files are rebuilt
+QUANTIZED_FORMAT = "3"  # bump when the quantised modules' tensors change: older saved files are rebuilt
 
 
 def gemma_from_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quant: str | None = None, *,
@@ -362,7 +362,7 @@ def write_quantized(model: nn.Module, path: Path, meta: dict[str, str]) -> None:
 def read_quantized(skeleton: nn.Module, level: str, path: Path, meta: dict[str, str]) -> nn.Module | None:
     """A model saved by `write_quantized`, the gpt-fast way: `skeleton` (the float model on the meta
     device) gets the level's modules swapped in empty (`quantize` without weights), then the saved
-    tensors are assigned to it, every name checked both ways. None, and the file removed, if it is
+    tensors are assigned to it, every name checked both ways and each tensor's dtype and shape. None, and the file removed, if it is
     unreadable or was written for other `meta` (another file, level or format): the caller rebuilds it."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
@@ -377,7 +377,8 @@ def read_quantized(skeleton: nn.Module, level: str, path: Path, meta: dict[str, 
         state = load_file(str(path))
         model = quantize(skeleton, level)
         want = model.state_dict(keep_vars=True)
-        if set(state) != set(want) or any(state[k].dtype != want[k].dtype for k in want):
+        if set(state) != set(want) or any((state[k].dtype, state[k].shape) != (want[k].dtype, want[k].shape)
+                                          for k in want):
             raise ValueError("its tensors are not the level's")
         for name, t in state.items():
             module_name, _, attr = name.rpartition(".")

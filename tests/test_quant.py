@@ -373,11 +373,36 @@ def test_the_quantised_cache_reads_back_the_model_it_saved(tmp_path):
     assert read_quantized(skeleton, "int4", saved, other) is None and not saved.exists()  # to be rebuilt
 
 
+@torch.no_grad()
+def test_each_level_ranks_with_its_own_head_groups_and_a_saved_head_of_other_groups_is_rebuilt(tmp_path):
+    """int8's ranking head has finer groups than int4's (HEAD_GROUP_SIZE). A saved model whose tensors have
+    the right names and dtypes but other shapes (a head saved with another group size) is not read back:
+    its scales would be assigned to a module that reads them in other groups."""
+    from minigemma.pretrained import read_quantized, write_quantized
+    from minigemma.quant import HEAD_GROUP_SIZE, head_group_size, quantized_head
+
+    q8, q4 = quantize(tiny(), "int8"), quantize(tiny(), "int4")
+    C = q8.config.hidden_size
+    assert q8.lm_head.approx.group_size == head_group_size(C, HEAD_GROUP_SIZE["int8"]) == 32
+    assert q4.lm_head.approx.group_size == head_group_size(C, HEAD_GROUP_SIZE["int4"]) == 64  # 128 does not divide 64
+    meta = {"level": "int8"}
+    write_quantized(q8, tmp_path / "right.safetensors", meta)
+    with torch.device("meta"):
+        skeleton = Gemma(q8.config)
+    _same_tensors(read_quantized(skeleton, "int8", tmp_path / "right.safetensors", meta), q8)
+    q8.lm_head = quantized_head(q8.embed_tokens, group_size=64)
+    write_quantized(q8, tmp_path / "other.safetensors", meta)
+    with torch.device("meta"):
+        skeleton = Gemma(q8.config)
+    assert read_quantized(skeleton, "int8", tmp_path / "other.safetensors", meta) is None
+    assert not (tmp_path / "other.safetensors").exists()  # to be rebuilt
+
+
 def test_loading_int8_never_holds_a_float32_model():
     """Peak memory of a fresh process that loads the int8 270M, as the kernel counts it (VmHWM).
 
-    The float32 model alone is 1,072 MB of weights, the int8 one 376 MB (int8 layers 100 MB, the int4
-    head 94 MB, the Q8_0 embedding 178 MB, norms). Torch itself takes ~230 MB. A load that ever held the
+    The float32 model alone is 1,072 MB of weights, the int8 one 384 MB (int8 layers 100 MB, the int4
+    head 105 MB, the Q8_0 embedding 178 MB, norms). Torch itself takes ~230 MB. A load that ever held the
     float32 model (or the 671 MB float32 embedding) would exceed 900 MB."""
     _fetched()
     # VmHWM: this process's own peak (ru_maxrss would also count the pytest process it was forked from)
