@@ -36,7 +36,7 @@ from .encoder import MRL_DIMS, EmbeddingGemma, st_name_table
 from .gemma import Gemma, GemmaConfig, gguf_name_table, hf_name_table, is_norm
 from .griffin import Griffin, GriffinConfig, hf_transforms
 from .griffin import hf_name_table as griffin_name_table
-from .quant import LEVELS, cast_activations, quantize
+from .quant import LEVELS, Int4Linear, cast_activations, quantize
 from .tokenizer import Tokenizer
 from .weights import fetch
 from .weights.gguf import integer_codes, read_gguf
@@ -299,7 +299,7 @@ def load_state_strict(
 # ----------------------------------------------------------------------------------------------
 # GGUF -> Gemma 3, and the quantised models saved beside the file
 # ----------------------------------------------------------------------------------------------
-QUANTIZED_FORMAT = "3"  # bump when the quantised modules' tensors change: older saved files are rebuilt
+QUANTIZED_FORMAT = "4"  # bump when the quantised modules' tensors change: older saved files are rebuilt
 
 
 def gemma_from_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quant: str | None = None, *,
@@ -377,8 +377,9 @@ def read_quantized(skeleton: nn.Module, level: str, path: Path, meta: dict[str, 
         state = load_file(str(path))
         model = quantize(skeleton, level)
         want = model.state_dict(keep_vars=True)
-        if set(state) != set(want) or any((state[k].dtype, state[k].shape) != (want[k].dtype, want[k].shape)
-                                          for k in want):
+        planes = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, Int4Linear)
+                  for b in ("packed", "scale_zero")}
+        if set(state) != set(want) or any(not _same_layout(state[k], want[k], k in planes) for k in want):
             raise ValueError("its tensors are not the level's")
         for name, t in state.items():
             module_name, _, attr = name.rpartition(".")
@@ -391,6 +392,17 @@ def read_quantized(skeleton: nn.Module, level: str, path: Path, meta: dict[str, 
         path.unlink(missing_ok=True)
         return None
     return model.eval()
+
+
+def _same_layout(saved: torch.Tensor, empty: torch.Tensor, planes_vary: bool) -> bool:
+    """A saved tensor fits the skeleton's: the same dtype and shape, except where `planes_vary` (an
+    Int4Linear's `packed` (P, N, K/2) and `scale_zero` (P, K/g, N, 2)): its planes P are the file's codes'
+    choice, one for 4-bit codes and two for 5- to 8-bit ones, while the skeleton has one."""
+    if saved.dtype != empty.dtype or saved.dim() != empty.dim():
+        return False
+    if planes_vary:
+        return saved.shape[0] in (1, 2) and saved.shape[1:] == empty.shape[1:]
+    return saved.shape == empty.shape
 
 
 # ----------------------------------------------------------------------------------------------
